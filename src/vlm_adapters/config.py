@@ -1,0 +1,158 @@
+"""Typed, validated configs: YAML in, dotted overrides, errors that name the key and the file."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .plugins import get_registry
+from .registry import ComponentConfig, ComponentError
+
+SECTIONS = {"vision": "vision", "connector": "connector", "llm": "llm"}
+
+
+class ConfigError(ValueError):
+    """A config problem, reported before any model is built."""
+
+
+class Section(BaseModel):
+    """One component: its registered ``type`` and its validated keyword arguments."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    type: str
+    params: ComponentConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.params.model_dump(exclude_defaults=True)}
+
+
+class ModelConfig(BaseModel):
+    """The three components of a vision-language model."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    vision: Section = Field(description="The vision backbone section (`type` + its options).")
+    connector: Section = Field(description="The connector section (`type` + its options).")
+    llm: Section = Field(description="The LLM backend section (`type` + its options).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k).to_dict() for k in SECTIONS}
+
+
+def parse_section(kind: str, raw: Any, where: str = "") -> Section:
+    """Validate one component section (``{type: ..., **kwargs}``) against the registry."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise ConfigError(f"{prefix}{kind}: expected a mapping with a `type` key, got {raw!r}")
+    params = dict(raw)
+    name = params.pop("type")
+    try:
+        spec = get_registry().get(SECTIONS[kind], str(name))
+    except ComponentError as exc:
+        raise ConfigError(f"{prefix}{kind}.type: {exc}") from None
+    try:
+        return Section(type=name, params=spec.config.model_validate(params))
+    except ValidationError as exc:
+        raise ConfigError(prefix + format_errors(exc, kind)) from None
+
+
+def format_errors(exc: ValidationError, root: str = "") -> str:
+    """Pydantic errors as ``key.path: message`` joined on one line."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (root, *err["loc"]) if p != "")
+        got = (
+            f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
+        )
+        msg = "unknown key; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a copy of ``data``.
+
+    Changing a section's ``type`` drops that section's other keys unless they are also
+    overridden, since options rarely carry over between component types.
+    """
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    out = copy.deepcopy(data)
+    for key, value in items:
+        path = key.split(".")
+        section = out.get(path[0]) if len(path) == 2 and path[1] == "type" else None
+        if isinstance(section, dict) and section.get("type") != value:
+            out[path[0]] = {}
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a mapping")
+        node[path[-1]] = value
+    return out
+
+
+def _split(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. connector.type=mlp")
+    return key.strip(), yaml.safe_load(value)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping with a clear error for a missing file or bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def model_config_from_dict(data: dict[str, Any], where: str = "") -> ModelConfig:
+    """Validate the ``vision`` / ``connector`` / ``llm`` sections of ``data``."""
+    missing = [k for k in SECTIONS if k not in data]
+    if missing:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}missing section(s): {', '.join(missing)}")
+    sections = {k: parse_section(k, data[k], where) for k in SECTIONS}
+    config = ModelConfig(**sections)
+    check_compatibility(config, where)
+    return config
+
+
+def check_compatibility(config: ModelConfig, where: str = "") -> None:
+    """Catch impossible combinations from the configs alone (cheap; no weights loaded)."""
+    prefix = f"{where}: " if where else ""
+    vision = _probe(config.vision.params)
+    llm = _probe(config.llm.params)
+    if vision is None:
+        return
+    num_patches, _ = vision
+    try:
+        tokens = config.connector.params.num_output_tokens(num_patches)
+    except ValueError as exc:
+        raise ConfigError(f"{prefix}connector: {exc}") from None
+    if llm is not None and llm[1] is not None and tokens >= llm[1]:
+        raise ConfigError(
+            f"{prefix}connector: {tokens} visual tokens per image do not fit the LLM context of "
+            f"{llm[1]} positions; use a pooling/query connector or a smaller image size"
+        )
+
+
+def _probe(params: ComponentConfig) -> tuple[int, int | None] | None:
+    probe = getattr(params, "probe", None)
+    if probe is None:
+        return None
+    try:
+        return probe()
+    except OSError:  # not available offline: checked again when the model is built
+        return None

@@ -1,0 +1,50 @@
+"""Built-in connectors, registered through the same hook as any plugin."""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from ..registry import ComponentSpec
+from .attention import QFormerConfig, QFormerConnector, ResamplerConfig, ResamplerConnector
+from .pool import PoolConfig, PoolConnector
+from .simple import LinearConfig, LinearConnector, MLPConfig, MLPConnector
+
+
+@hookimpl
+def register_connectors() -> list[ComponentSpec]:
+    return [
+        ComponentSpec(
+            "connector",
+            "linear",
+            LinearConnector,
+            LinearConfig,
+            "One linear projection per patch token (LLaVA).",
+        ),
+        ComponentSpec(
+            "connector",
+            "mlp",
+            MLPConnector,
+            MLPConfig,
+            "Linear layers with activations per patch token (LLaVA-1.5: depth 2, GELU).",
+        ),
+        ComponentSpec(
+            "connector",
+            "qformer",
+            QFormerConnector,
+            QFormerConfig,
+            "BLIP-2 style learned queries with cross-attention; fixed token count.",
+        ),
+        ComponentSpec(
+            "connector",
+            "resampler",
+            ResamplerConnector,
+            ResamplerConfig,
+            "Perceiver resampler with learned latents; fixed token count.",
+        ),
+        ComponentSpec(
+            "connector",
+            "pool",
+            PoolConnector,
+            PoolConfig,
+            "2-D average pooling or pixel shuffle, then an MLP; divides the token count.",
+        ),
+    ]

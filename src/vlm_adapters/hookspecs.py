@@ -1,0 +1,45 @@
+"""Every hook a vlm-adapters plugin can implement.
+
+A plugin is any module or object with functions decorated by :data:`vlm_adapters.hookimpl`.
+Built-in components are provided by plugins that use exactly these hooks; third-party
+packages announce theirs through the ``vlm_adapters`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from .registry import ComponentSpec
+
+PROJECT = "vlm_adapters"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_vision_backbones() -> list[ComponentSpec]:
+    """Return the vision backbones this plugin provides.
+
+    Each :class:`ComponentSpec` has ``kind="vision"``; its factory returns a
+    :class:`vlm_adapters.vision.VisionBackbone`.
+    """
+
+
+@hookspec
+def register_connectors() -> list[ComponentSpec]:
+    """Return the connectors this plugin provides.
+
+    Each :class:`ComponentSpec` has ``kind="connector"``; its factory is called with
+    ``(config, in_dim=..., out_dim=..., num_input_tokens=...)`` and returns a
+    :class:`vlm_adapters.connectors.Connector`.
+    """
+
+
+@hookspec
+def register_llm_backends() -> list[ComponentSpec]:
+    """Return the LLM backends this plugin provides.
+
+    Each :class:`ComponentSpec` has ``kind="llm"``; its factory returns a
+    :class:`vlm_adapters.llm.LLMBackend`.
+    """

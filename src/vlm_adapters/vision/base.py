@@ -1,0 +1,94 @@
+"""The vision backbone protocol and image preprocessing shared by every backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalised ``[3, H, W]`` tensor: resize, centre crop, scale, normalise.
+
+    With ``crop=False`` the image is resized straight to ``crop_size`` (SigLIP style);
+    otherwise its shortest side is resized to ``resize`` and the centre is cropped.
+    """
+
+    crop_size: int
+    resize: int | None = None
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    crop: bool = True
+    interpolation: str = "bicubic"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        mode = InterpolationMode(self.interpolation)
+        if self.crop:
+            image = TF.resize(image, self.resize or self.crop_size, interpolation=mode)
+            image = TF.center_crop(image, self.crop_size)
+        else:
+            image = TF.resize(image, [self.crop_size, self.crop_size], interpolation=mode)
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)  # [3, H, W]
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Stack several images into ``[B, 3, H, W]``."""
+        return torch.stack([self(image) for image in images])
+
+
+def select_layers(
+    hidden_states: Sequence[torch.Tensor], layers: int | Sequence[int], num_prefix: int
+) -> torch.Tensor:
+    """Pick one layer or concatenate several (channel-wise) and drop prefix tokens."""
+    indices = [layers] if isinstance(layers, int) else list(layers)
+    chosen = [hidden_states[i][:, num_prefix:] for i in indices]  # each [B, N, D]
+    return chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=-1)
+
+
+class VisionBackbone(nn.Module):
+    """Base class: ``forward(pixel_values [B,3,H,W]) -> features [B, N, D]``.
+
+    Subclasses implement :meth:`features` and set ``hidden_size`` (D), ``num_patches`` (N)
+    and ``transform`` (the preprocessing that matches the weights). A backbone whose
+    parameters are all frozen runs under ``torch.no_grad`` so no graph is built.
+    """
+
+    hidden_size: int
+    num_patches: int
+    transform: ImageTransform
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters()):
+            with torch.no_grad():
+                return self.features(pixel_values)
+        return self.features(pixel_values)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images (any mode) -> ``[B, 3, H, W]`` pixel values for this backbone."""
+        return self.transform.batch(images)
+
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this architecture offline (weights loaded separately)."""
+        return self.cfg.model_dump()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def extra_repr(self) -> str:
+        return f"num_patches={self.num_patches}, hidden_size={self.hidden_size}"

@@ -1,0 +1,80 @@
+"""Two or more backbones on the same patch grid, channels concatenated (DINOv2 + SigLIP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..registry import ComponentConfig
+from .base import ImageTransform, VisionBackbone
+
+
+class FusedVisionConfig(ComponentConfig):
+    """Backbones run on the same image; their patch features are concatenated channel-wise."""
+
+    backbones: list[dict[str, Any]] = Field(
+        description="Vision sections (each with `type`), e.g. [{type: hf, ...}, {type: timm, ...}]."
+    )
+
+    @field_validator("backbones")
+    @classmethod
+    def _at_least_two(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if len(value) < 2:
+            raise ValueError("a fused backbone needs at least two backbones")
+        if any("type" not in b for b in value):
+            raise ValueError("every fused backbone needs a `type`")
+        return value
+
+
+class FusedBackbone(VisionBackbone):
+    """Runs every member on the raw image with its own normalisation, then concatenates."""
+
+    def __init__(self, members: list[VisionBackbone], specs: list[dict[str, Any]]) -> None:
+        super().__init__()
+        first = members[0].transform
+        for member in members[1:]:
+            if member.num_patches != members[0].num_patches:
+                raise ValueError(
+                    f"fused backbones must share a patch grid: got {members[0].num_patches} and "
+                    f"{member.num_patches} patches; pick matching image and patch sizes"
+                )
+            if member.transform.crop_size != first.crop_size:
+                raise ValueError("fused backbones must use the same input resolution")
+        self.members = nn.ModuleList(members)
+        self.specs = specs
+        self.num_patches = members[0].num_patches
+        self.hidden_size = sum(m.hidden_size for m in members)
+        self.transform = ImageTransform(
+            first.crop_size, first.resize, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), first.crop
+        )
+        for i, member in enumerate(members):
+            t = member.transform
+            self.register_buffer(
+                f"mean{i}", torch.tensor(t.mean).view(1, 3, 1, 1), persistent=False
+            )
+            self.register_buffer(f"std{i}", torch.tensor(t.std).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i, member in enumerate(self.members):
+            normed = (pixel_values - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")
+            outs.append(member(normed))  # [B, N, D_i]
+        return torch.cat(outs, dim=-1)  # [B, N, sum D_i]
+
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this architecture offline."""
+        rebuilt = [
+            {"type": spec["type"], **m.rebuild_kwargs()}
+            for spec, m in zip(self.specs, self.members)
+        ]
+        return {"backbones": rebuilt}
+
+
+def build_fused(cfg: FusedVisionConfig) -> FusedBackbone:
+    from ..components import build_vision
+
+    members = [build_vision(dict(spec)) for spec in cfg.backbones]
+    return FusedBackbone(members, cfg.backbones)
