@@ -1,0 +1,396 @@
+"""LLaVA-format data: loading records, the dataset, the collator and a length-grouped sampler."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from vlm_adapters.templates import (
+    IGNORE_INDEX,
+    IMAGE_MARKER,
+    ChatTemplate,
+    DataError,
+    check_template,
+    encode_conversation,
+    normalize_turns,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Policy = Literal["skip", "error"]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample left out of training: its id, a short reason (for counting) and details."""
+
+    id: str
+    reason: str
+    detail: str = ""
+
+
+class _BadSample(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Samples of a LLaVA JSON file (a list) or JSONL file (`.jsonl`, one sample per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; check the path in your data config")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = [(line, _parse_line(path, line, raw)) for line, raw in _lines(text)]
+    else:
+        records = [(None, record) for record in _parse_json(path, text)]
+    for index, (line, record) in enumerate(records):
+        if not isinstance(record, dict) or "conversations" not in record:
+            where = f"{path}:{line}" if line else f"{path}: sample {index}"
+            raise DataError(
+                f"{where} has no 'conversations' field; each sample needs "
+                "'conversations': a list of {'from': ..., 'value': ...} turns"
+            )
+    return [record for _, record in records]
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if raw.strip():
+            yield number, raw
+
+
+def _parse_line(path: Path, line: int, raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{line}: malformed JSON line ({error.msg}); fix or remove that line"
+        ) from None
+
+
+def _parse_json(path: Path, text: str) -> list[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{error.lineno}: malformed JSON ({error.msg}); "
+            "for one sample per line, name the file .jsonl"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(
+            f"{path}: expected a JSON list of samples, got {type(data).__name__}; "
+            "wrap the samples in [...]"
+        )
+    return data
+
+
+def sample_id(record: Mapping[str, Any], index: int) -> str:
+    """The record's `id`, or `#index` when it has none."""
+    return str(record.get("id", f"#{index}"))
+
+
+def image_paths(record: Mapping[str, Any]) -> list[str]:
+    """The record's `image` field as a list of paths (empty for text-only samples)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(path, str) for path in image):
+        return image
+    raise _BadSample("bad image field", f"'image' must be a path or a list of paths: {image!r}")
+
+
+class LlavaDataset(Dataset):
+    """LLaVA-format samples as token ids, labels and pixel tensors; images load lazily.
+
+    One policy, `on_bad_sample`, covers every unusable sample: a missing or unreadable image,
+    a bad conversation (unknown role, no assistant turn), `<image>` markers that do not match
+    the images, more than `max_length` tokens (visual tokens are never cut: the whole sample
+    goes), or no supervised token. With "skip" the item is a `Skipped` (the collator drops and
+    reports it); with "error" a DataError names the sample and the reason.
+    A single-image sample without a marker gets `<image>\\n` before its first human turn.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        image_root: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str | ChatTemplate,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        image_token_id: int,
+        num_image_tokens: int,
+        max_length: int | None = None,
+        on_bad_sample: Policy = "skip",
+    ) -> None:
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        check_template(tokenizer, template)
+        self.records = records
+        self.image_root = Path(image_root)
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_transform = image_transform
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        record = self.records[index]
+        name = sample_id(record, index)
+        try:
+            return self._item(record, name)
+        except _BadSample as bad:
+            if self.on_bad_sample == "error":
+                raise DataError(
+                    f"sample {name!r}: {bad}; fix the sample or set on_bad_sample='skip'"
+                ) from None
+            return Skipped(name, bad.reason, bad.detail)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Estimated token counts without tokenizing; negative for text-only samples."""
+        return [self._estimate(record) for record in self.records]
+
+    def _estimate(self, record: Mapping[str, Any]) -> int:
+        turns = record.get("conversations") or []
+        text = " ".join(str(turn.get("value", "")) for turn in turns if isinstance(turn, Mapping))
+        num_images = text.count(IMAGE_MARKER)
+        words = len(text.replace(IMAGE_MARKER, " ").split())
+        if num_images == 0 and not record.get("image"):
+            return -max(words, 1)
+        return words + max(num_images, 1) * self.num_image_tokens
+
+    def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
+        paths = image_paths(record)
+        turns = _with_image_marker(_turns(record), len(paths))
+        try:
+            encoded = encode_conversation(
+                self.tokenizer,
+                self.template,
+                turns,
+                image_token_id=self.image_token_id,
+                num_image_tokens=self.num_image_tokens,
+            )
+        except DataError as error:
+            raise _BadSample("bad conversation", str(error)) from None
+        if encoded.num_images != len(paths):
+            raise _BadSample(
+                "image marker mismatch",
+                f"{encoded.num_images} {IMAGE_MARKER} markers but {len(paths)} images",
+            )
+        self._check_length(encoded.input_ids, encoded.labels)
+        return {
+            "id": name,
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "pixel_values": self._pixels(paths),
+        }
+
+    def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            raise _BadSample(f"too long (> {self.max_length} tokens)", f"{len(input_ids)} tokens")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise _BadSample("no supervised tokens", "no assistant answer gets a label")
+
+    def _pixels(self, paths: list[str]) -> torch.Tensor | None:
+        if not paths:
+            return None
+        images = [self.image_transform(_open_rgb(self.image_root / path)) for path in paths]
+        return torch.stack(images).float()  # [num_images, 3, H, W]
+
+
+def _turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The conversation's turns, checked; DataError becomes a bad sample."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise _BadSample("bad conversation", f"'conversations' must be a list, got {turns!r}")
+    try:
+        roles = [role for role, _ in normalize_turns(turns)]
+    except DataError as error:
+        raise _BadSample("bad conversation", str(error)) from None
+    if "gpt" not in roles:
+        raise _BadSample("bad conversation", "no assistant ('gpt') turn")
+    return [dict(turn) for turn in turns]
+
+
+def _with_image_marker(turns: list[dict[str, Any]], num_images: int) -> list[dict[str, Any]]:
+    """Prepend `<image>\\n` to the first human turn of a one-image sample without markers."""
+    if num_images != 1 or any(IMAGE_MARKER in str(turn["value"]) for turn in turns):
+        return turns
+    for turn in turns:
+        if str(turn["from"]).lower() in ("human", "user"):
+            turn["value"] = f"{IMAGE_MARKER}\n{turn['value']}"
+            break
+    return turns
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """The image at `path`, fully decoded, as RGB; a bad sample if missing or unreadable."""
+    if not path.is_file():
+        raise _BadSample("image missing", str(path))
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _BadSample("image unreadable", f"{path}: {error}") from None
+
+
+@dataclass
+class DataCollator:
+    """Pad a list of dataset items into a batch; `Skipped` items are dropped and listed.
+
+    Returns `input_ids`, `attention_mask` and `labels` (padded with -100) as [B, T] tensors,
+    `pixel_values` (every image of the batch, in sample order, [num_images, 3, H, W]) or None,
+    and `skipped` (the dropped items). When every item was skipped, B is 0: the tensors have
+    shape [0, 0]; count the skips and do not step on such a batch.
+    """
+
+    pad_token_id: int
+    padding_side: Literal["left", "right"] = "right"
+
+    def __post_init__(self) -> None:
+        if self.pad_token_id is None:
+            raise DataError(
+                "pad_token_id is None: the tokenizer has no pad token; "
+                "set tokenizer.pad_token (e.g. to its eos token) first"
+            )
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+
+    def __call__(self, items: Sequence[Mapping[str, Any] | Skipped]) -> dict[str, Any]:
+        kept = [item for item in items if not isinstance(item, Skipped)]
+        skipped = [item for item in items if isinstance(item, Skipped)]
+        input_ids = self._pad([item["input_ids"] for item in kept], self.pad_token_id)
+        images = [item["pixel_values"] for item in kept if item.get("pixel_values") is not None]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": self._pad([torch.ones_like(i["input_ids"]) for i in kept], 0),
+            "labels": self._pad([item["labels"] for item in kept], IGNORE_INDEX),
+            "pixel_values": torch.cat(images) if images else None,
+            "skipped": skipped,
+        }
+
+    def _pad(self, rows: list[torch.Tensor], value: int) -> torch.Tensor:
+        width = max((len(row) for row in rows), default=0)
+        batch = torch.full((len(rows), width), value, dtype=torch.long)
+        for index, row in enumerate(rows):
+            if self.padding_side == "right":
+                batch[index, : len(row)] = row
+            else:
+                batch[index, width - len(row) :] = row
+        return batch
+
+
+@dataclass
+class SkipCounter:
+    """Counts samples seen and skipped (by reason) over an epoch, for the end-of-epoch report."""
+
+    seen: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        """Count one collated batch."""
+        self.seen += len(batch["input_ids"]) + len(batch["skipped"])
+        self.reasons.update(item.reason for item in batch["skipped"])
+
+    def report(self) -> str:
+        """E.g. "skipped 3 of 120 samples: 2 image missing, 1 too long (> 512 tokens)"."""
+        line = f"skipped {sum(self.reasons.values())} of {self.seen} samples"
+        if not self.reasons:
+            return line
+        counts = ", ".join(f"{count} {reason}" for reason, count in self.reasons.most_common())
+        return f"{line}: {counts}"
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.seen = 0
+        self.reasons.clear()
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which every `batch_size` run holds samples of similar length.
+
+    Indices are shuffled, cut into megabatches of `megabatch_size` batches, sorted by length
+    inside each megabatch and cut into batches; the full batches are shuffled. With
+    `group_by_modality`, image (length >= 0) and text-only (length < 0) samples share no batch
+    but (at most) one of the last two, which hold the leftovers of both. Deterministic given
+    `seed` and the epoch (`set_epoch`).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        group_by_modality: bool = True,
+        megabatch_size: int = 16,
+    ) -> None:
+        if batch_size < 1 or megabatch_size < 1:
+            raise ValueError("batch_size and megabatch_size must be positive")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_modality = group_by_modality
+        self.megabatch_size = megabatch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of `epoch` (so every epoch is shuffled differently)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        full: list[list[int]] = []
+        leftovers: list[int] = []
+        for group in self._groups():
+            batches = self._group_batches(group, generator)
+            if batches and len(batches[-1]) < self.batch_size:
+                leftovers += batches.pop()
+            full += batches
+        order = torch.randperm(len(full), generator=generator).tolist()
+        for position in order:
+            yield from full[position]
+        yield from leftovers
+
+    def _groups(self) -> list[list[int]]:
+        indices = range(len(self.lengths))
+        if not self.group_by_modality:
+            return [list(indices)]
+        return [
+            [i for i in indices if self.lengths[i] >= 0],
+            [i for i in indices if self.lengths[i] < 0],
+        ]
+
+    def _group_batches(self, group: list[int], generator: torch.Generator) -> list[list[int]]:
+        """Batches of one group: shuffled, then sorted by length inside each megabatch."""
+        shuffled = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+        mega = self.batch_size * self.megabatch_size
+        batches = []
+        for start in range(0, len(shuffled), mega):
+            chunk = sorted(shuffled[start : start + mega], key=lambda i: -abs(self.lengths[i]))
+            batches += [
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+            ]
+        return batches
