@@ -81,10 +81,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     overridden, since options rarely carry over between component types.
     """
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    items = sorted(items, key=lambda kv: not _is_type_key(kv[0]))  # type switches first
     out = copy.deepcopy(data)
     for key, value in items:
         path = key.split(".")
-        section = out.get(path[0]) if len(path) == 2 and path[1] == "type" else None
+        section = out.get(path[0]) if _is_type_key(key) else None
         if isinstance(section, dict) and section.get("type") != value:
             out[path[0]] = {}
         node = out
@@ -94,6 +95,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
                 raise ConfigError(f"override {key}: {part} is not a mapping")
         node[path[-1]] = value
     return out
+
+
+def _is_type_key(key: str) -> bool:
+    return key.count(".") == 1 and key.endswith(".type")
 
 
 def _split(item: str) -> tuple[str, Any]:

@@ -62,6 +62,10 @@ class Registry:
             )
         self._specs[key] = spec
 
+    def remove(self, kind: str, name: str) -> None:
+        """Forget ``(kind, name)`` (for tests that register components temporarily)."""
+        self._specs.pop((kind, name), None)
+
     def get(self, kind: str, name: str) -> ComponentSpec:
         """Return the spec, or raise naming the available names and the closest match."""
         try:
@@ -69,9 +73,9 @@ class Registry:
         except KeyError:
             names = self.names(kind)
             close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ComponentError(
-                f"unknown {kind} component {name!r}{hint} available: {', '.join(names) or 'none'}"
+                f"unknown {kind} component {name!r}{hint}; available: {', '.join(names) or 'none'}"
             ) from None
 
     def names(self, kind: str) -> list[str]:

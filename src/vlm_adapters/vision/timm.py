@@ -79,7 +79,9 @@ def build_timm(cfg: TimmVisionConfig) -> IntermediatesBackbone:
         cfg.model, pretrained=cfg.pretrained, num_classes=0, **cfg.model_kwargs
     )
     data = timm.data.resolve_model_data_config(tower)
-    size = data["input_size"][-1]
+    # a ViT built with a non-default `img_size` accepts only that size
+    fixed = getattr(getattr(tower, "patch_embed", None), "img_size", None)
+    size = fixed[-1] if fixed else data["input_size"][-1]
     transform = ImageTransform(
         crop_size=size,
         resize=int(size / data.get("crop_pct", 1.0)),

@@ -1,0 +1,37 @@
+"""Helpers for testing vlm-adapters and its plugins: tiny offline configs, conformance checks."""
+
+from .checks import (
+    check_connector,
+    check_llm_backend,
+    check_vision_backbone,
+    check_vlm,
+    registered,
+)
+from .tiny import (
+    IMAGE_SIZE,
+    LLM_FAMILIES,
+    NUM_PATCHES,
+    VISION_VARIANTS,
+    tiny_connector_config,
+    tiny_llm_config,
+    tiny_model_config,
+    tiny_tokenizer,
+    tiny_vision_config,
+)
+
+__all__ = [
+    "IMAGE_SIZE",
+    "LLM_FAMILIES",
+    "NUM_PATCHES",
+    "VISION_VARIANTS",
+    "check_connector",
+    "check_llm_backend",
+    "check_vision_backbone",
+    "check_vlm",
+    "registered",
+    "tiny_connector_config",
+    "tiny_llm_config",
+    "tiny_model_config",
+    "tiny_tokenizer",
+    "tiny_vision_config",
+]

@@ -1,0 +1,149 @@
+"""Tiny, offline, fast component configs: for the test suite and for plugin authors.
+
+Every config builds random weights from an inline config (no hub access): images of
+``IMAGE_SIZE`` pixels cut into ``PATCH_SIZE`` patches give ``NUM_PATCHES`` tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16
+WIDTH = 32
+VOCAB_SIZE = 128  # larger than the tiny tokenizer, so adding `<image>` needs no resize
+
+LLM_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2")
+
+_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # the tiny tokenizer's
+_DECODER = {
+    "hidden_size": WIDTH,
+    "intermediate_size": 2 * WIDTH,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB_SIZE,
+    "max_position_embeddings": 256,
+    **_SPECIAL_IDS,
+}
+_LLM_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama", **_DECODER},
+    "qwen2": {"model_type": "qwen2", **_DECODER},
+    "mistral": {"model_type": "mistral", **_DECODER, "sliding_window": None},
+    "gemma": {"model_type": "gemma", **_DECODER, "head_dim": 8},
+    "phi3": {"model_type": "phi3", **_DECODER},
+    "gpt2": {
+        "model_type": "gpt2",
+        "n_embd": WIDTH,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 256,
+        "vocab_size": VOCAB_SIZE,
+        **_SPECIAL_IDS,
+    },
+}
+
+_VIT = {
+    "hidden_size": WIDTH,
+    "intermediate_size": 2 * WIDTH,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+}
+_OPEN_CLIP_MODEL = {
+    "embed_dim": 16,
+    "vision_cfg": {
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "width": WIDTH,
+        "layers": 2,
+        "head_width": 16,
+    },
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+_VISION_CONFIGS: dict[str, dict[str, Any]] = {
+    "hf": {"type": "hf", "config": {"model_type": "clip_vision_model", **_VIT}},
+    "hf_siglip": {"type": "hf", "config": {"model_type": "siglip_vision_model", **_VIT}},
+    "hf_dinov2": {
+        "type": "hf",
+        "image_size": IMAGE_SIZE,
+        "config": {"model_type": "dinov2", **_VIT},
+    },
+    "hf_dinov2_registers": {
+        "type": "hf",
+        "image_size": IMAGE_SIZE,
+        "config": {"model_type": "dinov2_with_registers", **_VIT, "num_register_tokens": 4},
+    },
+    "timm": {
+        "type": "timm",
+        "model": "vit_tiny_patch16_224",
+        "pretrained": False,
+        "model_kwargs": {
+            "img_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+            "embed_dim": WIDTH,
+            "depth": 2,
+            "num_heads": 4,
+        },
+    },
+    "open_clip": {"type": "open_clip", "model": "ViT-B-32", "model_kwargs": _OPEN_CLIP_MODEL},
+}
+VISION_VARIANTS: tuple[str, ...] = (*_VISION_CONFIGS, "fused")
+"""Names accepted by :func:`tiny_vision_config` (``hf*`` variants all use vision type ``hf``)."""
+
+_CONNECTOR_CONFIGS: dict[str, dict[str, Any]] = {
+    "linear": {"type": "linear"},
+    "mlp": {"type": "mlp"},
+    "qformer": {"type": "qformer", "num_queries": 4, "num_layers": 1, "num_heads": 4},
+    "resampler": {"type": "resampler", "num_queries": 4, "num_layers": 1, "num_heads": 4},
+    "pool": {"type": "pool", "factor": 2},
+}
+
+
+def tiny_tokenizer(directory: str | Path) -> str:
+    """Save a word tokenizer (shapes + template vocabulary and specials) to ``directory``."""
+    from ..data import TEMPLATE_SPECIAL_TOKENS, build_word_tokenizer, shapes_vocabulary
+    from ..templates import template_vocabulary
+
+    words = [*shapes_vocabulary(), *template_vocabulary()]
+    build_word_tokenizer(words, TEMPLATE_SPECIAL_TOKENS, out_dir=directory)
+    return str(directory)
+
+
+def tiny_llm_config(family: str, tokenizer_dir: str) -> dict[str, Any]:
+    """An ``llm`` section: a 2-layer, 32-wide causal LM of ``family`` with random weights."""
+    if family not in _LLM_CONFIGS:
+        raise KeyError(f"no tiny LLM config for {family!r}; choose one of {LLM_FAMILIES}")
+    return {"type": "hf", "tokenizer": tokenizer_dir, "config": dict(_LLM_CONFIGS[family])}
+
+
+def tiny_vision_config(name: str) -> dict[str, Any]:
+    """A ``vision`` section for a built-in type or variant (see :data:`VISION_VARIANTS`)."""
+    if name == "fused":
+        members = [tiny_vision_config("hf_siglip"), tiny_vision_config("hf_dinov2")]
+        return {"type": "fused", "backbones": members}
+    if name not in _VISION_CONFIGS:
+        raise KeyError(f"no tiny vision config for {name!r}; choose one of {VISION_VARIANTS}")
+    return copy.deepcopy(_VISION_CONFIGS[name])
+
+
+def tiny_connector_config(name: str) -> dict[str, Any]:
+    """A ``connector`` section for a built-in connector, sized for :data:`NUM_PATCHES` tokens."""
+    if name not in _CONNECTOR_CONFIGS:
+        raise KeyError(f"no tiny connector config for {name!r}; choose one of {_CONNECTOR_CONFIGS}")
+    return dict(_CONNECTOR_CONFIGS[name])
+
+
+def tiny_model_config(
+    tokenizer_dir: str, vision: str = "hf", connector: str = "mlp", llm: str = "llama"
+) -> dict[str, Any]:
+    """A whole model config from the tiny sections above."""
+    return {
+        "vision": tiny_vision_config(vision),
+        "connector": tiny_connector_config(connector),
+        "llm": tiny_llm_config(llm, tokenizer_dir),
+    }

@@ -1,0 +1,153 @@
+"""Config errors name the key and the YAML file; dotted overrides; the `type` switch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import vlm_adapters
+from vlm_adapters import ConfigError, apply_overrides, load_config
+from vlm_adapters.testing import tiny_model_config
+
+WriteYaml = Callable[[dict[str, Any]], str]
+
+
+@pytest.fixture
+def write_yaml(tmp_path: Path, tokenizer_dir: str) -> WriteYaml:
+    """Write the tiny model config, with ``changes`` merged into its sections, to a YAML file."""
+
+    def write(changes: dict[str, Any]) -> str:
+        config = tiny_model_config(tokenizer_dir)
+        for section, value in changes.items():
+            if value is None:
+                config.pop(section)
+            else:
+                config[section] = {**config[section], **value}
+        path = tmp_path / "model.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    return write
+
+
+def _raises(path: str, *patterns: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+
+
+def test_valid_yaml_loads(write_yaml: WriteYaml) -> None:
+    config = load_config(write_yaml({"connector": {"depth": 3}}))
+    assert config.connector.type == "mlp" and config.connector.params.depth == 3
+    assert config.llm.params.config["model_type"] == "llama"
+
+
+def test_unknown_key(write_yaml: WriteYaml) -> None:
+    _raises(write_yaml({"connector": {"depht": 3}}), r"connector\.depht: unknown key")
+
+
+def test_wrong_type(write_yaml: WriteYaml) -> None:
+    path = write_yaml({"connector": {"depth": "two"}})
+    _raises(path, r"connector\.depth: .*integer.*\(got 'two'\)")
+    _raises(write_yaml({"connector": {"depth": 0}}), r"connector\.depth: .*greater than")
+
+
+def test_nested_key_of_a_section(write_yaml: WriteYaml) -> None:
+    _raises(write_yaml({"vision": {"feature_layer": "last"}}), r"vision\.feature_layer")
+
+
+def test_missing_section(write_yaml: WriteYaml) -> None:
+    _raises(write_yaml({"llm": None}), r"missing section\(s\): llm")
+
+
+def test_section_without_type(write_yaml: WriteYaml) -> None:
+    path = Path(write_yaml({}))
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "connector": {"depth": 2}}))
+    _raises(str(path), r"connector: expected a mapping with a `type` key")
+
+
+def test_bad_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("vision: {type: hf\nconnector: [")
+    _raises(str(path), "invalid YAML")
+    path.write_text("- a list\n- not a mapping\n")
+    _raises(str(path), "expected a mapping at the top level")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _raises(str(tmp_path / "nope.yaml"), "config file not found")
+
+
+def test_unknown_type_suggests_the_closest(write_yaml: WriteYaml) -> None:
+    path = write_yaml({"connector": {"type": "resampeler"}})
+    _raises(path, r"connector\.type: unknown connector component 'resampeler'", "'resampler'")
+    _raises(write_yaml({"vision": {"type": "open-clip"}}), r"vision\.type: .*'open_clip'")
+
+
+def test_pool_factor_must_divide_the_grid(write_yaml: WriteYaml) -> None:
+    path = write_yaml({"connector": {"type": "pool", "factor": 3}})
+    _raises(path, r"connector: pool factor 3 does not divide the 4x4 patch grid")
+
+
+def test_visual_tokens_must_fit_the_llm_context(write_yaml: WriteYaml, tokenizer_dir: str) -> None:
+    llm = tiny_model_config(tokenizer_dir)["llm"]
+    llm["config"]["max_position_embeddings"] = 16
+    path = write_yaml({"llm": llm})
+    _raises(path, r"connector: 16 visual tokens per image do not fit the LLM context of 16")
+    pooled = write_yaml({"llm": llm, "connector": {"type": "pool", "factor": 2}})
+    assert load_config(pooled).connector.type == "pool"  # 4 tokens fit
+
+
+def test_dotted_overrides(write_yaml: WriteYaml) -> None:
+    path = write_yaml({})
+    config = load_config(path, ["connector.depth=3", "llm.config.hidden_size=64"])
+    assert config.connector.params.depth == 3
+    assert config.llm.params.config["hidden_size"] == 64
+    config = load_config(path, {"connector.activation": "relu"})
+    assert config.connector.params.activation == "relu"
+    with pytest.raises(ConfigError, match=r"connector\.depth"):
+        load_config(path, ["connector.depth=-1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["connector.depth"])
+
+
+def test_build_vlm_applies_overrides(tokenizer_dir: str) -> None:
+    config = tiny_model_config(tokenizer_dir)
+    model = vlm_adapters.build_vlm(config, ["connector.type=pool", "connector.factor=4"])
+    assert model.num_image_tokens == 1
+    assert config["connector"] == {"type": "mlp"}  # the caller's dict is not modified
+
+
+def test_type_switch_drops_the_other_keys() -> None:
+    data = {"connector": {"type": "mlp", "depth": 3, "activation": "relu"}}
+    assert apply_overrides(data, ["connector.type=pool"]) == {"connector": {"type": "pool"}}
+    kept = apply_overrides(data, ["connector.type=mlp"])
+    assert kept == data
+    assert data["connector"]["depth"] == 3  # input not modified
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["connector.type=pool", "connector.factor=4"],
+        ["connector.factor=4", "connector.type=pool"],
+        {"connector.factor": 4, "connector.type": "pool"},
+    ],
+)
+def test_type_switch_keeps_keys_overridden_with_it(overrides: Any) -> None:
+    data = {"connector": {"type": "mlp", "depth": 3}}
+    assert apply_overrides(data, overrides) == {"connector": {"type": "pool", "factor": 4}}
+
+
+def test_override_through_a_non_mapping_fails() -> None:
+    with pytest.raises(ConfigError, match="override connector.depth.x: depth is not a mapping"):
+        apply_overrides({"connector": {"type": "mlp", "depth": 2}}, ["connector.depth.x=1"])
