@@ -1,0 +1,52 @@
+"""``vlm-adapters train CONFIG``: run the training recipe (or one stage) of a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train a model (stage 1 align, stage 2 finetune)",
+        description="Train the model of CONFIG. For several GPUs: `accelerate launch "
+        "--config_file examples/accelerate/ddp.yaml -m vlm_adapters.cli train CONFIG ...`.",
+    )
+    _add_options(parser)
+    parser.add_argument("config", help="training YAML (model, data, recipe, stages, run)")
+    parser.add_argument(
+        "rest", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="e.g. stages.align.lr=1e-4"
+    )
+    parser.set_defaults(func=run)
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", default="all", choices=("all", "align", "finetune"))
+    parser.add_argument("--out", default="runs/vlm", help="run directory (default: runs/vlm)")
+    parser.add_argument("--resume", help="'auto' (newest complete checkpoint) or a checkpoint")
+
+
+def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
+    """Options and overrides after CONFIG, in any order."""
+    parser = argparse.ArgumentParser(prog="vlm-adapters train CONFIG")
+    _add_options(parser)
+    parser.add_argument("overrides", nargs="*")
+    parser.set_defaults(stage=args.stage, out=args.out, resume=args.resume)
+    return parser.parse_intermixed_args(args.rest)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ..training import train
+
+    opts = _parse_rest(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    summaries = train(
+        args.config, stage=opts.stage, out=opts.out, resume=opts.resume, overrides=opts.overrides
+    )
+    if PartialState().is_main_process:
+        print(json.dumps(summaries, indent=2))
+    return 0

@@ -1,0 +1,163 @@
+"""Typed training configs: the model sections plus `data`, `recipe`, `stages` and `run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..config import (
+    SECTIONS,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    format_errors,
+    model_config_from_dict,
+    read_yaml,
+)
+from .lora import LoraSettings
+
+STAGES = ("align", "finetune")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(_Strict):
+    """One LLaVA-format dataset (JSON list or JSONL) and the chat template it is rendered with."""
+
+    path: str = Field(description="LLaVA JSON/JSONL file.")
+    image_root: str | None = Field(None, description="Image paths are relative to this folder.")
+    template: str = Field("plain", description="Chat template name (see templates.py).")
+
+    def root(self) -> Path:
+        """Where relative image paths start (default: the data file's folder)."""
+        return Path(self.image_root) if self.image_root else Path(self.path).parent
+
+
+class DataConfig(_Strict):
+    """Per-stage datasets and how samples are encoded, checked and batched."""
+
+    align: DatasetConfig | None = None
+    finetune: DatasetConfig | None = None
+    eval: DatasetConfig | None = None
+    max_length: int | None = Field(2048, gt=0, description="Longer samples are bad samples.")
+    on_bad_sample: Literal["skip", "error"] = Field(
+        "skip", description="skip (counted, reported each epoch) or error."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    group_by_length: bool = Field(True, description="Modality- and length-grouped batches.")
+
+
+class StageConfig(_Strict):
+    """Optimisation settings of one stage; `batch_size` is per device."""
+
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(16, gt=0, description="Per device.")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null = no clipping.")
+
+
+class AlignStage(StageConfig):
+    """Stage 1: only the connector trains; vision and LLM are frozen."""
+
+
+class FinetuneStage(StageConfig):
+    """Stage 2: connector + LLM (full or LoRA); vision frozen or partly unfrozen."""
+
+    lr: float = Field(2e-5, gt=0, description="LLM lr (and default for the rest).")
+    connector_lr: float | None = Field(None, gt=0, description="null = lr.")
+    vision_lr: float | None = Field(None, gt=0, description="null = lr.")
+    train_llm: Literal["full", "lora", "frozen"] = "full"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train_vision: Literal["frozen", "full", "last_n"] = "frozen"
+    unfreeze_vision_layers: int = Field(0, ge=0, description="N for train_vision: last_n.")
+
+
+class Stages(_Strict):
+    align: AlignStage = Field(default_factory=AlignStage)
+    finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+
+
+class RunConfig(_Strict):
+    """Seed, precision, checkpointing and logging."""
+
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    save_every: int = Field(0, ge=0, description="Optimizer steps; 0 = end of stage only.")
+    keep_last: int = Field(2, gt=0, description="Intermediate checkpoints kept per stage.")
+    log_every: int = Field(10, gt=0)
+    trackers: list[str] = Field(default_factory=list, description="accelerate trackers.")
+
+
+class TrainConfig(BaseModel):
+    """A whole training run: model sections, data, recipe, stages and run settings."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    recipe: list[str] = Field(default_factory=lambda: list(STAGES))
+    stages: Stages = Field(default_factory=Stages)
+    run: RunConfig = Field(default_factory=RunConfig)
+    where: str = ""
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_stages(cls, recipe: list[str]) -> list[str]:
+        for name in recipe:
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        if not recipe:
+            raise ValueError("empty recipe; list stages to run, e.g. [align, finetune]")
+        return recipe
+
+    def stage(self, name: str) -> AlignStage | FinetuneStage:
+        """The settings of stage `name`."""
+        return getattr(self.stages, name)
+
+    def dataset(self, name: str) -> DatasetConfig:
+        """The dataset of stage `name`, or a ConfigError saying it is missing."""
+        dataset = getattr(self.data, name)
+        if dataset is None:
+            raise ConfigError(f"{self.where}: data.{name}: missing; set data.{name}.path")
+        return dataset
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what `config.yaml` in a run directory holds)."""
+        rest = self.model_dump(mode="json", exclude={"model", "where"})
+        return {**self.model.to_dict(), **rest}
+
+
+def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig:
+    """Validate a whole training config; errors name the key and `where` (the YAML file)."""
+    model = model_config_from_dict(data, where)
+    rest = {k: v for k, v in data.items() if k not in SECTIONS}
+    try:
+        return TrainConfig(model=model, where=where, **rest)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{where}: {format_errors(exc)}" if where else format_errors(exc)
+        ) from None
+
+
+def load_train_config(
+    path: str | Path, overrides: list[str] | dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read a training YAML, apply dotted `key=value` overrides and validate it."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return train_config_from_dict(data, where=str(path))
+
+
+def save_train_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

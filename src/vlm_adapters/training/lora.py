@@ -1,0 +1,281 @@
+"""LoRA through peft, scoped to one part of the model (the LLM, optionally the vision tower).
+
+peft wraps only the chosen module (``model.llm.model`` or ``model.vision``) and receives the
+full names of the layers to adapt inside it, so a name shared with another part (``q_proj``
+exists in CLIP too) can never put LoRA layers on the vision tower or the connector.
+
+Checkpoints stay complete: ``model.safetensors`` holds every non-LoRA weight under the names
+the plain model uses, and each adapter lives in peft's own layout (``adapter/`` for the LLM,
+``vision_adapter/`` for the vision tower).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..vision import VisionBackbone
+
+if TYPE_CHECKING:
+    from ..model import VisionLanguageModel
+
+Part = Literal["llm", "vision"]
+PARTS: tuple[Part, ...] = ("llm", "vision")
+ADAPTER_DIRS: dict[Part, str] = {"llm": "adapter", "vision": "vision_adapter"}
+CONFIG_KEYS: dict[Part, str] = {"llm": "lora", "vision": "vision_lora"}
+_SETTINGS_ATTR = "vlm_lora_settings"
+
+
+class LoraSettings(BaseModel):
+    """LoRA hyper-parameters (LLaVA-1.5 defaults: r 128, alpha 256, dropout 0.05)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(128, ge=1, description="Rank of the low-rank update.")
+    alpha: int = Field(256, ge=1, description="Scaling numerator: the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="`all-linear` (every linear layer except the output head) or module names "
+        "such as [q_proj, v_proj], matched against the end of each module's path inside the part.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases train: none, all (of the adapted part), lora_only."
+    )
+
+    def peft_config(self, targets: list[str]) -> LoraConfig:
+        """A peft config for the resolved full module names ``targets``."""
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            bias=self.bias,
+        )
+
+
+def target_module_names(module: nn.Module, settings: LoraSettings) -> list[str]:
+    """Full names, inside ``module``, of the layers ``settings`` selects (never the output head)."""
+    head = _output_head(module)
+    wanted = settings.target_modules
+    # nn.MultiheadAttention reads its out_proj weight directly: a LoRA there would be ignored
+    fused_attention = {n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    names = []
+    for name, sub in module.named_modules():
+        if not name or sub is head or name.rpartition(".")[0] in fused_attention:
+            continue
+        if wanted == "all-linear":
+            hit = isinstance(sub, (nn.Linear, Conv1D))
+        else:
+            hit = any(name == t or name.endswith(f".{t}") for t in wanted)
+        if hit:
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"LoRA target_modules {wanted!r} matched no layer; linear layers here are named e.g. "
+            f"{sorted(_leaf_linear_names(module))[:8]}"
+        )
+    return names
+
+
+def apply_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = "llm") -> None:
+    """Wrap ``part`` (default: the LLM) with LoRA adapters.
+
+    Freezes the base weights of that part only and makes its LoRA parameters trainable; the
+    connector and the other part keep their ``requires_grad`` (the training stage decides).
+    """
+    owner, attr = _slot(model, part)
+    inner = getattr(owner, attr)
+    if isinstance(inner, PeftModel):
+        raise ValueError(f"LoRA is already applied to the {part}; apply it once per model")
+    wrapped = get_peft_model(inner, settings.peft_config(target_module_names(inner, settings)))
+    setattr(wrapped, _SETTINGS_ATTR, settings)
+    setattr(owner, attr, wrapped)
+
+
+def ensure_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = "llm") -> None:
+    """Apply LoRA to ``part``, or, when a loaded checkpoint already has it, make it trainable.
+
+    A checkpoint adapted with other settings is an error (resume with the settings it used).
+    """
+    current = lora_settings(model, part)
+    if current is None:
+        apply_lora(model, settings, part)
+        return
+    if current != settings:
+        raise ValueError(
+            f"the checkpoint's {part} LoRA uses {current.model_dump()} but the config asks for "
+            f"{settings.model_dump()}; resume with the checkpoint's settings"
+        )
+    for name, param in getattr(*_slot(model, part)).named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(True)
+
+
+def lora_parts(model: VisionLanguageModel) -> list[Part]:
+    """The parts of ``model`` that carry LoRA adapters."""
+    return [part for part in PARTS if isinstance(getattr(*_slot(model, part)), PeftModel)]
+
+
+def has_lora(model: VisionLanguageModel) -> bool:
+    return bool(lora_parts(model))
+
+
+def lora_settings(model: VisionLanguageModel, part: Part = "llm") -> LoraSettings | None:
+    """The settings ``part`` was adapted with, or None."""
+    return getattr(getattr(*_slot(model, part)), _SETTINGS_ATTR, None)
+
+
+def lora_checkpoint_config(model: VisionLanguageModel) -> dict[str, Any]:
+    """``{"lora": {...}, "vision_lora": {...}}`` entries for the parts that carry LoRA."""
+    return {CONFIG_KEYS[p]: lora_settings(model, p).model_dump() for p in lora_parts(model)}
+
+
+def mark_lora_trainable(model: VisionLanguageModel) -> list[nn.Parameter]:
+    """Set ``requires_grad`` on every LoRA parameter (e.g. after loading to resume); return them."""
+    params = [p for name, p in model.named_parameters() if ".lora_" in name]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def base_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """Every non-LoRA tensor under the name it has without LoRA; tied duplicates dropped."""
+    prefixes = [_prefix(part) for part in lora_parts(model)]
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for key, tensor in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        ident = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and ident in seen:  # tied weights: the loader restores the tie
+            continue
+        seen.add(ident)
+        state[_clean_key(key, prefixes)] = tensor.detach().contiguous()
+    return state
+
+
+def save_lora(model: VisionLanguageModel, directory: Path, weights_name: str) -> None:
+    """Write the base weights to ``weights_name`` and each adapter in peft's layout."""
+    save_file(base_state_dict(model), str(directory / weights_name), metadata={"format": "pt"})
+    for part in lora_parts(model):
+        wrapped = getattr(*_slot(model, part))
+        wrapped.save_pretrained(str(directory / ADAPTER_DIRS[part]), save_embedding_layers=False)
+
+
+def load_lora(model: VisionLanguageModel, directory: Path, config: dict[str, Any]) -> None:
+    """Attach the adapters a checkpoint's ``config.json`` lists (no-op without LoRA)."""
+    for part in PARTS:
+        if CONFIG_KEYS[part] not in config:
+            continue
+        path = Path(directory) / ADAPTER_DIRS[part]
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"{directory}: config.json lists {part} LoRA but {path} holds no adapter; "
+                "the checkpoint is incomplete"
+            )
+        owner, attr = _slot(model, part)
+        wrapped = PeftModel.from_pretrained(getattr(owner, attr), str(path))
+        setattr(wrapped, _SETTINGS_ATTR, LoraSettings(**config[CONFIG_KEYS[part]]))
+        setattr(owner, attr, wrapped)
+
+
+def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
+    """Fold every adapter into its base weights; the parts become plain modules again."""
+    parts = lora_parts(model)
+    if not parts:
+        raise ValueError("nothing to merge: this model has no LoRA adapters")
+    for part in parts:
+        owner, attr = _slot(model, part)
+        setattr(owner, attr, getattr(owner, attr).merge_and_unload())
+    return model
+
+
+def unfreeze_last_vision_layers(model: VisionLanguageModel, n: int) -> list[nn.Parameter]:
+    """Make the last ``n`` transformer blocks of each vision tower trainable; return their params.
+
+    Blocks after the backbone's feature layer receive no gradient (e.g. the last block when
+    ``feature_layer`` is -2).
+    """
+    params: list[nn.Parameter] = []
+    for blocks in _vision_block_lists(model.vision):
+        if not 1 <= n <= len(blocks):
+            raise ValueError(
+                f"unfreeze_vision_layers={n} but the vision tower has {len(blocks)} blocks; "
+                f"choose 1..{len(blocks)}"
+            )
+        for block in list(blocks)[-n:]:
+            params.extend(block.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def _slot(model: VisionLanguageModel, part: Part) -> tuple[nn.Module, str]:
+    """The (owner, attribute) that holds the module LoRA wraps for ``part``."""
+    if part == "llm":
+        return model.llm, "model"
+    if part == "vision":
+        return model, "vision"
+    raise ValueError(f"unknown LoRA part {part!r}; choose one of {PARTS}")
+
+
+def _prefix(part: Part) -> str:
+    return "llm.model." if part == "llm" else "vision."
+
+
+def _clean_key(key: str, prefixes: list[str]) -> str:
+    """``llm.model.base_model.model.x.q_proj.base_layer.weight`` -> ``llm.model.x.q_proj.weight``"""
+    for prefix in prefixes:
+        if key.startswith(prefix + "base_model.model."):
+            rest = key[len(prefix + "base_model.model.") :]
+            return prefix + re.sub(r"(^|\.)base_layer\.", r"\1", rest)
+    return key
+
+
+def _output_head(module: nn.Module) -> nn.Module | None:
+    getter = getattr(module, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _leaf_linear_names(module: nn.Module) -> set[str]:
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, sub in module.named_modules()
+        if isinstance(sub, (nn.Linear, Conv1D))
+    }
+
+
+def _vision_block_lists(vision: nn.Module) -> list[nn.Module]:
+    """The transformer block list of every tower in ``vision`` (one per fused member)."""
+    towers = [
+        m.tower for m in vision.modules() if isinstance(m, VisionBackbone) and hasattr(m, "tower")
+    ]
+    if not towers:
+        raise ValueError("partial unfreezing needs a vision backbone with a `tower` module")
+    return [_longest_block_list(tower) for tower in towers]
+
+
+def _longest_block_list(tower: nn.Module) -> nn.Module:
+    """The longest ModuleList/Sequential whose children are all blocks of one class."""
+    best: nn.Module | None = None
+    for module in tower.modules():
+        children = list(module.children())
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not children:
+            continue
+        blocks = len({type(c) for c in children}) == 1 and any(
+            True for _ in children[0].parameters()
+        )
+        if blocks and (best is None or len(children) > len(list(best.children()))):
+            best = module
+    if best is None:
+        raise ValueError(f"found no block list in vision tower {type(tower).__name__}")
+    return best

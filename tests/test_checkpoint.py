@@ -1,0 +1,140 @@
+"""Checkpoints: complete, atomic, pruned, found, and a killed run resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from transformers import get_scheduler
+
+from vlm_adapters import build_vlm
+from vlm_adapters.testing.tiny import tiny_model_config, tiny_tokenizer
+from vlm_adapters.training import checkpoint
+from vlm_adapters.training.checkpoint import (
+    Position,
+    flatten_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_optimizer,
+)
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from tiny_train import max_weight_diff, write_tiny_config  # noqa: E402
+
+
+def _trained_parts(tmp_path: Path):
+    model = build_vlm(tiny_model_config(tiny_tokenizer(tmp_path / "tok")))
+    optimizer = torch.optim.AdamW(model.connector.parameters(), lr=1e-2)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
+    model.connector(torch.randn(2, 16, 32)).square().sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, optimizer, scheduler
+
+
+def test_optimizer_state_round_trips_through_flat_tensors(tmp_path):
+    _, optimizer, _ = _trained_parts(tmp_path)
+    tensors, rest = flatten_optimizer(optimizer.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    restored = unflatten_optimizer(tensors, rest)
+    original = optimizer.state_dict()
+    assert restored["param_groups"] == original["param_groups"]
+    for index, values in original["state"].items():
+        for key, value in values.items():
+            assert torch.equal(restored["state"][index][key], value)
+
+
+def test_rng_states_round_trip():
+    state = rng_state()
+    expected = (torch.rand(3), torch.randint(0, 1000, (3,)))
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert torch.equal(torch.randint(0, 1000, (3,)), expected[1])
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _trained_parts(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(checkpoints / "step-000001", model, optimizer, scheduler, Position(step=1))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        model.connector.apply(lambda m: [p.add_(1.0) for p in m.parameters(recurse=False)])
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    for name in ("step-000001", "step-000002"):  # overwrite, and a new one
+        with pytest.raises(OSError, match="disk full"):
+            save_checkpoint(checkpoints / name, model, optimizer, scheduler, Position(step=2))
+    assert latest_checkpoint(checkpoints).name == "step-000001"
+    assert not (checkpoints / "step-000002").exists()
+    position = load_checkpoint(checkpoints / "step-000001", model, optimizer, scheduler)
+    assert position.step == 1 and scheduler.last_epoch == 1
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def _fake_checkpoint(directory: Path, complete: bool = True) -> None:
+    (directory / "model").mkdir(parents=True)
+    (directory / "model" / "model.safetensors").write_bytes(b"")
+    (directory / "trainer_state.json").write_text("{}")
+    if complete:
+        (directory / "optimizer.safetensors").write_bytes(b"")
+
+
+def test_latest_is_the_newest_complete_checkpoint_and_pruning_keeps_the_last_k(tmp_path):
+    for step in (1, 3, 10):
+        _fake_checkpoint(tmp_path / f"step-{step:06d}")
+    _fake_checkpoint(tmp_path / "step-000020", complete=False)  # killed while writing
+    _fake_checkpoint(tmp_path / ".step-000030.tmp-x")
+    assert latest_checkpoint(tmp_path).name == "step-000010"
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [
+        "step-000003",
+        "step-000010",
+        "step-000020",
+    ]
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    # all runs are fresh processes: in-process numerics can differ in the last bits
+    config = write_tiny_config(tmp_path, num_train=12)
+    script = [sys.executable, str(SCRIPTS / "tiny_train.py"), str(config)]
+    args = ["--stage", "finetune", "stages.finetune.epochs=2", "run.save_every=2"]
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    uninterrupted = subprocess.Popen([*script, str(reference), *args], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([*script, str(killed), *args], stdout=subprocess.DEVNULL)
+    first = killed / "finetune" / "checkpoints" / "step-000002"
+    _wait_for(first, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists() and not (killed / "finetune" / "final").exists()
+
+    subprocess.run([*script, str(killed), "--resume", "auto", *args], check=True)
+    assert uninterrupted.wait() == 0
+    final = killed / "finetune" / "final"
+    assert max_weight_diff(final, reference / "finetune" / "final") < 1e-6
+    lines = (killed / "finetune" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == list(range(1, 7))
