@@ -7,7 +7,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("list",)
+COMMANDS = (
+    "list",
+    "merge",
+    "new-plugin",
+    "train",
+    "export",
+    "import",
+    "generate",
+    "chat",
+    "eval",
+)
+MODULES = {"import": "import_hf"}  # `import` is a Python keyword
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"vlm_adapters.commands.{name.replace('-', '_')}")
+        module = importlib.import_module(
+            f"vlm_adapters.commands.{MODULES.get(name, name.replace('-', '_'))}"
+        )
         module.add_parser(sub)
     return parser
 

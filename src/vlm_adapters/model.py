@@ -53,6 +53,7 @@ class VisionLanguageModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.component_types = component_types or {}
+        self.template: str | None = None  # chat template the model was trained with
         self.num_image_tokens = connector.num_output_tokens(vision.num_patches)
 
     @classmethod
@@ -159,15 +160,26 @@ class VisionLanguageModel(nn.Module):
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer, atomically."""
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer, atomically.
+
+        With LoRA, ``model.safetensors`` holds the base weights under their plain names and each
+        adapter is written in peft's layout (``adapter/``, ``vision_adapter/``).
+        """
+        from .training.lora import has_lora, save_lora
+
         with atomic_dir(directory) as tmp:
             self.llm.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             (tmp / CONFIG_NAME).write_text(json.dumps(self.checkpoint_config(), indent=2))
-            save_model(self, str(tmp / WEIGHTS_NAME))
+            if has_lora(self):
+                save_lora(self, tmp, WEIGHTS_NAME)
+            else:
+                save_model(self, str(tmp / WEIGHTS_NAME))
         return Path(directory)
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Every component with the kwargs that rebuild it offline, plus package versions."""
+        from .training.lora import lora_checkpoint_config
+
         registry = get_registry()
         parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm}
         sections = {
@@ -177,7 +189,16 @@ class VisionLanguageModel(nn.Module):
         versions = package_versions(
             "vlm-adapters", "torch", "transformers", *set(providers.values())
         )
-        return {"format": FORMAT, **sections, "providers": providers, "versions": versions}
+        lora = lora_checkpoint_config(self)
+        template = {"template": self.template} if self.template else {}
+        return {
+            "format": FORMAT,
+            **sections,
+            **lora,
+            **template,
+            "providers": providers,
+            "versions": versions,
+        }
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VisionLanguageModel:
@@ -188,6 +209,11 @@ class VisionLanguageModel(nn.Module):
         data["llm"]["tokenizer"] = str(directory / TOKENIZER_DIR)
         model = cls.from_config(data)
         load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        if "lora" in data or "vision_lora" in data:
+            from .training.lora import load_lora
+
+            load_lora(model, directory, data)
+        model.template = data.get("template")
         return model
 
 

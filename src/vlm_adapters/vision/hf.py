@@ -45,7 +45,7 @@ class HFVisionConfig(ComponentConfig):
         None, description="Override normalisation."
     )
     revision: str | None = Field(None, description="Hub revision of `model`.")
-    torch_dtype: str | None = Field(None, description="e.g. float32, bfloat16.")
+    dtype: str | None = Field(None, description="e.g. float32, bfloat16; default: float32.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint.")
 
     @model_validator(mode="after")
@@ -120,14 +120,14 @@ def _default_size(config: Any) -> int:
 def _build_tower(cfg: HFVisionConfig, config: Any) -> nn.Module:
     from transformers import AutoModel
 
-    dtype = getattr(torch, cfg.torch_dtype) if cfg.torch_dtype else None
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
     if cfg.model is None:
-        return AutoModel.from_config(config, torch_dtype=dtype)
+        return AutoModel.from_config(config, dtype=dtype)
     return AutoModel.from_pretrained(
         cfg.model,
         config=config,
         revision=cfg.revision,
-        torch_dtype=dtype,
+        dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
     )
 

@@ -1,0 +1,68 @@
+"""``vlm-adapters chat``: a multi-turn conversation about an image, read from stdin."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ._inference import add_generation_options, generation_kwargs, load_checkpoint, open_image
+
+HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("chat", help="Chat about an image in the terminal.")
+    add_generation_options(parser)
+    parser.add_argument("--image", help="Image file to talk about.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generation import resolve_template
+
+    model = load_checkpoint(args.checkpoint)
+    image = open_image(args.image) if args.image else None
+    turns: list[dict[str, str]] = []
+    print(f"template {resolve_template(model, args.template)}; {HELP}")
+    while (line := _read()) is not None and line != "/quit":
+        if line.startswith("/"):
+            image, turns = _command(line, image, turns)
+        elif line:
+            turns.append({"from": "human", "value": line})
+            turns.append({"from": "gpt", "value": _answer(model, turns, image, args)})
+    return 0
+
+
+def _read() -> str | None:
+    try:
+        return input("you> ").strip()
+    except EOFError:
+        return None
+
+
+def _answer(model: Any, turns: list[dict[str, str]], image: Any, args: argparse.Namespace) -> str:
+    """Stream the assistant's answer to stdout and return it."""
+    from ..generation import generate_ids, text_streamer
+
+    print("assistant> ", end="", flush=True)
+    ids = generate_ids(
+        model, [turns], [image], streamer=text_streamer(model), **generation_kwargs(args)
+    )[0]
+    return model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _command(line: str, image: Any, turns: list[dict[str, str]]) -> tuple[Any, list]:
+    """Handle /reset and /image PATH; anything else prints the help."""
+    if line == "/reset":
+        print("(conversation cleared)")
+        return image, []
+    if line.startswith("/image "):
+        try:
+            image = open_image(line.removeprefix("/image ").strip())
+        except FileNotFoundError as exc:
+            print(f"error: {exc}")
+            return image, turns
+        print("(new image; conversation cleared)")
+        return image, []
+    print(HELP)
+    return image, turns

@@ -1,0 +1,27 @@
+"""``vlm-adapters generate``: one answer about one image, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ._inference import add_generation_options, generation_kwargs, load_checkpoint, open_image
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("generate", help="Answer one prompt about an image (streamed).")
+    add_generation_options(parser)
+    parser.add_argument("--image", help="Image file (omit for a text-only prompt).")
+    parser.add_argument("--prompt", required=True, help="The question or instruction.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generation import generate_ids, text_streamer
+
+    model = load_checkpoint(args.checkpoint)
+    images = [open_image(args.image) if args.image else None]
+    turns = [{"from": "human", "value": args.prompt}]
+    streamer = text_streamer(model)
+    generate_ids(model, [turns], images, streamer=streamer, **generation_kwargs(args))
+    return 0

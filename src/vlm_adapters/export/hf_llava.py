@@ -1,0 +1,322 @@
+"""transformers' LLaVA format (``LlavaForConditionalGeneration`` + ``LlavaProcessor``), out and in.
+
+A model exports when transformers' class can compute exactly what it computes: a transformers
+vision tower with at most one prefix token (CLS) to drop, a ``linear`` connector or a depth-2
+``mlp`` whose inner width is the LLM width, and a causal LM whose decoder transformers'
+``AutoModel`` builds, with a bias-free output head and no logit soft-capping.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_dir, package_versions
+from ..connectors.simple import LinearConnector, MLPConnector
+from ..llm.hf import HFLLM
+from ..vision.hf import HFVisionBackbone
+from .chat_template import chat_template_jinja
+
+if TYPE_CHECKING:
+    from ..model import VisionLanguageModel
+
+META_NAME = "vlm_adapters.json"
+"""Written beside the export: the chat template name and package versions."""
+DEFAULT_TEMPLATE = "vicuna_v1"
+PROJECTOR_ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL resampling codes
+_HINT = "the vlm-adapters format (`model.save_pretrained(dir)`) holds any composition"
+
+
+class ExportError(ValueError):
+    """The model (or checkpoint) cannot be expressed in the other format; the message says why."""
+
+
+def check_exportable(model: VisionLanguageModel) -> str | None:
+    """Why ``model`` cannot be written as a transformers LLaVA checkpoint, or None if it can."""
+    return _vision_reason(model.vision) or _connector_reason(model) or _llm_reason(model.llm)
+
+
+def to_hf_llava(
+    model: VisionLanguageModel, out_dir: str | Path, template: str | None = None
+) -> Path:
+    """Write ``model`` for ``LlavaForConditionalGeneration`` / ``AutoProcessor.from_pretrained``.
+
+    ``template`` (default: the model's training template, else vicuna_v1) becomes the
+    processor's and tokenizer's Jinja chat template. LoRA adapters are merged into ``model``
+    in place first.
+    """
+    from ..training.lora import has_lora, merge_lora
+
+    reason = check_exportable(model)
+    if reason:
+        raise ExportError(f"cannot export to the transformers LLaVA format: {reason}; {_HINT}")
+    if has_lora(model):
+        merge_lora(model)
+    template = template or model.template or DEFAULT_TEMPLATE
+    with atomic_dir(out_dir) as tmp:
+        _llava_model(model).save_pretrained(tmp)
+        _processor(model, template).save_pretrained(tmp)
+        meta = {"template": template, "versions": package_versions("vlm-adapters", "transformers")}
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+    return Path(out_dir)
+
+
+def _vision_reason(vision: nn.Module) -> str | None:
+    if not isinstance(vision, HFVisionBackbone):
+        return (
+            f"the vision backbone is a {type(vision).__name__}, not a transformers vision model; "
+            "LLaVA needs a tower such as CLIP or SigLIP (vision type `hf`)"
+        )
+    if vision.num_prefix > 1:
+        return (
+            f"the vision tower puts {vision.num_prefix} prefix tokens (CLS + registers) before "
+            "the patches, and LLaVA's feature selection can drop only one"
+        )
+    if vision.transform.interpolation not in _RESAMPLE:
+        return f"the image transform's {vision.transform.interpolation!r} resizing has no match"
+    return None
+
+
+def _connector_reason(model: VisionLanguageModel) -> str | None:
+    connector = model.connector
+    if isinstance(connector, LinearConnector):
+        return None
+    if not isinstance(connector, MLPConnector):
+        return (
+            f"the connector {model.component_types.get('connector', type(connector).__name__)!r} "
+            "has no counterpart in LLaVA's projector (linear, activation, linear)"
+        )
+    cfg = connector.cfg
+    if cfg.depth > 2:
+        return f"the mlp connector has depth {cfg.depth}; LLaVA's projector has two layers"
+    if cfg.depth == 2 and cfg.hidden_dim not in (None, connector.out_dim):
+        return (
+            f"the mlp connector's inner width is {cfg.hidden_dim}; LLaVA's projector uses the "
+            f"LLM width ({connector.out_dim})"
+        )
+    return None
+
+
+def _llm_reason(llm: nn.Module) -> str | None:
+    from transformers import MODEL_MAPPING
+
+    if not isinstance(llm, HFLLM):
+        return f"the LLM backend is a {type(llm).__name__}, not a transformers causal LM"
+    config = llm.model.config
+    base = MODEL_MAPPING.get(type(config), None)
+    if base is None or not isinstance(llm.model.get_decoder(), base):
+        return f"transformers' AutoModel cannot rebuild the decoder of {config.model_type!r}"
+    if getattr(llm.model.get_output_embeddings(), "bias", None) is not None:
+        return "the LLM's output head has a bias, which LLaVA's lm_head lacks"
+    if getattr(config, "final_logit_softcapping", None):
+        return "the LLM soft-caps its logits, which LLaVA does not"
+    return None
+
+
+def _llava_config(model: VisionLanguageModel) -> Any:
+    from transformers import LlavaConfig
+
+    vision, connector = model.vision, model.connector
+    two_layers = isinstance(connector, MLPConnector) and connector.cfg.depth == 2
+    text_config = model.llm.model.config.to_dict()
+    text_config["tie_word_embeddings"] = _tied(model.llm.model)
+    return LlavaConfig(
+        vision_config=vision.tower.config.to_dict(),
+        text_config=text_config,
+        image_token_index=model.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        projector_hidden_act=connector.cfg.activation if two_layers else "linear",
+        vision_feature_select_strategy="default" if vision.num_prefix else "full",
+        vision_feature_layer=vision.cfg.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=text_config["tie_word_embeddings"],
+        dtype=vision.dtype,
+    )
+
+
+def _llava_model(model: VisionLanguageModel) -> nn.Module:
+    """A ``LlavaForConditionalGeneration`` whose parameters are ``model``'s (no copy)."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(_llava_config(model))
+    llm = model.llm.model
+    llava.model.vision_tower.load_state_dict(model.vision.tower.state_dict(), assign=True)
+    llava.model.language_model.load_state_dict(llm.get_decoder().state_dict(), assign=True)
+    head = llm.get_output_embeddings().state_dict()
+    if not _tied(llm):  # LLaVA ties only `embed_tokens`: store a separate copy otherwise
+        head = {k: v.clone() for k, v in head.items()}
+    llava.lm_head.load_state_dict(head, assign=True)
+    projector = _projector_state(model.connector)
+    llava.model.multi_modal_projector.load_state_dict(projector, assign=True)
+    return llava
+
+
+def _tied(llm: nn.Module) -> bool:
+    """Whether the exported head can stay tied (LLaVA ties it to ``embed_tokens`` by name)."""
+    tied = llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    return tied and hasattr(llm.get_decoder(), "embed_tokens")
+
+
+def _projector_state(connector: nn.Module) -> dict[str, torch.Tensor]:
+    """linear_1/linear_2 weights: the MLP's two layers, or the linear layer then an identity."""
+    layers = [m for m in connector.proj if isinstance(m, nn.Linear)]
+    first = layers[0]
+    if len(layers) == 2:
+        second = layers[1]
+    else:
+        eye = torch.eye(first.out_features, dtype=first.weight.dtype)
+        second = nn.Linear(first.out_features, first.out_features, dtype=first.weight.dtype)
+        second.load_state_dict({"weight": eye, "bias": torch.zeros_like(second.bias)})
+    return {
+        "linear_1.weight": first.weight,
+        "linear_1.bias": first.bias,
+        "linear_2.weight": second.weight.detach(),
+        "linear_2.bias": second.bias.detach(),
+    }
+
+
+def _processor(model: VisionLanguageModel, template: str) -> Any:
+    """A ``LlavaProcessor`` that expands ``<image>`` to exactly ``model.num_image_tokens``."""
+    from transformers import LlavaProcessor
+
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.chat_template = chat_template_jinja(template, tokenizer)
+    return LlavaProcessor(
+        image_processor=_image_processor(model.vision),
+        tokenizer=tokenizer,
+        patch_size=model.vision.tower.config.patch_size,
+        vision_feature_select_strategy="default" if model.vision.num_prefix else "full",
+        chat_template=tokenizer.chat_template,
+        image_token=model.llm.cfg.image_token,
+        num_additional_image_tokens=model.vision.num_prefix,
+    )
+
+
+def _image_processor(vision: HFVisionBackbone) -> Any:
+    """CLIP-style (resize shortest side, centre crop) or SigLIP-style (resize) preprocessing."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    t = vision.transform
+    common = {
+        "image_mean": list(t.mean),
+        "image_std": list(t.std),
+        "resample": _RESAMPLE[t.interpolation],
+        "do_convert_rgb": True,
+    }
+    square = {"height": t.crop_size, "width": t.crop_size}
+    if not t.crop:
+        return SiglipImageProcessor(size=square, **common)
+    size = {"shortest_edge": t.resize or t.crop_size}
+    return CLIPImageProcessor(size=size, crop_size=square, do_center_crop=True, **common)
+
+
+def from_hf_llava(path: str | Path, template: str | None = None) -> VisionLanguageModel:
+    """Load a transformers LLaVA checkpoint (directory or hub id) as a trainable model.
+
+    ``template`` (default: the one recorded by :func:`to_hf_llava`, else vicuna_v1) is the chat
+    template the model is used with from then on.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..model import VisionLanguageModel
+
+    llava = LlavaForConditionalGeneration.from_pretrained(str(path))
+    processor = AutoProcessor.from_pretrained(str(path))
+    model = VisionLanguageModel.from_config(_model_config(llava, processor, str(path)))
+    _check_strategy(llava.config, model.vision)
+    _copy_weights(llava, model)
+    model.template = template or _recorded_template(Path(path)) or DEFAULT_TEMPLATE
+    return model
+
+
+def _model_config(llava: nn.Module, processor: Any, path: str) -> dict[str, Any]:
+    config = llava.config
+    dtype = str(llava.dtype).removeprefix("torch.")
+    vision = {
+        "type": "hf",
+        "config": _plain(config.vision_config),
+        "feature_layer": config.vision_feature_layer,
+        "image_size": _crop_size(processor.image_processor),
+        "image_mean": list(processor.image_processor.image_mean),
+        "image_std": list(processor.image_processor.image_std),
+        "dtype": dtype,
+    }
+    tokenizer = processor.tokenizer
+    llm = {
+        "type": "hf",
+        "config": _plain(config.text_config),
+        "tokenizer": path,
+        "image_token": processor.image_token,
+        "pad_token": tokenizer.pad_token or tokenizer.eos_token or tokenizer.unk_token,
+        "dtype": dtype,
+    }
+    return {"vision": vision, "connector": _connector_section(config), "llm": llm}
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    data = config.to_dict()
+    data.pop("dtype", None)
+    return data
+
+
+def _crop_size(image_processor: Any) -> int:
+    size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
+    return int(size["height"])
+
+
+def _connector_section(config: Any) -> dict[str, Any]:
+    act = config.projector_hidden_act
+    if act == "linear":
+        return {"type": "linear"}
+    if act not in PROJECTOR_ACTIVATIONS:
+        raise ExportError(
+            f"projector_hidden_act {act!r} has no vlm-adapters connector; supported: "
+            f"linear, {', '.join(PROJECTOR_ACTIVATIONS)}"
+        )
+    return {"type": "mlp", "depth": 2, "activation": act}
+
+
+def _check_strategy(config: Any, vision: HFVisionBackbone) -> None:
+    """LLaVA drops one token ("default") or none ("full"); ours drops the tower's prefix."""
+    dropped = 1 if config.vision_feature_select_strategy == "default" else 0
+    if dropped != vision.num_prefix:
+        raise ExportError(
+            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} drops "
+            f"{dropped} token(s) but the {config.vision_config.model_type!r} tower has "
+            f"{vision.num_prefix} prefix token(s); vlm-adapters always drops exactly the prefix"
+        )
+
+
+def _copy_weights(llava: nn.Module, model: VisionLanguageModel) -> None:
+    llm = model.llm.model
+    model.vision.tower.load_state_dict(llava.model.vision_tower.state_dict())
+    llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
+    llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
+    projector = llava.model.multi_modal_projector
+    layers = [m for m in model.connector.proj if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        if len(layers) == 1:  # "linear" activation: the two layers fold into one
+            first, second = projector.linear_1, projector.linear_2
+            layers[0].weight.copy_(second.weight @ first.weight)
+            layers[0].bias.copy_(second.weight @ _bias(first) + _bias(second))
+            return
+        for ours, theirs in zip(layers, (projector.linear_1, projector.linear_2)):
+            ours.weight.copy_(theirs.weight)
+            ours.bias.copy_(_bias(theirs))
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    """The layer's bias, or zeros when ``multimodal_projector_bias`` is off."""
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+def _recorded_template(path: Path) -> str | None:
+    meta = path / META_NAME
+    return json.loads(meta.read_text()).get("template") if meta.is_file() else None

@@ -1,0 +1,148 @@
+"""Answers for conversations: prompts built as in training, batched, stopping at end of turn.
+
+Prompts come from :func:`vlm_adapters.templates.encode_prompt`, so the ids a model sees at
+inference are a prefix of the ids it was trained on; generation stops at the template's
+end-of-turn token (:func:`vlm_adapters.templates.stop_token_ids`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from .processing import pad_batch
+from .templates import IMAGE_MARKER, encode_prompt, stop_token_ids
+
+if TYPE_CHECKING:
+    from .model import VisionLanguageModel
+
+DEFAULT_TEMPLATE = "vicuna_v1"
+Turns = Sequence[Mapping[str, Any]]
+ImageInput = Image.Image | Sequence[Image.Image] | None
+
+
+def resolve_template(model: VisionLanguageModel, template: str | None = None) -> str:
+    """``template``, else the one the model was trained with, else vicuna_v1."""
+    return template or getattr(model, "template", None) or DEFAULT_TEMPLATE
+
+
+def with_image_markers(turns: Turns, num_images: int) -> list[dict[str, Any]]:
+    """Turns with ``<image>\\n`` opening the first human turn when one image has no marker."""
+    turns = [dict(turn) for turn in turns]
+    if num_images != 1 or any(IMAGE_MARKER in str(turn["value"]) for turn in turns):
+        return turns
+    for turn in turns:
+        if str(turn["from"]).lower() in ("human", "user"):
+            turn["value"] = f"{IMAGE_MARKER}\n{turn['value']}"
+            break
+    return turns
+
+
+def prompt_batch(
+    model: VisionLanguageModel,
+    conversations: Sequence[Turns],
+    images: Sequence[ImageInput] | None,
+    template: str,
+) -> dict[str, torch.Tensor | None]:
+    """Left-padded ``input_ids``/``attention_mask`` [B, T] and ``pixel_values`` [I, 3, H, W]."""
+    per_item = _images_per_item(conversations, images)
+    rows, flat = [], []
+    for index, (turns, imgs) in enumerate(zip(conversations, per_item)):
+        turns = with_image_markers(turns, len(imgs))
+        markers = sum(str(turn["value"]).count(IMAGE_MARKER) for turn in turns)
+        if markers != len(imgs):
+            raise ValueError(
+                f"conversation {index}: {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} "
+                f"image(s); put one {IMAGE_MARKER} in the text for each image"
+            )
+        rows.append(
+            encode_prompt(
+                model.tokenizer,
+                template,
+                turns,
+                image_token_id=model.image_token_id,
+                num_image_tokens=model.num_image_tokens,
+            )
+        )
+        flat += imgs
+    device = next(model.parameters()).device
+    batch = pad_batch(rows, model.tokenizer.pad_token_id, "left")
+    pixels = model.vision.preprocess(flat).to(device) if flat else None
+    return {**{k: v.to(device) for k, v in batch.items()}, "pixel_values": pixels}
+
+
+def _images_per_item(
+    conversations: Sequence[Turns], images: Sequence[ImageInput] | None
+) -> list[list[Image.Image]]:
+    if images is None:
+        return [[] for _ in conversations]
+    if len(images) != len(conversations):
+        raise ValueError(
+            f"got {len(conversations)} conversations but {len(images)} image entries; "
+            "pass one entry (an image, a list of images or None) per conversation"
+        )
+    return [[] if i is None else [i] if isinstance(i, Image.Image) else list(i) for i in images]
+
+
+def generate_ids(
+    model: VisionLanguageModel,
+    conversations: Sequence[Turns],
+    images: Sequence[ImageInput] | None = None,
+    *,
+    template: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    streamer: Any = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """New token ids per conversation, cut before the first stop token.
+
+    Greedy when ``temperature`` is 0, else sampling with ``temperature`` and ``top_p``
+    (reproducible with ``seed``). ``streamer`` (e.g. transformers' ``TextStreamer``, batch of
+    one) receives tokens as they come.
+    """
+    template = resolve_template(model, template)
+    stops = stop_token_ids(model.tokenizer, template)
+    batch = prompt_batch(model, conversations, images, template)
+    sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = model.generate_ids(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        streamer=streamer,
+        use_cache=use_cache,
+        **sampling,
+    )
+    return [_until_stop(row, stops) for row in out.tolist()]
+
+
+def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    cut = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+    return ids[:cut]
+
+
+def generate(
+    model: VisionLanguageModel,
+    conversations: Sequence[Turns],
+    images: Sequence[ImageInput] | None = None,
+    **kwargs: Any,
+) -> list[str]:
+    """Decoded answers (see :func:`generate_ids` for the keyword arguments)."""
+    ids = generate_ids(model, conversations, images, **kwargs)
+    return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+def text_streamer(model: VisionLanguageModel) -> Any:
+    """A streamer that prints new tokens to stdout as they are generated (batch of one)."""
+    from transformers import TextStreamer
+
+    return TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
