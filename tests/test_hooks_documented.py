@@ -1,0 +1,70 @@
+"""Every hook has a documented section and a test; the generated reference covers the registry."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from vlm_adapters import hookspecs
+from vlm_adapters.plugins import get_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = sorted(n for n, f in vars(hookspecs).items() if hasattr(f, f"{hookspecs.PROJECT}_spec"))
+
+
+def undocumented(hooks: list[str], docs: Path) -> list[str]:
+    """Hooks that no markdown heading under ``docs`` names."""
+    headings = [
+        line
+        for page in docs.rglob("*.md")
+        for line in page.read_text().splitlines()
+        if line.startswith("#")
+    ]
+    return [h for h in hooks if not any(h in line for line in headings)]
+
+
+def untested(hooks: list[str], tests: Path) -> list[str]:
+    """Hooks that no test file (other than this one) mentions."""
+    sources = [p.read_text() for p in tests.rglob("test_*.py") if p.name != Path(__file__).name]
+    return [h for h in hooks if not any(h in text for text in sources)]
+
+
+def test_hookspecs_found() -> None:
+    assert HOOKS == ["register_connectors", "register_llm_backends", "register_vision_backbones"]
+
+
+def test_every_hook_has_a_documented_section() -> None:
+    assert undocumented(HOOKS, ROOT / "docs") == []
+
+
+def test_every_hook_has_a_test() -> None:
+    assert untested(HOOKS, ROOT / "tests") == []
+
+
+def test_checks_report_a_hook_lacking_docs_or_tests(tmp_path: Path) -> None:
+    (tmp_path / "page.md").write_text("# Hooks\n\n### `register_things`\n\nregister_other\n")
+    (tmp_path / "test_x.py").write_text("def test_register_things(): ...\n")
+    assert undocumented(["register_things", "register_other"], tmp_path) == ["register_other"]
+    assert untested(["register_things", "register_other"], tmp_path) == ["register_other"]
+
+
+@pytest.fixture(scope="module")
+def gen_reference():
+    spec = importlib.util.spec_from_file_location("gen_reference", ROOT / "docs/gen_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_reference_covers_every_component_and_option(gen_reference) -> None:
+    config_page = gen_reference.config_page()
+    catalog = gen_reference.components_page()
+    for spec in get_registry().specs():
+        assert f"### `type: {spec.name}`" in config_page
+        assert f"| `{spec.name}` | `{spec.provider}` |" in catalog
+        for field in spec.config.model_fields:
+            assert f"| `{field}` |" in config_page, f"{spec.name}.{field} missing"
+    assert "### `stages`" in config_page and "| `on_bad_sample` |" in config_page
+    assert "## `new-plugin`" in gen_reference.cli_page()
