@@ -14,6 +14,7 @@ from safetensors.torch import load_file, load_model
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.cli import main
 from vlm_adapters.testing import tiny_model_config, tiny_tokenizer
+from vlm_adapters.training.checkpoint import load_model_weights
 from vlm_adapters.training.lora import (
     LoraSettings,
     apply_lora,
@@ -154,3 +155,18 @@ def test_unfreeze_last_vision_layers(tok_dir):
     assert len(trainable) == len(params)
     with pytest.raises(ValueError, match="has 2 blocks"):
         unfreeze_last_vision_layers(model, 3)
+
+
+def test_a_live_lora_model_reloads_its_checkpoint_to_resume(tok_dir, tmp_path):
+    model = _model(tok_dir)
+    apply_lora(model, SETTINGS)
+    _randomize_lora(model)
+    batch = _batch(model)
+    before = _logits(model, batch)
+    model.save_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():  # training goes on and changes base, adapter and connector weights
+        for param in model.parameters():
+            param.add_(0.1)
+    assert not torch.equal(_logits(model, batch), before)
+    load_model_weights(model, tmp_path / "ckpt")
+    assert torch.equal(_logits(model, batch), before)

@@ -17,7 +17,7 @@ from vlm_adapters import build_vlm
 from vlm_adapters.cli import main
 from vlm_adapters.config import ConfigError
 from vlm_adapters.training import Trainer, load_train_config, train
-from vlm_adapters.training.recipes import carry_connector
+from vlm_adapters.training.recipes import carry_connector, configure_stage
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_train import max_weight_diff, write_tiny_config  # noqa: E402
@@ -149,3 +149,15 @@ def test_finetune_alone_carries_the_stage1_connector_and_lora_trains(run, config
     load_model(final, str(out / "align" / "final" / "model.safetensors"))
     for key, value in final.connector.state_dict().items():
         assert torch.equal(model.connector.state_dict()[key], value)
+
+
+def test_vision_lora_trains_adapters_on_the_tower_and_keeps_its_base_frozen(config_path):
+    config = load_train_config(
+        config_path, ["stages.finetune.train_vision=lora", "stages.finetune.train_llm=frozen"]
+    )
+    model = build_vlm(config.model)
+    configure_stage(model, "finetune", config.stages.finetune)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    vision = [n for n, p in model.vision.named_parameters() if p.requires_grad]
+    assert trainable == {"vision", "connector"}
+    assert vision and all(".lora_" in n for n in vision)

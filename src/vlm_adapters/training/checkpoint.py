@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 
 from .._io import atomic_dir
+from .lora import has_lora, load_weights
 
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -59,13 +60,21 @@ def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any)
     """Restore everything `save_checkpoint` wrote into live objects; return the position."""
     if not is_complete(directory):
         raise FileNotFoundError(f"{directory}: not a complete training checkpoint")
-    load_model(model, str(directory / MODEL_DIR / "model.safetensors"), strict=True)
+    load_model_weights(model, directory / MODEL_DIR)
     state = json.loads((directory / STATE_FILE).read_text())
     tensors = load_file(str(directory / OPTIMIZER_FILE))
     optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer_groups"]))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return Position(**state["position"])
+
+
+def load_model_weights(model: Any, directory: Path) -> None:
+    """Restore a ``save_pretrained`` directory's weights into the live (possibly LoRA) model."""
+    if has_lora(model):
+        load_weights(model, directory, "model.safetensors")
+    else:
+        load_model(model, str(directory / "model.safetensors"), strict=True)
 
 
 def is_complete(directory: Path) -> bool:

@@ -75,10 +75,18 @@ class FinetuneStage(StageConfig):
     lr: float = Field(2e-5, gt=0, description="LLM lr (and default for the rest).")
     connector_lr: float | None = Field(None, gt=0, description="null = lr.")
     vision_lr: float | None = Field(None, gt=0, description="null = lr.")
-    train_llm: Literal["full", "lora", "frozen"] = "full"
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    train_vision: Literal["frozen", "full", "last_n"] = "frozen"
+    train_llm: Literal["full", "lora", "frozen"] = Field(
+        "full", description="How the LLM trains: all weights, LoRA adapters, or not at all."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LLM LoRA settings.")
+    train_vision: Literal["frozen", "full", "last_n", "lora"] = Field(
+        "frozen", description="How the vision tower trains (last_n: the last N blocks only)."
+    )
     unfreeze_vision_layers: int = Field(0, ge=0, description="N for train_vision: last_n.")
+    vision_lora: LoraSettings = Field(
+        default_factory=lambda: LoraSettings(r=16, alpha=32),
+        description="Vision LoRA settings, for train_vision: lora.",
+    )
 
 
 class Stages(_Strict):

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -186,6 +186,24 @@ def load_lora(model: VisionLanguageModel, directory: Path, config: dict[str, Any
         wrapped = PeftModel.from_pretrained(getattr(owner, attr), str(path))
         setattr(wrapped, _SETTINGS_ATTR, LoraSettings(**config[CONFIG_KEYS[part]]))
         setattr(owner, attr, wrapped)
+
+
+def load_weights(model: VisionLanguageModel, directory: Path, weights_name: str) -> None:
+    """Load a saved directory's weights into a live model that carries the same adapters.
+
+    Used to resume training: the base weights come from ``weights_name`` under their plain
+    names, each adapter from its peft-layout folder. A key the model lacks is an error.
+    """
+    prefixes = [_prefix(part) for part in lora_parts(model)]
+    live = {_clean_key(k, prefixes): k for k in model.state_dict() if ".lora_" not in k}
+    base = load_file(str(Path(directory) / weights_name))
+    unknown = sorted(set(base) - set(live))
+    if unknown:
+        raise ValueError(f"{directory}: weights do not fit this model, e.g. {unknown[0]!r}")
+    model.load_state_dict({live[k]: v for k, v in base.items()}, strict=False)
+    for part in lora_parts(model):
+        adapter = load_file(str(Path(directory) / ADAPTER_DIRS[part] / "adapter_model.safetensors"))
+        set_peft_model_state_dict(getattr(*_slot(model, part)), adapter)
 
 
 def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:

@@ -30,6 +30,8 @@ def configure_stage(model: Any, stage: str, settings: AlignStage | FinetuneStage
         model.vision.requires_grad_(True)
     elif settings.train_vision == "last_n":
         unfreeze_last_vision_layers(model, settings.unfreeze_vision_layers)
+    elif settings.train_vision == "lora":
+        ensure_lora(model, settings.vision_lora, part="vision")
 
 
 def param_groups(model: Any, settings: AlignStage | FinetuneStage) -> list[dict[str, Any]]:
