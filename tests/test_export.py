@@ -130,6 +130,9 @@ def test_exported_config_describes_the_composition(exported: dict) -> None:
     assert siglip["vision_feature_select_strategy"] == "full"
     assert siglip["projector_hidden_act"] == "linear"
     assert processor["num_additional_image_tokens"] == 0
+    model, _, directory = exported["hf-mlp-llama"][:3]
+    generation = json.loads((directory / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == stop_token_ids(model.tokenizer, "vicuna_v1")
 
 
 def test_import_of_an_export_round_trips(exported: dict, image_path: Path) -> None:

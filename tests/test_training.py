@@ -50,6 +50,9 @@ def test_both_stages_lower_the_loss_and_write_results(run):
         assert summary[stage]["skipped"] == 0
         assert (out / stage / "loss.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / stage / "final" / "model.safetensors").is_file()
+    saved = {s: json.loads((out / s / "final" / "config.json").read_text()) for s in summary}
+    assert saved["align"]["template"] == "plain"  # generation uses the stage's own template
+    assert saved["finetune"]["template"] == "llama3"
     record = json.loads((out / "align" / "metrics.jsonl").read_text().splitlines()[0])
     assert set(record) == {"step", "epoch", "loss", "lr", "tokens_per_s", "grad_norm", "seconds"}
     assert load_train_config(out / "config.yaml").recipe == ["align", "finetune"]

@@ -8,15 +8,16 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = (
+    "demo",
     "list",
-    "merge",
-    "new-plugin",
     "train",
-    "export",
-    "import",
+    "eval",
     "generate",
     "chat",
-    "eval",
+    "export",
+    "import",
+    "merge",
+    "new-plugin",
 )
 MODULES = {"import": "import_hf"}  # `import` is a Python keyword
 

@@ -19,6 +19,7 @@ from torch import nn
 from .._io import atomic_dir, package_versions
 from ..connectors.simple import LinearConnector, MLPConnector
 from ..llm.hf import HFLLM
+from ..templates import stop_token_ids
 from ..vision.hf import HFVisionBackbone
 from .chat_template import chat_template_jinja
 
@@ -60,7 +61,9 @@ def to_hf_llava(
         merge_lora(model)
     template = template or model.template or DEFAULT_TEMPLATE
     with atomic_dir(out_dir) as tmp:
-        _llava_model(model).save_pretrained(tmp)
+        llava = _llava_model(model)
+        _set_stop_tokens(llava, model.tokenizer, template)
+        llava.save_pretrained(tmp)
         _processor(model, template).save_pretrained(tmp)
         meta = {"template": template, "versions": package_versions("vlm-adapters", "transformers")}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
@@ -156,6 +159,17 @@ def _llava_model(model: VisionLanguageModel) -> nn.Module:
     projector = _projector_state(model.connector)
     llava.model.multi_modal_projector.load_state_dict(projector, assign=True)
     return llava
+
+
+def _set_stop_tokens(llava: nn.Module, tokenizer: Any, template: str) -> None:
+    """Servers stop on ``generation_config.eos_token_id``: make it the template's end of turn."""
+    from transformers import GenerationConfig
+
+    llava.generation_config = GenerationConfig(
+        eos_token_id=stop_token_ids(tokenizer, template),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
 
 
 def _tied(llm: nn.Module) -> bool:

@@ -123,6 +123,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         configure_stage(self.model, self.stage, self.settings)
+        self.model.template = self.config.dataset(self.stage).template  # saved for inference
         if self.config.run.gradient_checkpointing:
             self.model.llm.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
