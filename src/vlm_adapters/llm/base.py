@@ -34,7 +34,8 @@ class LLMBackend(nn.Module):
     def body(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
     ) -> torch.Tensor:
-        """Decoder stack without the output head: ``[B, T, H] -> [B, T, H]``."""
+        """Decoder stack without the output head: ``[B, T, H] -> [B, T, H]`` (no KV cache)."""
+        kwargs.setdefault("use_cache", False)
         out = self.model.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
         )
