@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .processing import pad_batch
-from .templates import IMAGE_MARKER, encode_prompt, stop_token_ids
+from .templates import IMAGE_MARKER, encode_prompt, stop_token_ids, with_image_markers
 
 if TYPE_CHECKING:
     from .model import VisionLanguageModel
@@ -27,18 +27,6 @@ ImageInput = Image.Image | Sequence[Image.Image] | None
 def resolve_template(model: VisionLanguageModel, template: str | None = None) -> str:
     """``template``, else the one the model was trained with, else vicuna_v1."""
     return template or getattr(model, "template", None) or DEFAULT_TEMPLATE
-
-
-def with_image_markers(turns: Turns, num_images: int) -> list[dict[str, Any]]:
-    """Turns with ``<image>\\n`` opening the first human turn when one image has no marker."""
-    turns = [dict(turn) for turn in turns]
-    if num_images != 1 or any(IMAGE_MARKER in str(turn["value"]) for turn in turns):
-        return turns
-    for turn in turns:
-        if str(turn["from"]).lower() in ("human", "user"):
-            turn["value"] = f"{IMAGE_MARKER}\n{turn['value']}"
-            break
-    return turns
 
 
 def prompt_batch(

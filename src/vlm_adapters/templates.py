@@ -397,3 +397,15 @@ def _piece_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def with_image_markers(turns: Sequence[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:
+    """Turns with ``<image>\\n`` opening the first human turn when one image has no marker."""
+    turns = [dict(turn) for turn in turns]
+    if num_images != 1 or any(IMAGE_MARKER in str(turn["value"]) for turn in turns):
+        return turns
+    for turn in turns:
+        if str(turn["from"]).lower() in ("human", "user"):
+            turn["value"] = f"{IMAGE_MARKER}\n{turn['value']}"
+            break
+    return turns

@@ -21,6 +21,7 @@ from vlm_adapters.templates import (
     check_template,
     encode_conversation,
     normalize_turns,
+    with_image_markers,
 )
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class LlavaDataset(Dataset):
 
     def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
         paths = image_paths(record)
-        turns = _with_image_marker(_turns(record), len(paths))
+        turns = with_image_markers(_turns(record), len(paths))
         try:
             encoded = encode_conversation(
                 self.tokenizer,
@@ -229,17 +230,6 @@ def _turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     if "gpt" not in roles:
         raise _BadSample("bad conversation", "no assistant ('gpt') turn")
     return [dict(turn) for turn in turns]
-
-
-def _with_image_marker(turns: list[dict[str, Any]], num_images: int) -> list[dict[str, Any]]:
-    """Prepend `<image>\\n` to the first human turn of a one-image sample without markers."""
-    if num_images != 1 or any(IMAGE_MARKER in str(turn["value"]) for turn in turns):
-        return turns
-    for turn in turns:
-        if str(turn["from"]).lower() in ("human", "user"):
-            turn["value"] = f"{IMAGE_MARKER}\n{turn['value']}"
-            break
-    return turns
 
 
 def _open_rgb(path: Path) -> Image.Image:
