@@ -225,3 +225,15 @@ def test_custom_template_can_be_registered(tok, monkeypatch):
     monkeypatch.setitem(TEMPLATES, "qa", custom)
     assert "qa" in list_templates()
     assert tok.decode(_labelled(_encode(tok, "qa", TURNS))) == "red </s> a red square </s>"
+
+
+def test_cached_piece_ids_follow_tokens_added_later():
+    tok = build_word_tokenizer(
+        [*shapes_vocabulary(), *template_vocabulary()], TEMPLATE_SPECIAL_TOKENS
+    )
+    turns = [{"from": "human", "value": "red <spot>"}, {"from": "gpt", "value": "circle"}]
+    before = _encode(tok, "chatml", turns).input_ids
+    tok.add_special_tokens({"extra_special_tokens": ["<spot>"]}, replace_extra_special_tokens=False)
+    after = _encode(tok, "chatml", turns).input_ids
+    assert tok.unk_token_id in before
+    assert tok.convert_tokens_to_ids("<spot>") in after and tok.unk_token_id not in after

@@ -12,6 +12,7 @@ marker (including the newline LLaVA puts after it) is kept as written.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -396,7 +397,16 @@ def _encode_pieces(
 def _piece_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     if not text:
         return []
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(_cached_piece_ids(tokenizer, len(tokenizer), text))
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_piece_ids(tokenizer: PreTrainedTokenizerBase, size: int, text: str) -> tuple[int, ...]:
+    """Headers, questions and answers repeat across samples: tokenize each text once.
+
+    ``size`` (the vocabulary length) is part of the key, so adding tokens invalidates it.
+    """
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def with_image_markers(turns: Sequence[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:
