@@ -27,7 +27,7 @@ def run_demo(
     out: str | Path,
     *,
     seed: int = 0,
-    num_train: int = 4000,
+    num_train: int = 8000,
     num_eval: int = 300,
     config: str | Path | None = None,
     overrides: list[str] | None = None,

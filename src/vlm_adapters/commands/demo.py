@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="data and model seed (default 0)")
+    parser.add_argument("--train-images", type=int, default=8000, help="training images")
+    parser.add_argument("--eval-images", type=int, default=300, help="held-out images")
     parser.add_argument("--config", help="another demo-style YAML (default: the packaged one)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     parser.set_defaults(func=run)
@@ -24,5 +26,12 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    run_demo(args.out, seed=args.seed, config=args.config, overrides=args.overrides)
+    run_demo(
+        args.out,
+        seed=args.seed,
+        num_train=args.train_images,
+        num_eval=args.eval_images,
+        config=args.config,
+        overrides=args.overrides,
+    )
     return 0

@@ -136,11 +136,21 @@ def _llava_config(model: VisionLanguageModel) -> Any:
         image_seq_length=model.num_image_tokens,
         projector_hidden_act=connector.cfg.activation if two_layers else "linear",
         vision_feature_select_strategy="default" if vision.num_prefix else "full",
-        vision_feature_layer=vision.cfg.feature_layer,
+        vision_feature_layer=_negative_layers(vision),
         multimodal_projector_bias=True,
         tie_word_embeddings=text_config["tie_word_embeddings"],
         dtype=vision.dtype,
     )
+
+
+def _negative_layers(vision: HFVisionBackbone) -> int | list[int]:
+    """Feature layers counted from the end: transformers treats ``vision_feature_layer=0`` as
+    "no hidden states wanted" (it is falsy), so index 0 must be written as ``-(L + 1)``."""
+    count = vision.tower.config.num_hidden_layers + 1  # embeddings + every layer
+    layers = vision.cfg.feature_layer
+    if isinstance(layers, int):
+        return layers - count if layers >= 0 else layers
+    return [layer - count if layer >= 0 else layer for layer in layers]
 
 
 def _llava_model(model: VisionLanguageModel) -> nn.Module:
