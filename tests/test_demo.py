@@ -1,4 +1,4 @@
-"""The embedded demo end to end (tiny sizes), and its export answering through plain transformers."""
+"""The embedded demo end to end at tiny sizes; its export answers alike in plain transformers."""
 
 from __future__ import annotations
 
