@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 export HF_HUB_OFFLINE := 1
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test lint docs bench clean
 
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest tests $(dir $(PLUGINS)) -q -p no:cacheprovider --import-mode=importlib
+	$(MAKE) docs
+
+docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet -d build/site
 
 lint: $(STAMP)
