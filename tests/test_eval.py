@@ -32,29 +32,17 @@ def model(tokenizer_dir: str) -> VisionLanguageModel:
     return vlm
 
 
-def always(model: VisionLanguageModel, token: str) -> VisionLanguageModel:
-    """A copy of ``model`` whose output head always picks ``token``."""
-    clone = build_vlm(tiny_model_config(model.llm.cfg.tokenizer))
-    clone.load_state_dict(model.state_dict())
-    old = clone.llm.model.lm_head
-    head = nn.Linear(old.in_features, old.out_features, bias=True)
-    nn.init.zeros_(head.weight)
-    with torch.no_grad():
-        head.bias.fill_(-10.0)
-        head.bias[clone.tokenizer.convert_tokens_to_ids(token)] = 10.0
-    clone.llm.model.lm_head = head
-    return clone
-
-
 def test_normalize_answer() -> None:
     assert normalize_answer("  Red.  ") == "red"
     assert normalize_answer("Top   Left!?") == "top left"
     assert normalize_answer("two") != normalize_answer("three")
 
 
-def test_accuracy_per_question_type(model: VisionLanguageModel, shapes: ShapesPaths) -> None:
+def test_accuracy_per_question_type(
+    model: VisionLanguageModel, shapes: ShapesPaths, forced
+) -> None:
     records = load_records(shapes.eval)
-    red = always(model, "red")
+    red = forced(model, "red")
     result = evaluate(red, records, shapes.root, batch_size=8, max_new_tokens=1)
     answers = [r["conversations"][-1]["value"] for r in records]
     colour = [a for r, a in zip(records, answers) if r["question_type"] == "colour"]

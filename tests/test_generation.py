@@ -39,20 +39,6 @@ def conversations() -> list[list[dict[str, str]]]:
     return [[{"from": "human", "value": q}] for q in QUESTIONS]
 
 
-def forced(model: VisionLanguageModel, token: str) -> VisionLanguageModel:
-    """A copy of ``model`` whose output head always picks ``token``."""
-    clone = build_vlm(tiny_model_config(model.llm.cfg.tokenizer)).eval()
-    clone.load_state_dict(model.state_dict())
-    old = clone.llm.model.lm_head
-    head = nn.Linear(old.in_features, old.out_features, bias=True)
-    nn.init.zeros_(head.weight)
-    with torch.no_grad():
-        head.bias.fill_(-10.0)
-        head.bias[clone.tokenizer.convert_tokens_to_ids(token)] = 10.0
-    clone.llm.model.lm_head = head
-    return clone
-
-
 def test_prompt_ids_are_a_prefix_of_the_training_ids(model: VisionLanguageModel) -> None:
     turns = [{"from": "human", "value": QUESTIONS[0]}, {"from": "gpt", "value": "red"}]
     image = Image.new("RGB", (32, 32))
@@ -81,7 +67,7 @@ def test_batched_left_padding_and_kv_cache_give_the_same_tokens(
     assert len({tuple(row) for row in cached}) > 1  # the images and questions matter
 
 
-def test_generation_stops_at_the_templates_end_of_turn(model: VisionLanguageModel) -> None:
+def test_generation_stops_at_the_templates_end_of_turn(model: VisionLanguageModel, forced) -> None:
     im_end = forced(model, "<|im_end|>")
     end_id = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert generate_ids(im_end, conversations()[:1], template="chatml", max_new_tokens=5) == [[]]
@@ -110,6 +96,7 @@ def test_generate_command_streams_the_answer(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
+    forced,
 ) -> None:
     Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
     monkeypatch.setattr(generate, "load_checkpoint", lambda path: forced(model, "red"))
@@ -123,6 +110,7 @@ def test_chat_command_reads_turns_and_commands_from_stdin(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
+    forced,
 ) -> None:
     Image.new("RGB", (32, 32), "blue").save(tmp_path / "blue.png")
     seen: list[list[dict]] = []
