@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import get_scheduler
 
 from vlm_adapters import build_vlm
@@ -89,24 +91,32 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 
 
 def _fake_checkpoint(directory: Path, complete: bool = True) -> None:
+    """Structurally valid checkpoint files (tiny tensors); `complete=False` truncates one."""
     (directory / "model").mkdir(parents=True)
-    (directory / "model" / "model.safetensors").write_bytes(b"")
-    (directory / "trainer_state.json").write_text("{}")
-    if complete:
-        (directory / "optimizer.safetensors").write_bytes(b"")
+    save_file({"w": torch.ones(4)}, str(directory / "model" / "model.safetensors"))
+    (directory / "model" / "config.json").write_text("{}")
+    state = {"position": {}, "rng": {}, "scheduler": {}}
+    (directory / "trainer_state.json").write_text(json.dumps(state))
+    optimizer = directory / "optimizer.safetensors"
+    save_file({"state.0.exp_avg": torch.ones(64)}, str(optimizer))
+    if not complete:
+        optimizer.write_bytes(optimizer.read_bytes()[:-8])
 
 
-def test_latest_is_the_newest_complete_checkpoint_and_pruning_keeps_the_last_k(tmp_path):
+def test_latest_is_the_newest_verified_checkpoint_and_pruning_keeps_the_last_k(tmp_path, caplog):
     for step in (1, 3, 10):
         _fake_checkpoint(tmp_path / f"step-{step:06d}")
-    _fake_checkpoint(tmp_path / "step-000020", complete=False)  # killed while writing
-    _fake_checkpoint(tmp_path / ".step-000030.tmp-x")
+    _fake_checkpoint(tmp_path / "step-000002", complete=False)  # half-pruned by a kill
+    _fake_checkpoint(tmp_path / "step-000020", complete=False)  # truncated newest
+    dead = f".step-000030.tmp-{socket.gethostname()}-999999999-abc"  # a dead writer's temp
+    _fake_checkpoint(tmp_path / dead)
     assert latest_checkpoint(tmp_path).name == "step-000010"
+    assert "skipping" in caplog.text and "step-000020" in caplog.text and "truncated" in caplog.text
     prune_checkpoints(tmp_path, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == [
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step-000003",
         "step-000010",
-        "step-000020",
+        "step-000020",  # newer than every complete one: kept for the user to inspect
     ]
     assert latest_checkpoint(tmp_path / "missing") is None
 
@@ -121,7 +131,13 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     # all runs are fresh processes: in-process numerics can differ in the last bits
     config = write_tiny_config(tmp_path, num_train=12)
     script = [sys.executable, str(SCRIPTS / "tiny_train.py"), str(config)]
-    args = ["--stage", "finetune", "stages.finetune.epochs=2", "run.save_every=2"]
+    args = [
+        "--stage",
+        "finetune",
+        "--fresh-connector",
+        "stages.finetune.epochs=2",
+        "run.save_every=2",
+    ]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     uninterrupted = subprocess.Popen([*script, str(reference), *args], stdout=subprocess.DEVNULL)
     process = subprocess.Popen([*script, str(killed), *args], stdout=subprocess.DEVNULL)

@@ -166,15 +166,18 @@ def test_bad_sample_is_skipped_with_its_reason(tok, image_root, record, reason):
 @pytest.mark.parametrize(("record", "reason"), BAD_SAMPLES)
 def test_bad_sample_is_an_error_under_the_error_policy(tok, image_root, record, reason):
     dataset = _dataset(tok, image_root, [record], on_bad_sample="error")
-    pattern = rf"sample '{record['id']}': {reason}".replace("(", r"\(").replace(")", r"\)")
-    with pytest.raises(DataError, match=pattern + ".*set on_bad_sample='skip'"):
+    escaped = reason.replace("(", r"\(").replace(")", r"\)")
+    pattern = rf"sample '{record['id']}' \(index 0\): {escaped}"
+    with pytest.raises(DataError, match=pattern + ".*set data.on_bad_sample: skip"):
         dataset[0]
 
 
 def test_sample_without_supervised_token_is_skipped(tok, image_root):
     silent = ChatTemplate(name="silent", user="{content}", assistant_prefix="", end_of_turn="")
     dataset = _dataset(tok, image_root, [_sample(None, None, "hi", "")], template=silent)
-    assert dataset[0] == Skipped("None", "no supervised tokens", "no assistant answer gets a label")
+    assert dataset[0] == Skipped(
+        "None", "no supervised tokens", "no assistant answer gets a label", index=0
+    )
 
 
 def test_lengths_are_estimated_and_signed_by_modality(tok, image_root):

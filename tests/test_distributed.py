@@ -19,13 +19,13 @@ from vlm_adapters.training import train  # noqa: E402
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     config = write_tiny_config(tmp_path, num_train=8)
     script = [str(SCRIPTS / "tiny_train.py"), str(config)]
-    args = ["--stage", "finetune"]
+    args = ["--stage", "finetune", "--fresh-connector"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = [*torchrun, *script, str(tmp_path / "two"), "--world", "2", *args]
     half_batch = ["stages.finetune.batch_size=2"]  # 2 processes x 2 = the one process's 4
     subprocess.run([*two, *half_batch], check=True, env=env, timeout=300)
-    train(config, "finetune", tmp_path / "one")
+    train(config, "finetune", tmp_path / "one", fresh_connector=True)
     final = "finetune/final"
     assert max_weight_diff(tmp_path / "two" / final, tmp_path / "one" / final) < 1e-5
     metrics = (tmp_path / "two" / "finetune" / "metrics.jsonl").read_text().splitlines()

@@ -106,4 +106,4 @@ def test_eval_command(
     assert result["n"] == 20 and result["template"] == "chatml"
     assert set(result["per_type"]) == {"colour", "shape", "count"}
     assert main([*argv, "--images", str(tmp_path / "nowhere")]) == 2
-    assert "image not found" in capsys.readouterr().err
+    assert "eval_00000.png not found" in capsys.readouterr().err

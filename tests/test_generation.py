@@ -99,7 +99,7 @@ def test_generate_command_streams_the_answer(
     forced,
 ) -> None:
     Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
-    monkeypatch.setattr(generate, "load_checkpoint", lambda path: forced(model, "red"))
+    monkeypatch.setattr(generate, "load_checkpoint", lambda path, trust=False: forced(model, "red"))
     argv = ["generate", "ckpt", "--image", str(tmp_path / "red.png"), "--prompt", QUESTIONS[0]]
     assert main([*argv, "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip() == "red red red"
@@ -121,7 +121,7 @@ def test_chat_command_reads_turns_and_commands_from_stdin(
         seen.append([dict(t) for t in turns])
         return original(vlm, turns, image, args)
 
-    monkeypatch.setattr(chat, "load_checkpoint", lambda path: stub)
+    monkeypatch.setattr(chat, "load_checkpoint", lambda path, trust=False: stub)
     monkeypatch.setattr(chat, "_answer", recording_answer)
     script = [QUESTIONS[0], "and?", "/image missing.png", "/reset", "/image", "hi", "/quit", "x"]
     script[4] = f"/image {tmp_path / 'blue.png'}"
@@ -131,6 +131,6 @@ def test_chat_command_reads_turns_and_commands_from_stdin(
     )
     out = capsys.readouterr().out
     assert out.count("assistant> blue blue") == 3
-    assert "image not found" in out and "(conversation cleared)" in out
+    assert "missing.png not found" in out and "(conversation cleared)" in out
     assert [len(turns) for turns in seen] == [1, 3, 1]  # history grows; /reset and /image clear it
     assert seen[1][1] == {"from": "gpt", "value": "blue blue"}

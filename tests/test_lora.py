@@ -14,12 +14,12 @@ from safetensors.torch import load_file, load_model
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.cli import main
 from vlm_adapters.testing import tiny_model_config, tiny_tokenizer
-from vlm_adapters.training.checkpoint import load_model_weights
 from vlm_adapters.training.lora import (
     LoraSettings,
     apply_lora,
     ensure_lora,
     has_lora,
+    load_weights,
     mark_lora_trainable,
     merge_lora,
     unfreeze_last_vision_layers,
@@ -168,5 +168,5 @@ def test_a_live_lora_model_reloads_its_checkpoint_to_resume(tok_dir, tmp_path):
         for param in model.parameters():
             param.add_(0.1)
     assert not torch.equal(_logits(model, batch), before)
-    load_model_weights(model, tmp_path / "ckpt")
+    load_weights(model, tmp_path / "ckpt", "model.safetensors")
     assert torch.equal(_logits(model, batch), before)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import vlm_adapters
-from vlm_adapters.registry import ComponentError
+from vlm_adapters.errors import CheckpointError, ComponentError
 from vlm_adapters.testing import tiny_model_config
 
 _TEXT_2 = "describe <image> the triangle at the left"
@@ -161,7 +161,7 @@ def test_loading_a_missing_component_names_its_package(tokenizer_dir: str, tmp_p
 
 
 def test_loading_a_directory_that_is_not_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         vlm_adapters.VisionLanguageModel.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match="not a vlm-adapters checkpoint"):

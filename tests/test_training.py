@@ -96,8 +96,10 @@ def test_align_trains_only_the_connector_and_finetune_adds_the_llm(config_path, 
 
 def test_accumulating_two_half_batches_equals_one_full_batch(config_path, tmp_path):
     small = ["stages.finetune.batch_size=2", "stages.finetune.grad_accum=2"]
-    full = train(config_path, "finetune", tmp_path / "full")["finetune"]
-    accum = train(config_path, "finetune", tmp_path / "accum", overrides=small)["finetune"]
+    full = train(config_path, "finetune", tmp_path / "full", fresh_connector=True)["finetune"]
+    accum = train(
+        config_path, "finetune", tmp_path / "accum", overrides=small, fresh_connector=True
+    )["finetune"]
     assert full["steps"] == accum["steps"] == 4
     assert accum["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
     assert max_weight_diff(Path(full["final_dir"]), Path(accum["final_dir"])) < 1e-5
@@ -127,11 +129,14 @@ def test_cli_reports_a_bad_override_in_one_line(config_path, tmp_path, capsys):
 def test_skipped_samples_are_counted_and_an_all_skipped_batch_takes_no_step(tmp_path):
     config = write_tiny_config(tmp_path, num_train=8)
     images = sorted((tmp_path / "shapes" / "images").glob("train_*"))
-    for image in images[1:]:  # 7 of 8 samples lose their image: one batch of 4 is all skipped
-        image.unlink()
-    summary = train(config, "align", tmp_path / "out")["align"]
-    assert summary["skipped"] == 7 and summary["steps"] == 1
+    for image in images[1:]:  # 7 of 8 images are corrupt: one batch of 4 is all skipped
+        image.write_bytes(b"not a png")
+    summary = train(config, "align", tmp_path / "out", overrides=["data.max_skip_fraction=1"])
+    assert summary["align"]["skipped"] == 7 and summary["align"]["steps"] == 1
     assert len((tmp_path / "out" / "align" / "metrics.jsonl").read_text().splitlines()) == 1
+    listed = (tmp_path / "out" / "align" / "skipped.jsonl").read_text().splitlines()
+    assert {json.loads(line)["reason"] for line in listed} == {"image unreadable"}
+    assert sorted(json.loads(line)["index"] for line in listed) == list(range(1, 8))
 
 
 def test_finetune_alone_carries_the_stage1_connector_and_lora_trains(run, config_path, tmp_path):
@@ -142,7 +147,7 @@ def test_finetune_alone_carries_the_stage1_connector_and_lora_trains(run, config
         "stages.finetune.lora.alpha=8",
     ]
     (tmp_path / "align").symlink_to(out / "align")
-    summary = train(config_path, "finetune", tmp_path, overrides=lora)["finetune"]
+    summary = train(config_path, "finetune", tmp_path, overrides=lora, overwrite=True)["finetune"]
     losses = _losses(tmp_path / "finetune")
     assert summary["steps"] == 4 and losses[-1] < losses[0]
     config = load_train_config(config_path, lora)

@@ -38,14 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, run the subcommand, turn known errors into one line."""
-    from .config import ConfigError
-    from .registry import ComponentError
+    from .errors import VLMError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ComponentError, FileNotFoundError, ValueError) as exc:
-        print(f"vlm-adapters {args.command}: error: {exc}", file=sys.stderr)
+    except (VLMError, FileNotFoundError, ValueError) as exc:
+        message = " ".join(str(exc).split())  # always one line
+        print(f"vlm-adapters {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,14 +9,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import ComponentError, ConfigError
 from .plugins import get_registry
-from .registry import ComponentConfig, ComponentError
+from .registry import ComponentConfig
 
 SECTIONS = {"vision": "vision", "connector": "connector", "llm": "llm"}
-
-
-class ConfigError(ValueError):
-    """A config problem, reported before any model is built."""
 
 
 class Section(BaseModel):
@@ -153,11 +150,17 @@ def check_compatibility(config: ModelConfig, where: str = "") -> None:
         )
 
 
+def llm_context(config: ModelConfig) -> int | None:
+    """The LLM's context length from its config alone, when it can be read without building."""
+    probed = _probe(config.llm.params)
+    return probed[1] if probed is not None else None
+
+
 def _probe(params: ComponentConfig) -> tuple[int, int | None] | None:
     probe = getattr(params, "probe", None)
     if probe is None:
         return None
     try:
         return probe()
-    except OSError:  # not available offline: checked again when the model is built
+    except ComponentError:  # e.g. not available offline: reported when the model is built
         return None

@@ -9,11 +9,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ._io import check_output_dir, claim_entries
 from .data import build_word_tokenizer, generate_shapes, load_records, shapes_vocabulary
 from .data.tokenizer import TEMPLATE_SPECIAL_TOKENS
 from .templates import template_vocabulary
 
 logger = logging.getLogger("vlm_adapters.demo")
+DEMO_ENTRIES = ("data", "tokenizer", "hf-llava", "summary.json")
+"""What the demo writes beside the training run in its directory."""
 DEMO_SEEDS = (0, 1, 2)
 """The seeds the demo is checked on: each reaches the accuracy bar (see docs)."""
 
@@ -31,8 +34,13 @@ def run_demo(
     num_eval: int = 300,
     config: str | Path | None = None,
     overrides: list[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Generate data, train both stages, evaluate before and after; write ``summary.json``."""
+    """Generate data, train both stages, evaluate before and after; write ``summary.json``.
+
+    ``out`` must be new, empty or an earlier demo's (which is replaced); another non-empty
+    directory needs ``overwrite`` (its other files are kept).
+    """
     from accelerate.utils import set_seed
 
     from . import build_vlm
@@ -40,7 +48,9 @@ def run_demo(
     from .training import load_train_config, train
 
     start = time.perf_counter()
-    out = Path(out)
+    out = check_output_dir(out, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    claim_entries(out, DEMO_ENTRIES)
     data = generate_shapes(out / "data", num_train=num_train, num_eval=num_eval, seed=seed)
     tokenizer = _build_tokenizer(out / "tokenizer")
     paths = _data_overrides(data.root, tokenizer, seed)
@@ -51,7 +61,7 @@ def run_demo(
     template = cfg.data.finetune.template
     before = evaluate(model, records, data.root, template)
     _report_eval("before training", before, data.chance)
-    stages = train(cfg, "all", out, model=model)
+    stages = train(cfg, "all", out, model=model, overwrite=True)  # our own earlier demo
     after = evaluate(model, records, data.root, template)
     _report_eval("after training", after, data.chance)
     _print_samples(after["samples"])

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .data import DataCollator, LlavaDataset
+from .data.images import ImageProblem, confined_path, open_image
 from .data.llava import image_paths, sample_id
 from .generation import generate, resolve_template
 from .templates import IMAGE_MARKER, DataError, normalize_turns
@@ -94,7 +95,7 @@ def _item(record: Mapping[str, Any], index: int, root: Path) -> _Item:
         turns=turns[:-1],
         reference=str(turns[-1]["value"]),
         question=question.replace(IMAGE_MARKER, "").strip(),
-        images=[root / path for path in image_paths(record)],
+        images=[_confined(root, path, name) for path in image_paths(record)],
         question_type=record.get("question_type"),
     )
 
@@ -117,11 +118,18 @@ def _predict(
     return predictions
 
 
+def _confined(root: Path, relative: str, name: str) -> Path:
+    try:
+        return confined_path(root, relative)
+    except ImageProblem as problem:
+        raise DataError(f"eval sample {name!r}: {problem}") from None
+
+
 def _open(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise DataError(f"{path}: image not found; check --images / image_root")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        return open_image(path)
+    except ImageProblem as problem:
+        raise DataError(f"{problem}; check --images / image_root") from None
 
 
 @torch.no_grad()
@@ -141,6 +149,7 @@ def answer_loss(
         image_transform=model.vision.transform,
         image_token_id=model.image_token_id,
         num_image_tokens=model.num_image_tokens,
+        max_length=model.llm.max_positions,
         on_bad_sample="error",
     )
     collate = DataCollator(model.tokenizer.pad_token_id)

@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ._io import atomic_dir, package_versions
+from ._io import atomic_dir, package_versions, safetensors_problem
 from .components import build_connector, build_llm, build_vision
 from .config import ModelConfig, model_config_from_dict
 from .connectors import Connector
+from .errors import CheckpointError, ComponentError, ConfigError, TrustError
 from .llm import LLMBackend
 from .plugins import get_registry
 from .processing import VLMProcessor
-from .registry import ComponentError
+from .templates import TEMPLATES
 from .vision import VisionBackbone
 
 IGNORE_INDEX = -100
@@ -159,15 +160,20 @@ class VisionLanguageModel(nn.Module):
         ids = self.generate_ids(**batch, **generate_kwargs)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(
+        self, directory: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()
+    ) -> Path:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer, atomically.
 
-        With LoRA, ``model.safetensors`` holds the base weights under their plain names and each
-        adapter is written in peft's layout (``adapter/``, ``vision_adapter/``).
+        An earlier save to ``directory`` is replaced; other files there are kept. A non-empty
+        directory we did not write is refused unless ``overwrite``, and ``protect`` (e.g. the
+        checkpoint this model came from) is never written. With LoRA, ``model.safetensors``
+        holds the base weights under their plain names and each adapter is written in peft's
+        layout (``adapter/``, ``vision_adapter/``).
         """
         from .training.lora import has_lora, save_lora
 
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, overwrite=overwrite, protect=protect) as tmp:
             self.llm.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             (tmp / CONFIG_NAME).write_text(json.dumps(self.checkpoint_config(), indent=2))
             if has_lora(self):
@@ -201,18 +207,35 @@ class VisionLanguageModel(nn.Module):
         }
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> VisionLanguageModel:
-        """Load a directory written by :meth:`save_pretrained` (no network access needed)."""
+    def from_pretrained(
+        cls, directory: str | Path, *, trust_remote_code: bool = False
+    ) -> VisionLanguageModel:
+        """Load a directory written by :meth:`save_pretrained` (no network access needed).
+
+        Only JSON and safetensors are read. A checkpoint never enables code: one whose config
+        asks for ``trust_remote_code`` is refused unless you pass ``trust_remote_code=True``,
+        and one that names weights or files outside itself is refused.
+        """
         directory = Path(directory)
         data = _read_checkpoint_config(directory)
-        _require_components(data)
-        data["llm"]["tokenizer"] = str(directory / TOKENIZER_DIR)
-        model = cls.from_config(data)
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
-        if "lora" in data or "vision_lora" in data:
-            from .training.lora import load_lora
+        config = _checkpoint_model_config(data, directory, trust_remote_code)
+        weights = directory / WEIGHTS_NAME
+        problem = safetensors_problem(weights)
+        if problem:
+            raise CheckpointError(f"{problem}; the checkpoint is incomplete or corrupt")
+        model = cls.from_config(config)
+        try:
+            if "lora" in data or "vision_lora" in data:
+                from .training.lora import load_lora
 
-            load_lora(model, directory, data)
+                load_lora(model, directory, data)
+            else:
+                load_model(model, str(weights), strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{weights}: the weights do not fit the model its config.json describes "
+                f"({str(error).strip().splitlines()[0][:200]})"
+            ) from None
         model.template = data.get("template")
         return model
 
@@ -224,14 +247,76 @@ def _dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 def _read_checkpoint_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{directory}: no {CONFIG_NAME}; is this a vlm-adapters checkpoint?"
-        )
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a vlm-adapters checkpoint (format={data.get('format')!r})")
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a vlm-adapters checkpoint?")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}); the file is corrupt") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{path}: not a vlm-adapters checkpoint (format={found!r})")
     return data
+
+
+def _checkpoint_model_config(
+    data: dict[str, Any], directory: Path, trust_remote_code: bool
+) -> ModelConfig:
+    """The checkpoint's sections, validated, with nothing in them that runs code or reads
+    outside the checkpoint; the tokenizer is the checkpoint's own."""
+    where = str(directory / CONFIG_NAME)
+    for kind in ("vision", "connector", "llm"):
+        if not isinstance(data.get(kind), dict) or "type" not in data[kind]:
+            raise CheckpointError(f"{where}: no valid `{kind}` section; the file is corrupt")
+    _require_components(data)
+    asks = _asks_for_remote_code(data)
+    if asks and not trust_remote_code:
+        raise TrustError(
+            f"{where} asks to run code shipped with the model ({asks}: true); vlm-adapters never "
+            "takes that from a checkpoint: if you trust where it came from, pass "
+            "--trust-remote-code (Python: trust_remote_code=True)"
+        )
+    if "tokenizer" in data["llm"]:
+        raise TrustError(f"{where}: llm.tokenizer names a tokenizer outside the checkpoint")
+    if data.get("template") is not None and data["template"] not in TEMPLATES:
+        raise CheckpointError(f"{where}: unknown chat template {data['template']!r}")
+    sections = {k: data[k] for k in ("vision", "connector", "llm")}
+    sections["llm"] = {**sections["llm"], "tokenizer": str(directory / TOKENIZER_DIR)}
+    try:
+        config = model_config_from_dict(sections, where)
+    except ConfigError as error:
+        raise CheckpointError(f"{error}") from None
+    for kind in ("vision", "connector", "llm"):
+        outside = {
+            k: v for k, v in getattr(config, kind).params.sources().items() if k != "tokenizer"
+        }
+        if outside:
+            key, value = next(iter(outside.items()))
+            raise TrustError(
+                f"{where}: {kind}.{key} = {value!r} would load weights or files from outside "
+                "the checkpoint, which carries its own; refusing to load it"
+            )
+    return config
+
+
+def _asks_for_remote_code(value: Any, where: str = "") -> str | None:
+    """The first ``trust_remote_code: true`` anywhere in ``value`` (its dotted key), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else str(key)
+            if key == "trust_remote_code" and item:
+                return here
+            found = _asks_for_remote_code(item, here)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _asks_for_remote_code(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
 
 
 def _require_components(data: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from .errors import ComponentError
+
 Kind = Literal["vision", "connector", "llm"]
 KINDS: tuple[Kind, ...] = ("vision", "connector", "llm")
 
@@ -17,6 +19,12 @@ class ComponentConfig(BaseModel):
     """Base class for a component's typed keyword arguments (unknown keys are errors)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    def sources(self) -> dict[str, Any]:
+        """What building this config would read from outside: hub ids, local paths, pretrained
+        weights, keyed by field. Sections read from a checkpoint must have none (its weights
+        come from its own safetensors); override this when a field names such a source."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,6 @@ class ComponentSpec:
     config: type[ComponentConfig]
     description: str
     provider: str = field(default="", compare=False)
-
-
-class ComponentError(LookupError):
-    """An unknown or duplicated component name."""
 
 
 class Registry:

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .errors import DataError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -35,10 +37,6 @@ ROLE_ALIASES: dict[str, str] = {
 
 Piece = tuple[str, bool]
 """A rendered piece of text and whether it is supervised (labelled)."""
-
-
-class DataError(ValueError):
-    """A sample, file or conversation that cannot be used; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

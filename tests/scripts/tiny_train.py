@@ -1,7 +1,7 @@
 """A tiny training setup for the training tests, and a script that trains it.
 
-Usage: python tiny_train.py CONFIG OUT [--resume auto] [--world N] [KEY=VALUE ...]
-(run under torchrun for several processes; --world checks the process count).
+Usage: python tiny_train.py CONFIG OUT [--resume auto] [--world N] [--fresh-connector]
+[KEY=VALUE ...] (run under torchrun for several processes; --world checks the process count).
 """
 
 from __future__ import annotations
@@ -61,13 +61,21 @@ def main() -> None:
     parser.add_argument("--stage", default="all")
     parser.add_argument("--resume")
     parser.add_argument("--world", type=int, default=1)
+    parser.add_argument("--fresh-connector", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     from accelerate import PartialState
 
     from vlm_adapters.training import train
 
-    summary = train(args.config, args.stage, args.out, args.resume, args.overrides)
+    summary = train(
+        args.config,
+        args.stage,
+        args.out,
+        args.resume,
+        args.overrides,
+        fresh_connector=args.fresh_connector,
+    )
     state = PartialState()
     assert state.num_processes == args.world, f"world size {state.num_processes} != {args.world}"
     if state.is_main_process:

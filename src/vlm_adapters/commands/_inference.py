@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._io import check_output_dir, is_empty_dir
+from ..errors import CheckpointError, OutputError
+
 if TYPE_CHECKING:
     from ..model import VisionLanguageModel
 
 
-def load_checkpoint(path: str) -> VisionLanguageModel:
+def load_checkpoint(path: str, trust_remote_code: bool = False) -> VisionLanguageModel:
     """A vlm-adapters checkpoint, or a transformers LLaVA checkpoint, ready for inference."""
     import torch
 
@@ -20,16 +23,50 @@ def load_checkpoint(path: str) -> VisionLanguageModel:
 
     config = Path(path) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; pass a checkpoint directory")
-    if json.loads(config.read_text()).get("model_type") == "llava":
+        raise CheckpointError(f"{path}: no config.json; pass a checkpoint directory")
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config}: not valid JSON ({error})") from None
+    if isinstance(data, dict) and data.get("model_type") == "llava":
         model = from_hf_llava(path)
     else:
-        model = VisionLanguageModel.from_pretrained(path)
+        model = VisionLanguageModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Accept a checkpoint that asks to run code shipped with its model (never implied).",
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="Output directory (new or empty).")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into a non-empty --out: replace what we write there, keep the rest.",
+    )
+
+
+def output_dir(args: argparse.Namespace, source: str) -> Path:
+    """``--out``, checked before any work: never the source, never a non-empty directory
+    unless ``--overwrite``."""
+    out = Path(args.out)
+    if is_empty_dir(out) or not out.exists() or args.overwrite:
+        return check_output_dir(out, overwrite=args.overwrite, protect=[source])
+    raise OutputError(
+        f"--out {out} exists and is not empty; choose a new directory, or pass --overwrite "
+        "(only the files vlm-adapters writes are replaced; yours are kept)"
+    )
 
 
 def add_generation_options(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     parser.add_argument("checkpoint", help="Checkpoint directory (vlm-adapters or HF LLaVA).")
+    add_trust_option(parser)
     parser.add_argument(
         "--template", help="Chat template; default: the checkpoint's, else vicuna_v1."
     )
@@ -50,10 +87,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def open_image(path: str) -> Any:
-    """The image at ``path`` as RGB, with a clear error when it is missing."""
-    from PIL import Image
+    """The image at ``path`` as RGB; a one-line error when it is missing, corrupt or too big."""
+    from ..data.images import open_image as open_checked
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: image not found")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return open_checked(path)

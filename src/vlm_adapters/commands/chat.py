@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import DataError
 from ._inference import add_generation_options, generation_kwargs, load_checkpoint, open_image
 
 HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
@@ -20,7 +21,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..generation import resolve_template
 
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     image = open_image(args.image) if args.image else None
     turns: list[dict[str, str]] = []
     print(f"template {resolve_template(model, args.template)}; {HELP}")
@@ -59,7 +60,7 @@ def _command(line: str, image: Any, turns: list[dict[str, str]]) -> tuple[Any, l
     if line.startswith("/image "):
         try:
             image = open_image(line.removeprefix("/image ").strip())
-        except FileNotFoundError as exc:
+        except DataError as exc:
             print(f"error: {exc}")
             return image, turns
         print("(new image; conversation cleared)")

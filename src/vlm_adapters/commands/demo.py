@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-images", type=int, default=8000, help="training images")
     parser.add_argument("--eval-images", type=int, default=300, help="held-out images")
     parser.add_argument("--config", help="another demo-style YAML (default: the packaged one)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty directory not ours"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     parser.set_defaults(func=run)
 
@@ -33,5 +36,6 @@ def run(args: argparse.Namespace) -> int:
         num_eval=args.eval_images,
         config=args.config,
         overrides=args.overrides,
+        overwrite=args.overwrite,
     )
     return 0

@@ -6,12 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from ._inference import load_checkpoint
+from ._inference import add_trust_option, load_checkpoint
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("eval", help="Accuracy and loss on a LLaVA-format Q&A file.")
     parser.add_argument("checkpoint", help="Checkpoint directory (vlm-adapters or HF LLaVA).")
+    add_trust_option(parser)
     parser.add_argument("--data", required=True, help="LLaVA JSON/JSONL; last turn = reference.")
     parser.add_argument("--images", required=True, help="Directory the image paths start from.")
     parser.add_argument("--template", help="Chat template; default: the checkpoint's.")
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_records
     from ..evaluation import evaluate
 
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     records = load_records(args.data)
     result = evaluate(
         model, records, args.images, args.template, args.batch_size, args.max_new_tokens

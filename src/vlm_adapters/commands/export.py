@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ._inference import add_output_options, add_trust_option, output_dir
+
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("export", help="Export a checkpoint for transformers' LLaVA classes.")
     parser.add_argument("checkpoint", help="Checkpoint directory written by save_pretrained.")
     parser.add_argument("--format", choices=["hf-llava"], default="hf-llava")
-    parser.add_argument("--out", required=True, help="Output directory.")
+    add_output_options(parser)
+    add_trust_option(parser)
     parser.add_argument(
         "--template", help="Chat template to ship; default: the checkpoint's, else vicuna_v1."
     )
@@ -21,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from ..export import to_hf_llava
     from ..model import VisionLanguageModel
 
-    model = VisionLanguageModel.from_pretrained(args.checkpoint)
-    to_hf_llava(model, args.out, template=args.template)
-    print(f"exported {args.checkpoint} -> {args.out} (LlavaForConditionalGeneration)")
+    out = output_dir(args, args.checkpoint)
+    model = VisionLanguageModel.from_pretrained(
+        args.checkpoint, trust_remote_code=args.trust_remote_code
+    )
+    to_hf_llava(model, out, template=args.template, overwrite=True, protect=(args.checkpoint,))
+    print(f"exported {args.checkpoint} -> {out} (LlavaForConditionalGeneration)")
     return 0

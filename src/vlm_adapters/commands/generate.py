@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..generation import generate_ids, text_streamer
 
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     images = [open_image(args.image) if args.image else None]
     turns = [{"from": "human", "value": args.prompt}]
     streamer = text_streamer(model)

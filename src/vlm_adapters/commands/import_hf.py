@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ._inference import add_output_options, output_dir
+
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("import", help="Import a transformers LLaVA checkpoint to train on.")
     parser.add_argument("source", help="Directory (or hub id) of a LLaVA checkpoint.")
-    parser.add_argument("--out", required=True, help="Directory for the vlm-adapters checkpoint.")
+    add_output_options(parser)
     parser.add_argument(
         "--template", help="Chat template to record; default: the exported one, else vicuna_v1."
     )
@@ -19,6 +21,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import from_hf_llava
 
-    from_hf_llava(args.source, template=args.template).save_pretrained(args.out)
-    print(f"imported {args.source} -> {args.out}")
+    out = output_dir(args, args.source)
+    model = from_hf_llava(args.source, template=args.template)
+    model.save_pretrained(out, overwrite=True, protect=(args.source,))
+    print(f"imported {args.source} -> {out}")
     return 0

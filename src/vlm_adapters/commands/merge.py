@@ -5,23 +5,30 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ._inference import add_output_options, add_trust_option, output_dir
+
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "merge", help="Merge a LoRA checkpoint's adapters into a plain checkpoint."
     )
     parser.add_argument("checkpoint", help="Checkpoint directory written by save_pretrained.")
-    parser.add_argument("--out", required=True, help="Directory for the merged checkpoint.")
+    add_output_options(parser)
+    add_trust_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import CheckpointError
     from ..model import VisionLanguageModel
     from ..training.lora import has_lora, merge_lora
 
-    model = VisionLanguageModel.from_pretrained(args.checkpoint)
+    out = output_dir(args, args.checkpoint)
+    model = VisionLanguageModel.from_pretrained(
+        args.checkpoint, trust_remote_code=args.trust_remote_code
+    )
     if not has_lora(model):
-        raise ValueError(f"{args.checkpoint}: nothing to merge: the checkpoint has no LoRA adapter")
-    merge_lora(model).save_pretrained(args.out)
-    print(f"merged {args.checkpoint} -> {args.out}")
+        raise CheckpointError(f"{args.checkpoint}: nothing to merge: it has no LoRA adapter")
+    merge_lora(model).save_pretrained(out, overwrite=True, protect=(args.checkpoint,))
+    print(f"merged {args.checkpoint} -> {out}")
     return 0

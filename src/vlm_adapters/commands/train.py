@@ -26,6 +26,24 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default="all", choices=("all", "align", "finetune"))
     parser.add_argument("--out", default="runs/vlm", help="run directory (default: runs/vlm)")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint) or a checkpoint")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train stages again whose results are in --out, or use a non-empty --out",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config differs from the one the run started with",
+    )
+    parser.add_argument(
+        "--fresh-connector",
+        action="store_true",
+        help="--stage finetune without a stage-1 connector in --out (starts untrained)",
+    )
+
+
+_OPTIONS = ("stage", "out", "resume", "overwrite", "allow_config_change", "fresh_connector")
 
 
 def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
@@ -33,7 +51,7 @@ def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vlm-adapters train CONFIG")
     _add_options(parser)
     parser.add_argument("overrides", nargs="*")
-    parser.set_defaults(stage=args.stage, out=args.out, resume=args.resume)
+    parser.set_defaults(**{k: getattr(args, k) for k in _OPTIONS})
     return parser.parse_intermixed_args(args.rest)
 
 
@@ -45,7 +63,14 @@ def run(args: argparse.Namespace) -> int:
     opts = _parse_rest(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     summaries = train(
-        args.config, stage=opts.stage, out=opts.out, resume=opts.resume, overrides=opts.overrides
+        args.config,
+        stage=opts.stage,
+        out=opts.out,
+        resume=opts.resume,
+        overrides=opts.overrides,
+        overwrite=opts.overwrite,
+        allow_config_change=opts.allow_config_change,
+        fresh_connector=opts.fresh_connector,
     )
     if PartialState().is_main_process:
         print(json.dumps(summaries, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
 from vlm_adapters.templates import (
     IGNORE_INDEX,
     IMAGE_MARKER,
@@ -32,14 +34,26 @@ Policy = Literal["skip", "error"]
 
 @dataclass(frozen=True)
 class Skipped:
-    """A sample left out of training: its id, a short reason (for counting) and details."""
+    """A sample left out of training: its id, a short reason (for counting), details, and its
+    index in the data file ``file``."""
 
     id: str
     reason: str
     detail: str = ""
+    index: int = -1
+    file: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "file": self.file,
+            "index": self.index,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
 
 
-class _BadSample(Exception):
+class _BadSample(DataError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
@@ -116,11 +130,14 @@ def image_paths(record: Mapping[str, Any]) -> list[str]:
 class LlavaDataset(Dataset):
     """LLaVA-format samples as token ids, labels and pixel tensors; images load lazily.
 
-    One policy, `on_bad_sample`, covers every unusable sample: a missing or unreadable image,
-    a bad conversation (unknown role, no assistant turn), `<image>` markers that do not match
-    the images, more than `max_length` tokens (visual tokens are never cut: the whole sample
-    goes), or no supervised token. With "skip" the item is a `Skipped` (the collator drops and
-    reports it); with "error" a DataError names the sample and the reason.
+    One policy, `on_bad_sample`, covers every unusable sample: a missing, unreadable or too
+    large image, an image path that leaves `image_root`, a bad conversation (unknown role, no
+    assistant turn), `<image>` markers that do not match the images, more than `max_length`
+    tokens (visual tokens are never cut: the whole sample goes), or no supervised token. With
+    "skip" the item is a `Skipped` (the collator drops and reports it); with "error" a DataError
+    names the sample and the reason. `source` (the data file) and `positions` (each item's
+    index in it) name skipped samples. :meth:`precheck` finds the problems that need no
+    decoding or tokenizing, for the whole file, up front.
     A single-image sample without a marker gets `<image>\\n` before its first human turn.
     """
 
@@ -136,6 +153,9 @@ class LlavaDataset(Dataset):
         num_image_tokens: int,
         max_length: int | None = None,
         on_bad_sample: Policy = "skip",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        source: str | Path = "",
+        positions: Sequence[int] | None = None,
     ) -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
@@ -149,26 +169,68 @@ class LlavaDataset(Dataset):
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
+        self.source = str(source)
+        self.positions = list(positions) if positions is not None else list(range(len(records)))
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.positions)
 
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
-        record = self.records[index]
-        name = sample_id(record, index)
+        return self._guarded(index, self._item)
+
+    def _guarded(self, index: int, work: Callable[[Mapping[str, Any], str], Any]) -> Any:
+        """``work(record, id)``, with a bad sample turned into a Skipped or a DataError."""
+        position = self.positions[index]
+        record = self.records[position]
+        name = sample_id(record, position)
         try:
-            return self._item(record, name)
+            return work(record, name)
         except _BadSample as bad:
             if self.on_bad_sample == "error":
+                where = f"{self.source}: " if self.source else ""
                 raise DataError(
-                    f"sample {name!r}: {bad}; fix the sample or set on_bad_sample='skip'"
+                    f"{where}sample {name!r} (index {position}): {bad}; fix the sample or set "
+                    "data.on_bad_sample: skip"
                 ) from None
-            return Skipped(name, bad.reason, bad.detail)
+            return Skipped(name, bad.reason, bad.detail, position, self.source)
+
+    def precheck(self) -> tuple[LlavaDataset, list[Skipped]]:
+        """Check every sample without decoding images or tokenizing: the image field, paths
+        (inside `image_root`, present), roles and marker counts. Returns the dataset of the
+        samples that pass and the Skipped ones (with "error", the first problem raises)."""
+        results = [self._guarded(i, self._check) for i in range(len(self))]
+        skipped = [r for r in results if isinstance(r, Skipped)]
+        kept = [p for p, r in zip(self.positions, results) if not isinstance(r, Skipped)]
+        subset = copy.copy(self)
+        subset.positions = kept
+        return subset, skipped
+
+    def _check(self, record: Mapping[str, Any], name: str) -> None:
+        paths = self._image_files(record)
+        turns = with_image_markers(_turns(record), len(paths))
+        markers = sum(str(turn.get("value", "")).count(IMAGE_MARKER) for turn in turns)
+        if markers != len(paths):
+            raise _BadSample(
+                "image marker mismatch", f"{markers} {IMAGE_MARKER} markers but {len(paths)} images"
+            )
+
+    def _image_files(self, record: Mapping[str, Any]) -> list[Path]:
+        files = []
+        for relative in image_paths(record):
+            try:
+                path = confined_path(self.image_root, relative)
+            except ImageProblem as problem:
+                raise _BadSample(problem.reason, problem.detail) from None
+            if not path.is_file():
+                raise _BadSample("image missing", str(path))
+            files.append(path)
+        return files
 
     @property
     def lengths(self) -> list[int]:
         """Estimated token counts without tokenizing; negative for text-only samples."""
-        return [self._estimate(record) for record in self.records]
+        return [self._estimate(self.records[p]) for p in self.positions]
 
     def _estimate(self, record: Mapping[str, Any]) -> int:
         turns = record.get("conversations") or []
@@ -180,7 +242,7 @@ class LlavaDataset(Dataset):
         return words + max(num_images, 1) * self.num_image_tokens
 
     def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
-        paths = image_paths(record)
+        paths = self._image_files(record)
         turns = with_image_markers(_turns(record), len(paths))
         try:
             encoded = encode_conversation(
@@ -211,11 +273,14 @@ class LlavaDataset(Dataset):
         if all(label == IGNORE_INDEX for label in labels):
             raise _BadSample("no supervised tokens", "no assistant answer gets a label")
 
-    def _pixels(self, paths: list[str]) -> torch.Tensor | None:
+    def _pixels(self, paths: list[Path]) -> torch.Tensor | None:
         if not paths:
             return None
-        images = [self.image_transform(_open_rgb(self.image_root / path)) for path in paths]
-        return torch.stack(images).float()  # [num_images, 3, H, W]
+        try:
+            images = [open_image(path, self.max_image_pixels) for path in paths]
+        except ImageProblem as problem:
+            raise _BadSample(problem.reason, problem.detail) from None
+        return torch.stack([self.image_transform(image) for image in images]).float()
 
 
 def _turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -230,17 +295,6 @@ def _turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     if "gpt" not in roles:
         raise _BadSample("bad conversation", "no assistant ('gpt') turn")
     return [dict(turn) for turn in turns]
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    """The image at `path`, fully decoded, as RGB; a bad sample if missing or unreadable."""
-    if not path.is_file():
-        raise _BadSample("image missing", str(path))
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise _BadSample("image unreadable", f"{path}: {error}") from None
 
 
 @dataclass
@@ -291,15 +345,30 @@ class DataCollator:
 
 @dataclass
 class SkipCounter:
-    """Counts samples seen and skipped (by reason) over an epoch, for the end-of-epoch report."""
+    """Counts samples seen and skipped (by reason) over an epoch, for the end-of-epoch report,
+    and keeps each skipped sample once (by its index in the data file)."""
 
     seen: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    samples: dict[int, Skipped] = field(default_factory=dict)
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Count one collated batch."""
         self.seen += len(batch["input_ids"]) + len(batch["skipped"])
-        self.reasons.update(item.reason for item in batch["skipped"])
+        self.add(batch["skipped"])
+
+    def add(self, skipped: Sequence[Skipped]) -> None:
+        """Count samples skipped outside a batch (e.g. by the up-front check)."""
+        self.reasons.update(item.reason for item in skipped)
+        for item in skipped:
+            self.samples.setdefault(item.index, item)
+
+    def merge(self, other: SkipCounter) -> None:
+        """Add another process's counts."""
+        self.seen += other.seen
+        self.reasons.update(other.reasons)
+        for index, item in other.samples.items():
+            self.samples.setdefault(index, item)
 
     def report(self) -> str:
         """E.g. "skipped 3 of 120 samples: 2 image missing, 1 too long (> 512 tokens)"."""
@@ -313,6 +382,7 @@ class SkipCounter:
         """Start a new epoch."""
         self.seen = 0
         self.reasons.clear()
+        self.samples.clear()
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir, package_versions
+from .._transformers import load_or_explain
 from ..connectors.simple import LinearConnector, MLPConnector
+from ..errors import ExportError
 from ..llm.hf import HFLLM
-from ..templates import stop_token_ids
+from ..templates import TEMPLATES, stop_token_ids
 from ..vision.hf import HFVisionBackbone
 from .chat_template import chat_template_jinja
 
@@ -34,23 +36,24 @@ _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL resampling codes
 _HINT = "the vlm-adapters format (`model.save_pretrained(dir)`) holds any composition"
 
 
-class ExportError(ValueError):
-    """The model (or checkpoint) cannot be expressed in the other format; the message says why."""
-
-
 def check_exportable(model: VisionLanguageModel) -> str | None:
     """Why ``model`` cannot be written as a transformers LLaVA checkpoint, or None if it can."""
     return _vision_reason(model.vision) or _connector_reason(model) or _llm_reason(model.llm)
 
 
 def to_hf_llava(
-    model: VisionLanguageModel, out_dir: str | Path, template: str | None = None
+    model: VisionLanguageModel,
+    out_dir: str | Path,
+    template: str | None = None,
+    *,
+    overwrite: bool = False,
+    protect: tuple[Path, ...] = (),
 ) -> Path:
     """Write ``model`` for ``LlavaForConditionalGeneration`` / ``AutoProcessor.from_pretrained``.
 
     ``template`` (default: the model's training template, else vicuna_v1) becomes the
     processor's and tokenizer's Jinja chat template. LoRA adapters are merged into ``model``
-    in place first.
+    in place first. ``overwrite`` and ``protect`` work as in ``save_pretrained``.
     """
     from ..training.lora import has_lora, merge_lora
 
@@ -60,7 +63,7 @@ def to_hf_llava(
     if has_lora(model):
         merge_lora(model)
     template = template or model.template or DEFAULT_TEMPLATE
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         llava = _llava_model(model)
         _set_stop_tokens(llava, model.tokenizer, template)
         llava.save_pretrained(tmp)
@@ -251,13 +254,40 @@ def from_hf_llava(path: str | Path, template: str | None = None) -> VisionLangua
 
     from ..model import VisionLanguageModel
 
-    llava = LlavaForConditionalGeneration.from_pretrained(str(path))
-    processor = AutoProcessor.from_pretrained(str(path))
-    model = VisionLanguageModel.from_config(_model_config(llava, processor, str(path)))
+    source = str(path)
+    _check_is_llava(source)
+    llava = load_or_explain(
+        "import",
+        source,
+        lambda: LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True),
+    )
+    processor = load_or_explain("import", source, lambda: AutoProcessor.from_pretrained(source))
+    model = VisionLanguageModel.from_config(_model_config(llava, processor, source))
     _check_strategy(llava.config, model.vision)
     _copy_weights(llava, model)
     model.template = template or _recorded_template(Path(path)) or DEFAULT_TEMPLATE
+    if model.template not in TEMPLATES:
+        raise ExportError(f"{source}: unknown chat template {model.template!r}; pass --template")
     return model
+
+
+def _check_is_llava(source: str) -> None:
+    """Read only ``config.json`` and refuse anything but a LLaVA checkpoint with safetensors
+    weights, before any model is built."""
+    from transformers import AutoConfig
+
+    config = load_or_explain("import", source, lambda: AutoConfig.from_pretrained(source))
+    if config.model_type != "llava":
+        raise ExportError(
+            f"{source}: not a transformers LLaVA checkpoint (model_type {config.model_type!r}); "
+            "import reads LlavaForConditionalGeneration checkpoints"
+        )
+    local = Path(source)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise ExportError(
+            f"{source}: no .safetensors weights; vlm-adapters never unpickles .bin files: "
+            "convert them with transformers (save_pretrained writes safetensors) first"
+        )
 
 
 def _model_config(llava: nn.Module, processor: Any, path: str) -> dict[str, Any]:
@@ -343,4 +373,8 @@ def _bias(linear: nn.Linear) -> torch.Tensor:
 
 def _recorded_template(path: Path) -> str | None:
     meta = path / META_NAME
-    return json.loads(meta.read_text()).get("template") if meta.is_file() else None
+    try:
+        data = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError):
+        raise ExportError(f"{meta}: not valid JSON; remove it or fix it") from None
+    return data.get("template") if isinstance(data, dict) else None

@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from .._transformers import (
+    check_attn_implementation,
+    check_inline_config,
+    inline_config,
+    load_or_explain,
+)
 from ..registry import ComponentConfig
 from .base import LLMBackend, _max_positions
 
@@ -26,8 +32,15 @@ class HFLLMConfig(ComponentConfig):
     image_token: str = Field("<image>", description="Placeholder token added to the tokenizer.")
     pad_token: str = Field("<pad>", description="Pad token added when the tokenizer has none.")
 
+    _inline = field_validator("config")(check_inline_config)
+    _attn = field_validator("attn_implementation")(check_attn_implementation)
+
+    def sources(self) -> dict[str, Any]:
+        """The hub id / path of the weights and of the tokenizer, when set."""
+        return {k: v for k, v in (("model", self.model), ("tokenizer", self.tokenizer)) if v}
+
     @model_validator(mode="after")
-    def _sources(self) -> HFLLMConfig:
+    def _one_source(self) -> HFLLMConfig:
         if (self.model is None) == (self.config is None):
             raise ValueError("set exactly one of `model` (hub id or path) or `config` (inline)")
         if self.model is None and self.tokenizer is None:
@@ -38,9 +51,13 @@ class HFLLMConfig(ComponentConfig):
         from transformers import AutoConfig
 
         if self.config is not None:
-            return AutoConfig.for_model(**self.config)
-        return AutoConfig.from_pretrained(
-            self.model, revision=self.revision, trust_remote_code=self.trust_remote_code
+            return inline_config(self.config, "llm.config")
+        return load_or_explain(
+            "llm.model",
+            self.model,
+            lambda: AutoConfig.from_pretrained(
+                self.model, revision=self.revision, trust_remote_code=self.trust_remote_code
+            ),
         )
 
     def probe(self) -> tuple[int, int | None]:
@@ -61,7 +78,8 @@ class HFLLM(LLMBackend):
         self.image_token_id = _add_special_tokens(self.tokenizer, self.model, cfg)
 
     def rebuild_kwargs(self) -> dict[str, Any]:
-        kwargs = self.cfg.model_dump(exclude={"model", "revision", "tokenizer"}, exclude_none=True)
+        exclude = {"model", "revision", "tokenizer", "trust_remote_code"}
+        kwargs = self.cfg.model_dump(exclude=exclude, exclude_none=True)
         config = self.model.config.to_dict()
         config.pop("dtype", None)
         return {**kwargs, "config": config}
@@ -70,8 +88,13 @@ class HFLLM(LLMBackend):
 def _load_tokenizer(cfg: HFLLMConfig) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        cfg.tokenizer or cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    source = cfg.tokenizer or cfg.model
+    return load_or_explain(
+        "llm.tokenizer",
+        source,
+        lambda: AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        ),
     )
 
 
@@ -83,8 +106,12 @@ def _load_model(cfg: HFLLMConfig) -> Any:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.model is None:
         return AutoModelForCausalLM.from_config(cfg.hf_config(), **kwargs)
-    return AutoModelForCausalLM.from_pretrained(
-        cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+    return load_or_explain(
+        "llm.model",
+        cfg.model,
+        lambda: AutoModelForCausalLM.from_pretrained(
+            cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+        ),
     )
 
 

@@ -8,19 +8,23 @@ Layout of ``<stage>/checkpoints/step-000123/``: ``model/`` (``save_pretrained``)
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, save_file
 
-from .._io import atomic_dir
-from .lora import has_lora, load_weights
+from .._io import atomic_dir, remove_stale_temps, remove_tree, safetensors_problem, temp_name
+from ..errors import CheckpointError
+from .lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
+
+logger = logging.getLogger("vlm_adapters.training")
 
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -42,6 +46,7 @@ def save_checkpoint(
     directory: Path, model: Any, optimizer: Any, scheduler: Any, position: Position
 ) -> Path:
     """Write one checkpoint atomically (a crash leaves any previous one intact)."""
+    remove_stale_temps(directory.parent)
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         tensors, groups = flatten_optimizer(optimizer.state_dict())
@@ -58,49 +63,86 @@ def save_checkpoint(
 
 def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> Position:
     """Restore everything `save_checkpoint` wrote into live objects; return the position."""
-    if not is_complete(directory):
-        raise FileNotFoundError(f"{directory}: not a complete training checkpoint")
-    load_model_weights(model, directory / MODEL_DIR)
+    problem = checkpoint_problem(directory)
+    if problem:
+        raise CheckpointError(f"{directory}: {problem}; pick another checkpoint or --resume auto")
     state = json.loads((directory / STATE_FILE).read_text())
-    tensors = load_file(str(directory / OPTIMIZER_FILE))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer_groups"]))
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return Position(**state["position"])
+    try:
+        load_weights(model, directory / MODEL_DIR, "model.safetensors")
+        tensors = load_file(str(directory / OPTIMIZER_FILE))
+        optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer_groups"]))
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return Position(**state["position"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{directory}: does not fit this run ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}); was it written with "
+            "another config?"
+        ) from None
 
 
-def load_model_weights(model: Any, directory: Path) -> None:
-    """Restore a ``save_pretrained`` directory's weights into the live (possibly LoRA) model."""
-    if has_lora(model):
-        load_weights(model, directory, "model.safetensors")
-    else:
-        load_model(model, str(directory / "model.safetensors"), strict=True)
-
-
-def is_complete(directory: Path) -> bool:
-    """True when every part of a checkpoint is present."""
-    parts = (MODEL_DIR + "/model.safetensors", OPTIMIZER_FILE, STATE_FILE)
-    return all((directory / part).is_file() for part in parts)
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete, readable checkpoint (checked from file sizes,
+    safetensors headers and JSON, without loading tensors), or None."""
+    model_dir = directory / MODEL_DIR
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        state = json.loads((directory / STATE_FILE).read_text())
+    except FileNotFoundError as error:
+        return f"{Path(error.filename).name} is missing"
+    except (OSError, ValueError) as error:
+        return f"unreadable JSON ({error})"
+    if not isinstance(state, dict) or not {"position", "rng", "scheduler"} <= set(state):
+        return f"{STATE_FILE} is incomplete"
+    weights = [model_dir / "model.safetensors", directory / OPTIMIZER_FILE]
+    for part, key in CONFIG_KEYS.items():
+        if isinstance(config, dict) and key in config:
+            weights.append(model_dir / ADAPTER_DIRS[part] / "adapter_model.safetensors")
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            return problem.replace(f"{directory}/", "")
+    return None
 
 
 def list_checkpoints(checkpoints: Path) -> list[Path]:
-    """Complete ``step-N`` checkpoints under `checkpoints`, oldest first."""
+    """Every ``step-N`` directory under `checkpoints`, oldest first (complete or not)."""
     if not checkpoints.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return [path for _, path in sorted(found) if is_complete(path)]
+    return [path for _, path in sorted(found)]
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint under `checkpoints`, if any."""
-    found = list_checkpoints(checkpoints)
-    return found[-1] if found else None
+    """The newest complete checkpoint under `checkpoints`; newer broken ones are skipped with a
+    warning saying why."""
+    for path in reversed(list_checkpoints(checkpoints)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("resume: skipping %s: %s", path, problem)
+    return None
 
 
 def prune_checkpoints(checkpoints: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints."""
-    for path in list_checkpoints(checkpoints)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+    """Keep the newest `keep_last` complete checkpoints; remove older ones, incomplete ones
+    older than those (a kill while pruning), and temporary leftovers of dead processes.
+
+    A directory is first renamed to a temporary name, so a kill half-way through leaves only
+    something the next call recognises and removes.
+    """
+    remove_stale_temps(checkpoints)
+    every = list_checkpoints(checkpoints)
+    complete = [p for p in every if checkpoint_problem(p) is None]
+    kept = complete[-keep_last:]
+    oldest_kept = every.index(kept[0]) if kept else 0
+    for path in every[:oldest_kept]:
+        doomed = checkpoints / temp_name(path.name, "old")
+        os.replace(path, doomed)
+        remove_tree(doomed)
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:

@@ -14,9 +14,12 @@ from ..config import (
     ModelConfig,
     apply_overrides,
     format_errors,
+    llm_context,
     model_config_from_dict,
     read_yaml,
 )
+from ..data.images import MAX_IMAGE_PIXELS
+from ..templates import TEMPLATES
 from .lora import LoraSettings
 
 STAGES = ("align", "finetune")
@@ -30,8 +33,19 @@ class DatasetConfig(_Strict):
     """One LLaVA-format dataset (JSON list or JSONL) and the chat template it is rendered with."""
 
     path: str = Field(description="LLaVA JSON/JSONL file.")
-    image_root: str | None = Field(None, description="Image paths are relative to this folder.")
+    image_root: str | None = Field(
+        None, description="Image paths are relative to, and must stay inside, this folder."
+    )
     template: str = Field("plain", description="Chat template name (see templates.py).")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, name: str) -> str:
+        if name not in TEMPLATES:
+            raise ValueError(
+                f"unknown chat template {name!r}; available: {', '.join(sorted(TEMPLATES))}"
+            )
+        return name
 
     def root(self) -> Path:
         """Where relative image paths start (default: the data file's folder)."""
@@ -44,9 +58,17 @@ class DataConfig(_Strict):
     align: DatasetConfig | None = None
     finetune: DatasetConfig | None = None
     eval: DatasetConfig | None = None
-    max_length: int | None = Field(2048, gt=0, description="Longer samples are bad samples.")
+    max_length: int | None = Field(
+        None, gt=0, description="Longer samples are bad samples; null = the LLM's context."
+    )
     on_bad_sample: Literal["skip", "error"] = Field(
-        "skip", description="skip (counted, reported each epoch) or error."
+        "skip", description="skip (counted, listed in skipped.jsonl) or error."
+    )
+    max_skip_fraction: float = Field(
+        0.01, ge=0, le=1, description="A stage that skips more of its samples fails."
+    )
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS, gt=0, description="Larger images (width x height) are bad samples."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     group_by_length: bool = Field(True, description="Modality- and length-grouped batches.")
@@ -150,11 +172,26 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
     model = model_config_from_dict(data, where)
     rest = {k: v for k, v in data.items() if k not in SECTIONS}
     try:
-        return TrainConfig(model=model, where=where, **rest)
+        config = TrainConfig(model=model, where=where, **rest)
     except ValidationError as exc:
         raise ConfigError(
             f"{where}: {format_errors(exc)}" if where else format_errors(exc)
         ) from None
+    context = llm_context(model)
+    if context is not None:
+        check_max_length(config, context)
+    return config
+
+
+def check_max_length(config: TrainConfig, context: int) -> None:
+    """``data.max_length`` must fit the LLM's context (longer sequences crash or train junk)."""
+    length = config.data.max_length
+    if length is not None and length > context:
+        prefix = f"{config.where}: " if config.where else ""
+        raise ConfigError(
+            f"{prefix}data.max_length: {length} is longer than the LLM's context of {context} "
+            f"positions; set it to {context} or less (or leave it unset to use the context)"
+        )
 
 
 def load_train_config(

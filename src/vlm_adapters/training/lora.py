@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._io import safetensors_problem
+from ..errors import CheckpointError
 from ..vision import VisionBackbone
 
 if TYPE_CHECKING:
@@ -172,38 +174,57 @@ def save_lora(model: VisionLanguageModel, directory: Path, weights_name: str) ->
 
 
 def load_lora(model: VisionLanguageModel, directory: Path, config: dict[str, Any]) -> None:
-    """Attach the adapters a checkpoint's ``config.json`` lists (no-op without LoRA)."""
+    """Attach the adapters a checkpoint's ``config.json`` lists and load every weight.
+
+    The adapters are built from the validated settings in ``config.json`` (peft never reads
+    the checkpoint's own files) and filled from safetensors only; they load frozen.
+    """
     for part in PARTS:
         if CONFIG_KEYS[part] not in config:
             continue
-        path = Path(directory) / ADAPTER_DIRS[part]
-        if not (path / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"{directory}: config.json lists {part} LoRA but {path} holds no adapter; "
-                "the checkpoint is incomplete"
-            )
-        owner, attr = _slot(model, part)
-        wrapped = PeftModel.from_pretrained(getattr(owner, attr), str(path))
-        setattr(wrapped, _SETTINGS_ATTR, LoraSettings(**config[CONFIG_KEYS[part]]))
-        setattr(owner, attr, wrapped)
+        try:
+            settings = LoraSettings(**config[CONFIG_KEYS[part]])
+        except (TypeError, ValidationError) as error:
+            raise CheckpointError(
+                f"{directory}/config.json: invalid {CONFIG_KEYS[part]} settings ({error})"
+            ) from None
+        apply_lora(model, settings, part)
+    load_weights(model, directory, "model.safetensors")
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(False)
 
 
 def load_weights(model: VisionLanguageModel, directory: Path, weights_name: str) -> None:
     """Load a saved directory's weights into a live model that carries the same adapters.
 
-    Used to resume training: the base weights come from ``weights_name`` under their plain
-    names, each adapter from its peft-layout folder. A key the model lacks is an error.
+    The base weights come from ``weights_name`` under their plain names, each adapter from its
+    peft-layout folder. A missing, unknown or truncated piece is a CheckpointError.
     """
     prefixes = [_prefix(part) for part in lora_parts(model)]
     live = {_clean_key(k, prefixes): k for k in model.state_dict() if ".lora_" not in k}
-    base = load_file(str(Path(directory) / weights_name))
+    base = _load_safetensors(Path(directory) / weights_name)
     unknown = sorted(set(base) - set(live))
     if unknown:
-        raise ValueError(f"{directory}: weights do not fit this model, e.g. {unknown[0]!r}")
+        raise CheckpointError(f"{directory}: weights do not fit this model, e.g. {unknown[0]!r}")
+    absent = sorted(set(base_state_dict(model)) - set(base))
+    if absent:
+        raise CheckpointError(f"{directory}/{weights_name} lacks weights, e.g. {absent[0]!r}")
     model.load_state_dict({live[k]: v for k, v in base.items()}, strict=False)
     for part in lora_parts(model):
-        adapter = load_file(str(Path(directory) / ADAPTER_DIRS[part] / "adapter_model.safetensors"))
-        set_peft_model_state_dict(getattr(*_slot(model, part)), adapter)
+        path = Path(directory) / ADAPTER_DIRS[part] / "adapter_model.safetensors"
+        result = set_peft_model_state_dict(getattr(*_slot(model, part)), _load_safetensors(path))
+        if result.unexpected_keys:
+            raise CheckpointError(
+                f"{path}: adapter does not fit, e.g. {result.unexpected_keys[0]!r}"
+            )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    problem = safetensors_problem(path)
+    if problem:
+        raise CheckpointError(f"{problem}; the checkpoint is incomplete or corrupt")
+    return load_file(str(path))
 
 
 def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:

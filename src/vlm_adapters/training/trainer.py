@@ -23,19 +23,24 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from ..config import ConfigError
+from .._io import remove_stale_temps, remove_tree
 from ..data import DataCollator, LengthGroupedSampler, LlavaDataset, SkipCounter, load_records
+from ..data.llava import Skipped
+from ..errors import CheckpointError, ConfigError, OutputError, TrainingError
 from ..model import IGNORE_INDEX
+from ..templates import check_template
+from .artifact import CONFIG_NAME as CONNECTOR_CONFIG
 from .artifact import save_connector
 from .checkpoint import (
     Position,
+    checkpoint_problem,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     step_dir,
 )
-from .config import TrainConfig
+from .config import TrainConfig, check_max_length, save_train_config
 from .progress import Progress, plot_loss, read_metrics
 from .recipes import (
     carry_connector,
@@ -45,6 +50,7 @@ from .recipes import (
     resolve_config,
     stages_to_run,
 )
+from .rundir import CONFIG_NAME, check_resume_config, locked_run_dir, on_main
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -59,6 +65,7 @@ class StageSummary:
     final_loss: float | None
     seconds: float
     skipped: int
+    """Distinct samples left out (listed in ``skipped.jsonl``)."""
     final_dir: str
 
 
@@ -80,7 +87,9 @@ class Trainer:
         )
         self.skips = SkipCounter()
         self._fallback: dict[str, Any] | None = None  # last non-empty micro-batch
-        self.skipped_total = 0
+        self.skipped: dict[int, Skipped] = {}  # every distinct sample skipped so far
+        self.num_samples = 0
+        self._steps_done = 0  # optimizer steps before the one being taken
 
     @property
     def is_main(self) -> bool:
@@ -91,6 +100,8 @@ class Trainer:
         start = time.perf_counter()
         set_seed(self.config.run.seed)
         self._setup_model()
+        if self.is_main:
+            remove_stale_temps(self.dir / "checkpoints")
         loader = self._loader()
         # micro-batches per process and epoch, as accelerate shards them (even batches)
         batches = math.ceil(len(loader) / self.accelerator.num_processes)
@@ -109,6 +120,11 @@ class Trainer:
         )
         self.scheduler = scheduler
         loss = self._epochs(loader, position, total)
+        if position.step == 0:
+            raise TrainingError(
+                f"stage {self.stage} took no optimizer step: every sample it saw was skipped; "
+                f"see {self.dir / 'skipped.jsonl'}"
+            )
         self._finish()
         seconds = time.perf_counter() - start
         summary = StageSummary(
@@ -116,7 +132,7 @@ class Trainer:
             position.step,
             loss,
             round(seconds, 3),
-            self.skipped_total,
+            len(self.skipped),
             str(self.dir / "final"),
         )
         return asdict(summary)
@@ -137,21 +153,10 @@ class Trainer:
     def _loader(self) -> DataLoader:
         """Batches in an order fixed by (seed, epoch) and by the global batch size only."""
         data = self.config.data
-        source = self.config.dataset(self.stage)
         model = self.model
-        dataset = LlavaDataset(
-            load_records(source.path),
-            image_root=source.root(),
-            tokenizer=model.tokenizer,
-            template=source.template,
-            image_transform=model.vision.transform,
-            image_token_id=model.image_token_id,
-            num_image_tokens=model.num_image_tokens,
-            max_length=data.max_length,
-            on_bad_sample=data.on_bad_sample,
-        )
-        # equal lengths = a plain per-epoch shuffle
+        dataset = self._checked_dataset()
         lengths = dataset.lengths if data.group_by_length else [0] * len(dataset)
+        # equal lengths = a plain per-epoch shuffle
         sampler = LengthGroupedSampler(
             lengths,
             self.global_batch,
@@ -167,6 +172,55 @@ class Trainer:
             num_workers=data.num_workers,
         )
 
+    def _checked_dataset(self) -> LlavaDataset:
+        """The stage's dataset after the up-front check of every sample (see `precheck`)."""
+        data, source, model = self.config.data, self.config.dataset(self.stage), self.model
+        records = load_records(source.path)
+        if not records:
+            raise TrainingError(
+                f"{source.path}: no samples; stage {self.stage} has nothing to train"
+            )
+        dataset = LlavaDataset(
+            records,
+            image_root=source.root(),
+            tokenizer=model.tokenizer,
+            template=source.template,
+            image_transform=model.vision.transform,
+            image_token_id=model.image_token_id,
+            num_image_tokens=model.num_image_tokens,
+            max_length=data.max_length or model.llm.max_positions,
+            on_bad_sample=data.on_bad_sample,
+            max_image_pixels=data.max_image_pixels,
+            source=source.path,
+        )
+        self.num_samples = len(records)
+        dataset, skipped = dataset.precheck()
+        if self.is_main:
+            self._skipped_log().unlink(missing_ok=True)
+        self._record_skips(skipped, "the up-front check")
+        return dataset
+
+    def _skipped_log(self) -> Path:
+        return self.dir / "skipped.jsonl"
+
+    def _record_skips(self, skipped: list[Skipped], when: str) -> None:
+        """Append newly skipped samples to ``skipped.jsonl``; fail past `max_skip_fraction`."""
+        new = [item for item in skipped if item.index not in self.skipped]
+        for item in new:
+            self.skipped[item.index] = item
+        if self.is_main and new:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self._skipped_log(), "a", encoding="utf-8") as handle:
+                handle.writelines(_json_line(item.to_json()) for item in new)
+        limit = self.config.data.max_skip_fraction
+        count, total = len(self.skipped), self.num_samples
+        if count > limit * total or count == total:
+            raise TrainingError(
+                f"stage {self.stage}: {count} of {total} samples were skipped by {when}, more "
+                f"than data.max_skip_fraction={limit}; the samples and reasons are in "
+                f"{self._skipped_log()}; fix them or raise the limit"
+            )
+
     @property
     def global_batch(self) -> int:
         s = self.settings
@@ -181,6 +235,8 @@ class Trainer:
                 metrics.unlink()
             return Position(seed=self.config.run.seed)
         position = load_checkpoint(Path(path), self.model, optimizer, scheduler)
+        if self.is_main:
+            prune_checkpoints(self.dir / "checkpoints", self.config.run.keep_last)
         if self.is_main:
             logger.info("%s: resumed from %s (step %d)", self.stage, path, position.step)
             kept = [r for r in read_metrics(metrics) if r["step"] <= position.step]
@@ -216,6 +272,7 @@ class Trainer:
         self.skips.reset()
         loss = None
         for window in _windows(iter(batches), self.settings.grad_accum):
+            self._steps_done = position.step
             record = self._step(window)
             position.batches_in_epoch += len(window)
             if record is None:
@@ -231,6 +288,8 @@ class Trainer:
     def _step(self, window: list[dict[str, Any]]) -> dict[str, float] | None:
         """One optimizer step over `window` micro-batches; None when every sample was skipped."""
         started = time.perf_counter()
+        # dropout depends on (seed, step, process) only, so a resumed run draws the same masks
+        torch.manual_seed(_step_seed(self.config.run.seed, self._steps_done, self.accelerator))
         for batch in window:
             self.skips.update(batch)
         counts = torch.tensor(
@@ -309,22 +368,21 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _report_skips(self, epoch: int) -> None:
-        counters = gather_object([self.skips])
         merged = SkipCounter()
-        for counter in counters:
-            merged.seen += counter.seen
-            merged.reasons.update(counter.reasons)
-        self.skipped_total += sum(merged.reasons.values())
+        for counter in gather_object([self.skips]):
+            merged.merge(counter)
         if self.is_main:
-            logger.info("%s epoch %d: %s", self.stage, epoch, merged.report())
+            where = f"; listed in {self._skipped_log()}" if self.skipped or merged.samples else ""
+            logger.info("%s epoch %d: %s%s", self.stage, epoch, merged.report(), where)
+        self._record_skips(list(merged.samples.values()), f"epoch {epoch}")
 
     def _finish(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             model = self.accelerator.unwrap_model(self.wrapped)
-            model.save_pretrained(self.dir / "final")
-            if self.stage == "align":
+            if self.stage == "align":  # before final/, which marks the stage as done
                 save_connector(model, self.dir / "connector")
+            model.save_pretrained(self.dir / "final")
             plot_loss(self.dir / "metrics.jsonl", self.dir / "loss.png", f"{self.stage} loss")
             logger.info("%s: saved %s", self.stage, self.dir / "final")
         if self.config.run.trackers:
@@ -337,6 +395,10 @@ def cpu_only_launch() -> bool:
     """True for several processes on a machine without an accelerator (DDP over gloo on CPU)."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return several and not torch.accelerator.is_available()
+
+
+def _step_seed(seed: int, step: int, accelerator: Any) -> int:
+    return (seed * 1_000_003 + step) * 1_009 + accelerator.process_index
 
 
 def _windows(batches: Any, size: int) -> Any:
@@ -366,34 +428,114 @@ def train(
     resume: str | Path | None = None,
     overrides: list[str] | None = None,
     model: Any = None,
+    *,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    fresh_connector: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run `stage` ("all" = the recipe, in order) and return a summary per stage.
 
     `resume`: "auto" continues from the newest complete checkpoints (finished stages are
-    skipped), a checkpoint path continues from there. `model` defaults to one built from the
+    skipped), a checkpoint path continues from there; a changed config is refused unless
+    `allow_config_change`. A stage that already has results in `out` is trained again only
+    with `overwrite`, which also allows a non-empty `out` that is not a run directory (its
+    files are kept). `--stage finetune` needs the stage-1 connector in `out/align/connector`
+    unless `fresh_connector` (or a `model` is passed). `model` defaults to one built from the
     config; the same model object carries each stage's weights into the next.
     """
+    from accelerate import PartialState
+
     from .. import build_vlm
-    from .config import save_train_config
 
     config = resolve_config(config, overrides)
     out = Path(out)
     names = stages_to_run(config, stage)
-    if model is None:
-        set_seed(config.run.seed)  # same initial weights on every process and every run
-        model = build_vlm(config.model)
-    if Accelerator(cpu=cpu_only_launch()).is_main_process:
-        save_train_config(config, out / "config.yaml")
-    plan = _resume_plan(names, out, resume)
-    if "align" not in names:
-        _carry_connector(model, out)
-    summaries = {}
-    for name in names:
-        if plan[name] == "done":
-            _load_final(model, out / name / "final", needed=name != names[-1])
-            continue
-        summaries[name] = Trainer(model, config, name, out).fit(resume=plan[name])
+    datasets = {name: config.dataset(name) for name in names}  # every stage, before any runs
+    for name, source in datasets.items():
+        _check_dataset(name, source)
+    state = PartialState(cpu=cpu_only_launch())
+    with locked_run_dir(out, overwrite=overwrite, state=state):
+        plan = on_main(
+            state,
+            lambda: _prepare_run(out, config, names, resume, overwrite, allow_config_change),
+        )
+        built_here = model is None
+        if built_here:
+            set_seed(config.run.seed)  # same initial weights on every process and every run
+            model = build_vlm(config.model)
+        _check_model_fits(config, model, datasets)
+        if "align" not in names:
+            _carry_connector(model, out, required=built_here and not fresh_connector)
+        summaries = {}
+        for name in names:
+            if plan[name] == "done":
+                _load_final(model, out / name / "final", needed=name != names[-1])
+                continue
+            summaries[name] = Trainer(model, config, name, out).fit(resume=plan[name])
     return summaries
+
+
+def _check_dataset(stage: str, source: Any) -> None:
+    """The stage's data file and image folder exist (read before any stage runs)."""
+    if not Path(source.path).is_file():
+        raise ConfigError(f"data.{stage}.path: {source.path} not found")
+    if not source.root().is_dir():
+        raise ConfigError(f"data.{stage}.image_root: {source.root()} is not a directory")
+    load_records(source.path)  # parse errors name the file and line
+
+
+def _check_model_fits(config: TrainConfig, model: Any, datasets: dict[str, Any]) -> None:
+    """What needs the built model: the context length and each stage's template tokens."""
+    context = model.llm.max_positions
+    if context is not None:
+        check_max_length(config, context)
+    for source in datasets.values():
+        check_template(model.tokenizer, source.template)
+
+
+def _prepare_run(
+    out: Path,
+    config: TrainConfig,
+    names: list[str],
+    resume: str | Path | None,
+    overwrite: bool,
+    allow_config_change: bool,
+) -> dict[str, Any]:
+    """On the main process: check the resume config, protect finished stages, save the config."""
+    if resume is not None:
+        check_resume_config(out, config.to_dict(), allow_config_change)
+    plan = _resume_plan(names, out, resume)
+    for name, step in plan.items():
+        if step is None:
+            _clear_stage(out / name, overwrite)
+    if resume is None or allow_config_change or not (out / CONFIG_NAME).is_file():
+        save_train_config(config, out / CONFIG_NAME)
+    return plan
+
+
+_STAGE_OUTPUTS = (
+    "final",
+    "checkpoints",
+    "connector",
+    "metrics.jsonl",
+    "skipped.jsonl",
+    "loss.png",
+)
+
+
+def _clear_stage(directory: Path, overwrite: bool) -> None:
+    """A stage about to start fresh: refuse to replace its results unless `overwrite`."""
+    found = [name for name in _STAGE_OUTPUTS if (directory / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        what = "a finished stage" if "final" in found else "checkpoints of an unfinished run"
+        raise OutputError(
+            f"{directory} already holds {what} ({', '.join(found)}); pass --resume auto to "
+            "continue it, --overwrite to train it again, or choose another --out"
+        )
+    for name in found:
+        remove_tree(directory / name)
 
 
 def _resume_plan(names: list[str], out: Path, resume: str | Path | None) -> dict[str, Any]:
@@ -403,7 +545,7 @@ def _resume_plan(names: list[str], out: Path, resume: str | Path | None) -> dict
     if resume == "auto":
         plan: dict[str, Any] = {}
         for name in names:
-            finished = (out / name / "final" / "model.safetensors").is_file()
+            finished = _finished(out / name)
             earlier_done = all(value == "done" for value in plan.values())
             plan[name] = "done" if finished and earlier_done else "auto"
         return plan
@@ -411,21 +553,39 @@ def _resume_plan(names: list[str], out: Path, resume: str | Path | None) -> dict
     owner = path.parent.parent.name
     if owner not in names:
         raise ConfigError(f"--resume {path}: expected OUT/<stage>/checkpoints/step-N of {names}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"--resume {path}: {problem}; use another one or --resume auto")
     index = names.index(owner)
     return {n: ("done" if i < index else path if i == index else None) for i, n in enumerate(names)}
 
 
-def _carry_connector(model: Any, out: Path) -> None:
+def _finished(stage_dir: Path) -> bool:
+    """A stage is done when its final model (and, for align, the connector) is complete."""
+    from .._io import safetensors_problem
+
+    done = safetensors_problem(stage_dir / "final" / "model.safetensors") is None
+    if stage_dir.name == "align":
+        done = done and (stage_dir / "connector" / CONNECTOR_CONFIG).is_file()
+    return done
+
+
+def _carry_connector(model: Any, out: Path, required: bool) -> None:
     artifact = out / "align" / "connector"
     if carry_connector(model, artifact):
         logger.info("finetune: connector loaded from %s", artifact)
+    elif required:
+        raise ConfigError(
+            f"{artifact}: no stage-1 connector; run `--stage align` into this --out first, or "
+            "pass --fresh-connector to fine-tune from an untrained connector"
+        )
     else:
-        logger.warning("finetune: no %s; starting from an untrained connector", artifact)
+        logger.warning("finetune: no %s; the connector trains from its current weights", artifact)
 
 
 def _load_final(model: Any, final: Path, needed: bool) -> None:
     logger.info("%s already finished; skipping it", final.parent.name)
     if needed:
-        from safetensors.torch import load_model
+        from .lora import load_weights
 
-        load_model(model, str(final / "model.safetensors"), strict=True)
+        load_weights(model, final, "model.safetensors")

@@ -28,6 +28,16 @@ class FusedVisionConfig(ComponentConfig):
             raise ValueError("every fused backbone needs a `type`")
         return value
 
+    def sources(self) -> dict[str, Any]:
+        """Every member's external sources, keyed ``backbones[i].field``."""
+        from ..config import parse_section
+
+        found = {}
+        for index, spec in enumerate(self.backbones):
+            for key, value in parse_section("vision", spec).params.sources().items():
+                found[f"backbones[{index}].{key}"] = value
+        return found
+
 
 class FusedBackbone(VisionBackbone):
     """Runs every member on the raw image with its own normalisation, then concatenates."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from .._transformers import check_inline_config, inline_config, load_or_explain
+from ..errors import ConfigError
 from ..registry import ComponentConfig
 from .base import (
     CLIP_MEAN,
@@ -48,6 +50,12 @@ class HFVisionConfig(ComponentConfig):
     dtype: str | None = Field(None, description="e.g. float32, bfloat16; default: float32.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint.")
 
+    _inline = field_validator("config")(check_inline_config)
+
+    def sources(self) -> dict[str, Any]:
+        """The hub id / path of the weights, when set."""
+        return {"model": self.model} if self.model else {}
+
     @model_validator(mode="after")
     def _one_source(self) -> HFVisionConfig:
         if (self.model is None) == (self.config is None):
@@ -59,16 +67,21 @@ class HFVisionConfig(ComponentConfig):
         from transformers import AutoConfig
 
         if self.config is not None:
-            config = AutoConfig.for_model(**self.config)
+            config = inline_config(self.config, "vision.config")
         else:
-            config = AutoConfig.from_pretrained(
-                self.model, revision=self.revision, trust_remote_code=self.trust_remote_code
+            config = load_or_explain(
+                "vision.model",
+                self.model,
+                lambda: AutoConfig.from_pretrained(
+                    self.model, revision=self.revision, trust_remote_code=self.trust_remote_code
+                ),
             )
         return getattr(config, "vision_config", config)
 
     def probe(self) -> tuple[int, int]:
         """``(num_patches, hidden_size)`` from the config alone, without building the model."""
         config = self.hf_config()
+        check_feature_layers(self.feature_layer, config.num_hidden_layers + 1)
         size = self.image_size or _default_size(config)
         width = config.hidden_size * (
             1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
@@ -83,6 +96,7 @@ class HFVisionBackbone(VisionBackbone):
         super().__init__()
         self.cfg = cfg
         config = cfg.hf_config()
+        check_feature_layers(cfg.feature_layer, config.num_hidden_layers + 1)
         self.tower = _build_tower(cfg, config)
         size = cfg.image_size or _default_size(config)
         self.grid = size // config.patch_size
@@ -106,11 +120,22 @@ class HFVisionBackbone(VisionBackbone):
 
     def rebuild_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this architecture offline (weights loaded separately)."""
-        kwargs = self.cfg.model_dump(exclude={"model", "revision"}, exclude_none=True)
+        exclude = {"model", "revision", "trust_remote_code"}
+        kwargs = self.cfg.model_dump(exclude=exclude, exclude_none=True)
         mean, std = list(self.transform.mean), list(self.transform.std)
         config = self.tower.config.to_dict()
         config.pop("dtype", None)
         return {**kwargs, "config": config, "image_mean": mean, "image_std": std}
+
+
+def check_feature_layers(layers: int | list[int], count: int) -> None:
+    """``feature_layer`` must index one of the ``count`` hidden states (embeddings + blocks)."""
+    for layer in [layers] if isinstance(layers, int) else layers:
+        if not -count <= layer < count:
+            raise ConfigError(
+                f"vision.feature_layer: {layer} is out of range; this tower has {count} hidden "
+                f"states (embeddings + {count - 1} blocks), so use -{count}..{count - 1}"
+            )
 
 
 def _default_size(config: Any) -> int:
@@ -123,12 +148,16 @@ def _build_tower(cfg: HFVisionConfig, config: Any) -> nn.Module:
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
     if cfg.model is None:
         return AutoModel.from_config(config, dtype=dtype)
-    return AutoModel.from_pretrained(
+    return load_or_explain(
+        "vision.model",
         cfg.model,
-        config=config,
-        revision=cfg.revision,
-        dtype=dtype,
-        trust_remote_code=cfg.trust_remote_code,
+        lambda: AutoModel.from_pretrained(
+            cfg.model,
+            config=config,
+            revision=cfg.revision,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+        ),
     )
 
 

@@ -5,11 +5,57 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
+from ..errors import ComponentError, ConfigError
 from ..registry import ComponentConfig
 from .base import ImageTransform, VisionBackbone
+
+TIMM_MODEL_KWARGS = frozenset(
+    {
+        "img_size", "patch_size", "in_chans", "embed_dim", "dims", "depth", "depths",
+        "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "ls_init_value",
+        "layer_scale_init_value", "class_token", "reg_tokens", "no_embed_class", "pre_norm",
+        "final_norm", "fc_norm", "global_pool", "dynamic_img_size", "dynamic_img_pad",
+        "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+        "drop_path_rate", "act_layer", "norm_layer", "conv_mlp", "stem_type", "output_stride",
+        "window_size", "use_abs_pos", "use_rope", "use_rot_pos_emb", "ref_feat_shape",
+        "head_init_scale", "kernel_sizes", "patch_norm",
+    }
+)  # fmt: skip
+"""Architecture options ``timm.create_model`` may get from a config; never a loader option
+(``checkpoint_path``, ``pretrained_cfg``, ``cache_dir``...)."""
+OPEN_CLIP_MODEL_KWARGS = frozenset(
+    {
+        "embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale",
+        "init_logit_bias", "custom_text", "force_quick_gelu", "force_custom_text",
+        "force_patch_dropout", "force_image_size", "force_context_length",
+    }
+)  # fmt: skip
+"""Model options ``open_clip.create_model`` may get from a config; never ``weights_only``, a
+weights path or ``cache_dir``."""
+_OPEN_CLIP_NESTED_LOADERS = ("timm_model_pretrained", "hf_model_pretrained", "hf_model_name")
+_LOCAL_SCHEMA = "local-dir:"
+
+
+def _allowed(kwargs: dict[str, Any], allowed: frozenset[str], library: str) -> dict[str, Any]:
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)} not allowed: {library} may only get architecture options "
+            f"({', '.join(sorted(allowed))}); weights come from `pretrained` or a checkpoint"
+        )
+    return kwargs
+
+
+def _no_local_dir(model: str) -> str:
+    if model.startswith(_LOCAL_SCHEMA):
+        raise ValueError(
+            "a `local-dir:` model would load files (possibly pickles) from that folder; "
+            "use a model name and `pretrained`"
+        )
+    return model
 
 
 class TimmVisionConfig(ComponentConfig):
@@ -24,6 +70,15 @@ class TimmVisionConfig(ComponentConfig):
         default_factory=dict, description="Extra keyword arguments for timm.create_model."
     )
 
+    _kwargs = field_validator("model_kwargs")(
+        lambda v: _allowed(v, TIMM_MODEL_KWARGS, "timm.create_model")
+    )
+    _model = field_validator("model")(_no_local_dir)
+
+    def sources(self) -> dict[str, Any]:
+        """timm's pretrained weights, when asked for."""
+        return {"pretrained": True} if self.pretrained else {}
+
 
 class OpenClipVisionConfig(ComponentConfig):
     """The visual tower of any open_clip model; patch tokens, not the pooled vector."""
@@ -36,6 +91,31 @@ class OpenClipVisionConfig(ComponentConfig):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for open_clip.create_model."
     )
+    load_weights: bool = Field(
+        True, description="Load the weights an `hf-hub:` model ships (off when rebuilt)."
+    )
+
+    _model = field_validator("model")(_no_local_dir)
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _allowed(value, OPEN_CLIP_MODEL_KWARGS, "open_clip.create_model")
+        for section in ("vision_cfg", "text_cfg"):
+            nested = value.get(section) or {}
+            if not isinstance(nested, dict):
+                raise ValueError(f"{section} must be a mapping")
+            loaders = [k for k in _OPEN_CLIP_NESTED_LOADERS if nested.get(k)]
+            if loaders:
+                raise ValueError(f"{section}.{loaders[0]} would load weights; remove it")
+        return value
+
+    def sources(self) -> dict[str, Any]:
+        """open_clip's pretrained weights: a tag, a file, or those of an `hf-hub:` model."""
+        found: dict[str, Any] = {"pretrained": self.pretrained} if self.pretrained else {}
+        if self.model.startswith("hf-hub:") and self.load_weights:
+            found["model"] = self.model
+        return found
 
 
 class IntermediatesBackbone(VisionBackbone):
@@ -50,7 +130,13 @@ class IntermediatesBackbone(VisionBackbone):
         self.indices = [layers] if isinstance(layers, int) else list(layers)
         size = transform.crop_size
         with torch.no_grad():
-            probe = self.features(torch.zeros(1, 3, size, size))  # [1, N, D]
+            try:
+                probe = self.features(torch.zeros(1, 3, size, size))  # [1, N, D]
+            except (IndexError, AssertionError, ValueError) as error:
+                raise ConfigError(
+                    f"vision.feature_layer: {layers} does not fit {cfg.model} ({error}); "
+                    "use a block index in range, e.g. -2"
+                ) from None
         self.num_patches, self.hidden_size = probe.shape[1], probe.shape[2]
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -63,21 +149,33 @@ class IntermediatesBackbone(VisionBackbone):
         return tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)
 
     def rebuild_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this architecture offline (no pretrained download)."""
-        off = (
-            {"pretrained": False}
-            if isinstance(self.cfg, TimmVisionConfig)
-            else {"pretrained": None}
-        )
-        return {**self.cfg.model_dump(), **off}
+        """Keyword arguments that rebuild this architecture offline (no pretrained weights)."""
+        kwargs = self.cfg.model_dump()
+        if isinstance(self.cfg, OpenClipVisionConfig):
+            return {**kwargs, "pretrained": None, "load_weights": False}
+        args = {
+            k: v
+            for k, v in getattr(self.tower, "_model_args", {}).items()
+            if k in TIMM_MODEL_KWARGS
+        }
+        architecture = getattr(self.tower, "pretrained_cfg", {}).get("architecture")
+        return {
+            **kwargs,
+            "model": architecture or self.cfg.model,
+            "pretrained": False,
+            "model_kwargs": {**kwargs["model_kwargs"], **args},
+        }
 
 
 def build_timm(cfg: TimmVisionConfig) -> IntermediatesBackbone:
     import timm
 
-    tower = timm.create_model(
-        cfg.model, pretrained=cfg.pretrained, num_classes=0, **cfg.model_kwargs
-    )
+    try:
+        tower = timm.create_model(
+            cfg.model, pretrained=cfg.pretrained, num_classes=0, **cfg.model_kwargs
+        )
+    except RuntimeError as error:  # unknown model name
+        raise ComponentError(f"vision.model: {str(error).splitlines()[0][:300]}") from None
     data = timm.data.resolve_model_data_config(tower)
     # a ViT built with a non-default `img_size` accepts only that size
     fixed = getattr(getattr(tower, "patch_embed", None), "img_size", None)
@@ -95,7 +193,16 @@ def build_timm(cfg: TimmVisionConfig) -> IntermediatesBackbone:
 def build_open_clip(cfg: OpenClipVisionConfig) -> IntermediatesBackbone:
     import open_clip
 
-    model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
+    try:
+        model = open_clip.create_model(
+            cfg.model,
+            pretrained=cfg.pretrained,
+            load_weights=cfg.load_weights,
+            pretrained_text=False,  # only the visual tower is used
+            **cfg.model_kwargs,
+        )
+    except (RuntimeError, OSError, ValueError) as error:
+        raise ComponentError(f"vision.model: {str(error).splitlines()[0][:300]}") from None
     tower = model.visual
     pre = tower.preprocess_cfg
     size = pre["size"] if isinstance(pre["size"], int) else pre["size"][-1]

@@ -1,0 +1,62 @@
+"""Opening images safely: paths confined to a root, sizes checked before decoding."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import DataError
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Default cap on width x height (PIL's own decompression-bomb threshold)."""
+
+
+class ImageProblem(DataError):
+    """An image that cannot be used; ``reason`` is a short category for skip counts."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def confined_path(root: str | Path, relative: str) -> Path:
+    """``root / relative`` with symlinks and ``..`` resolved; ImageProblem if it leaves root."""
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if path != base and base not in path.parents:
+        raise ImageProblem(
+            "image outside image_root",
+            f"{relative!r} resolves to {path}, outside {base}; keep images under image_root",
+        )
+    return path
+
+
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image at ``path``, fully decoded, as RGB.
+
+    ImageProblem when it is missing, not an image, truncated, or larger than ``max_pixels``
+    (read from its header, before any pixel is decoded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageProblem("image missing", f"{path} not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageProblem(
+                        "image too large",
+                        f"{path} is {width}x{height} = {width * height:,} pixels, over the "
+                        f"limit of {max_pixels:,} (data.max_image_pixels)",
+                    )
+                return image.convert("RGB")
+    except ImageProblem:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageProblem("image too large", f"{path}: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageProblem("image unreadable", f"{path}: {error}") from None

@@ -1,0 +1,158 @@
+"""The run directory: one run at a time (a lock file), never a directory we did not write, and
+no resume with a silently changed config."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .._io import check_output_dir, claim_entries, process_alive
+from ..errors import ConfigError, OutputError, VLMError
+
+logger = logging.getLogger("vlm_adapters.training")
+LOCK_NAME = "run.lock"
+CONFIG_NAME = "config.yaml"
+RUN_ENTRIES = (CONFIG_NAME, LOCK_NAME, "align", "finetune")
+"""What a training run writes at the top of its directory."""
+RUNTIME_KEYS = frozenset(
+    {"run.save_every", "run.keep_last", "run.log_every", "run.trackers", "data.num_workers"}
+)
+"""Settings a resumed run may change: they do not change what is trained."""
+T = TypeVar("T")
+
+
+def on_main(state: Any, work: Callable[[], T]) -> T | None:
+    """Run ``work`` on the main process; an error it raises is raised on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    result: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            result = [work(), None]
+        except VLMError as error:
+            result = [None, (type(error), str(error))]
+    if state.num_processes > 1:
+        broadcast_object_list(result)
+    if result[1] is not None:
+        kind, message = result[1]
+        try:
+            error = kind(message)
+        except TypeError:
+            error = VLMError(message)
+        raise error
+    return result[0]
+
+
+@contextlib.contextmanager
+def locked_run_dir(out: Path, *, overwrite: bool, state: Any) -> Iterator[Path]:
+    """Claim ``out`` for this run: refuse a directory that is not ours (unless ``overwrite``)
+    or is used by a live run; take over the lock of a dead one with a warning."""
+    on_main(state, lambda: _claim(out, overwrite))
+    try:
+        yield out
+    finally:
+        if state.is_main_process:
+            release_lock(out)
+
+
+def _claim(out: Path, overwrite: bool) -> None:
+    check_output_dir(out, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    acquire_lock(out)
+    claim_entries(out, RUN_ENTRIES)
+
+
+def acquire_lock(out: Path) -> None:
+    """Create ``out/run.lock`` with this process's id, host and start time."""
+    path = out / LOCK_NAME
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _take_over_if_stale(path)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_lock_info(), handle)
+        return
+    raise OutputError(f"{path}: could not take the run lock; another run keeps taking it")
+
+
+def _lock_info() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _take_over_if_stale(path: Path) -> None:
+    """Remove the lock of a dead process (with a warning); refuse a live one's."""
+    try:
+        info = json.loads(path.read_text())
+        owner = (str(info["host"]), int(info["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        info, owner = {}, None
+    if owner is not None and process_alive(*owner):
+        raise OutputError(
+            f"{path.parent} is in use by another run (pid {owner[1]} on {owner[0]}, started "
+            f"{info.get('started', '?')}: {info.get('command', '?')}); use another --out, or "
+            f"wait for it; if no such run exists, delete {path}"
+        )
+    logger.warning("%s: taking over the lock of a run that is gone (%s)", path.parent, info)
+    stale = path.with_name(f".{LOCK_NAME}.stale-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, stale)
+        stale.unlink()
+
+
+def release_lock(out: Path) -> None:
+    """Remove ``out/run.lock`` if this process holds it."""
+    path = out / LOCK_NAME
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        if json.loads(path.read_text())["pid"] == os.getpid():
+            path.unlink()
+
+
+def check_resume_config(out: Path, config: dict[str, Any], allow_change: bool) -> None:
+    """Refuse to resume with a config that differs (outside :data:`RUNTIME_KEYS`) from the
+    one the run started with, unless ``allow_change``; the message lists every difference."""
+    saved_path = out / CONFIG_NAME
+    if not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{saved_path}: unreadable; the run directory is damaged") from None
+    changes = [c for c in config_differences(saved, config) if c[0] not in RUNTIME_KEYS]
+    if not changes:
+        return
+    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+    if allow_change:
+        logger.warning("resuming with a changed config: %s", listed)
+        return
+    raise ConfigError(
+        f"the config differs from the one {out} was started with ({listed}); resume with the "
+        "same config, or pass --allow-config-change"
+    )
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf where two nested mappings differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes = []
+        for key in sorted(set(old) | set(new), key=str):
+            here = f"{prefix}.{key}" if prefix else str(key)
+            changes += config_differences(old.get(key), new.get(key), here)
+        return changes
+    return [] if old == new else [(prefix, old, new)]
