@@ -1,7 +1,8 @@
 """A tiny training setup for the training tests, and a script that trains it.
 
 Usage: python tiny_train.py CONFIG OUT [--resume auto] [--world N] [--fresh-connector]
-[KEY=VALUE ...] (run under torchrun for several processes; --world checks the process count).
+[--kill-in MODULE:FUNCTION] [KEY=VALUE ...] (run under torchrun for several processes; --world
+checks the process count; --kill-in SIGKILLs the run right after that function ran).
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
 
 
+def kill_inside(module: str, name: str) -> None:
+    """Make ``module.name`` do its work, then SIGKILL the process before it returns."""
+    import importlib
+    import os
+    import signal
+
+    owner = importlib.import_module(module)
+    original = getattr(owner, name)
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(owner, name, killed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
@@ -62,9 +79,13 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--fresh-connector", action="store_true")
+    parser.add_argument("--kill-in", help="MODULE:FUNCTION to SIGKILL this process in")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     from accelerate import PartialState
+
+    if args.kill_in:
+        kill_inside(*args.kill_in.split(":"))
 
     from vlm_adapters.training import train
 
