@@ -99,7 +99,7 @@ def atomic_dir(
         yield tmp
         ours = sorted(p.name for p in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps(ours))
-        _fsync_tree(tmp)
+        _settle_tree(tmp)
         if path.exists() and not is_empty_dir(path):
             _keep_foreign_entries(path, tmp, ours)
             _swap_in(tmp, path)
@@ -216,11 +216,19 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_tree(root: Path) -> None:
-    for file in root.rglob("*"):
-        if file.is_file() and not file.is_symlink():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+def _settle_tree(root: Path) -> None:
+    """Give every file and folder the permissions a plain write would, and flush it to disk
+    (some writers create private 0600 temp files and rename them)."""
+    files, folders = default_mode(directory=False), default_mode()
+    for entry in root.rglob("*"):
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            os.chmod(entry, folders)
+            continue
+        os.chmod(entry, files | (entry.stat().st_mode & 0o111 & folders))
+        with open(entry, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:

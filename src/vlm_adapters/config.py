@@ -63,9 +63,9 @@ def format_errors(exc: ValidationError, root: str = "") -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (root, *err["loc"]) if p != "")
-        got = (
-            f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
-        )
+        shown = repr(err["input"])
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        got = f" (got {shown})" if err["type"] not in ("missing", "extra_forbidden") else ""
         msg = "unknown key; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{loc}: {msg}{got}")
     return "; ".join(parts)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .._io import check_output_dir, claim_entries, process_alive
+from .._io import check_output_dir, claim_entries, process_alive, temp_name
 from ..errors import ConfigError, OutputError, VLMError
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -73,17 +73,23 @@ def _claim(out: Path, overwrite: bool) -> None:
 
 
 def acquire_lock(out: Path) -> None:
-    """Create ``out/run.lock`` with this process's id, host and start time."""
+    """Create ``out/run.lock`` with this process's id, host and start time.
+
+    The lock is written to a temporary file and hard-linked into place, so it appears at once
+    with its content (``link`` fails when the lock exists).
+    """
     path = out / LOCK_NAME
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _take_over_if_stale(path)
-            continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_lock_info(), handle)
-        return
+    tmp = out / temp_name(LOCK_NAME, "tmp")
+    tmp.write_text(json.dumps(_lock_info()))
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return
+            except FileExistsError:
+                _take_over_if_stale(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     raise OutputError(f"{path}: could not take the run lock; another run keeps taking it")
 
 

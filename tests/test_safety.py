@@ -1,0 +1,223 @@
+"""Safety: a checkpoint never runs code or unpickles, nothing the user owns is replaced, and
+one run owns its directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlm_adapters import VisionLanguageModel, build_vlm
+from vlm_adapters.cli import main
+from vlm_adapters.errors import TrustError
+from vlm_adapters.testing.tiny import tiny_model_config
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from tiny_train import max_weight_diff, write_tiny_config  # noqa: E402
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _checkpoint(tmp_path: Path, tokenizer_dir: str, vision: str = "hf") -> Path:
+    directory = tmp_path / f"ckpt-{vision}"
+    build_vlm(tiny_model_config(tokenizer_dir, vision=vision)).save_pretrained(directory)
+    return directory
+
+
+def _edit_config(checkpoint: Path, edit) -> None:  # noqa: ANN001
+    path = checkpoint / "config.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _plant_code(directory: Path, marker: Path) -> None:
+    """A module that, if anything ever imported it, would create ``marker``."""
+    code = f"open({str(marker)!r}, 'w').close()\nclass Evil: pass\n"
+    for folder in (directory, directory / "tokenizer"):
+        (folder / "evil_code.py").write_text(code)
+
+
+class _Pickle:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (str(self.marker), "w"))
+
+
+def _plant_pickle(path: Path, marker: Path) -> Path:
+    """A pickle that creates ``marker`` when unpickled."""
+    path.write_bytes(pickle.dumps({"state_dict": _Pickle(marker)}))
+    return path
+
+
+COMMANDS = [
+    ["generate", "{ckpt}", "--prompt", "hi"],
+    ["export", "{ckpt}", "--out", "{out}"],
+    ["merge", "{ckpt}", "--out", "{out}"],
+]
+
+
+def _run(argv: list[str], ckpt: Path, out: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    code = main([a.format(ckpt=ckpt, out=out) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    return code, err
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: a[0])
+def test_a_checkpoint_asking_for_remote_code_is_refused_and_its_code_never_runs(
+    tmp_path, tokenizer_dir, capsys, argv
+):
+    ckpt, marker = _checkpoint(tmp_path, tokenizer_dir), tmp_path / "code-ran"
+    _plant_code(ckpt, marker)
+
+    def ask(data: dict) -> None:
+        data["llm"]["trust_remote_code"] = True
+        data["llm"]["config"]["auto_map"] = {"AutoModelForCausalLM": "evil_code.Evil"}
+
+    _edit_config(ckpt, ask)
+    before = _snapshot(tmp_path)
+    code, err = _run(argv, ckpt, tmp_path / "out", capsys)
+    assert code == 2 and "llm.trust_remote_code" in err and "--trust-remote-code" in err
+    # the user's consent does not let an inline config name code either
+    code, err = _run([*argv, "--trust-remote-code"], ckpt, tmp_path / "out", capsys)
+    assert code == 2 and "auto_map" in err
+    assert not marker.exists() and _snapshot(tmp_path) == before
+    with pytest.raises(TrustError, match="trust_remote_code"):
+        VisionLanguageModel.from_pretrained(ckpt)
+
+
+def test_a_tokenizer_that_names_code_never_runs_it(tmp_path, tokenizer_dir, capsys):
+    ckpt, marker = _checkpoint(tmp_path, tokenizer_dir), tmp_path / "code-ran"
+    _plant_code(ckpt, marker)
+    config = ckpt / "tokenizer" / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "auto_map": {"AutoTokenizer": ["evil_code.Evil", None]}}))
+    main(["generate", str(ckpt), "--prompt", "red", "--max-new-tokens", "1"])
+    assert "Traceback" not in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("vision", "edit", "culprit"),
+    [
+        ("open_clip", lambda v, evil: v.update(pretrained=str(evil)), "vision.pretrained"),
+        ("open_clip", lambda v, evil: v["model_kwargs"].update(weights_only=False), "weights_only"),
+        ("open_clip", lambda v, evil: v.update(model=f"local-dir:{evil.parent}"), "local-dir"),
+        ("timm", lambda v, evil: v["model_kwargs"].update(checkpoint_path=str(evil)), "checkpoint"),
+        ("timm", lambda v, evil: v.update(pretrained=True), "vision.pretrained"),
+        ("hf", lambda v, evil: v.update(model=str(evil.parent), config=None), "vision.model"),
+    ],
+    ids=["open_clip-file", "weights_only", "local-dir", "timm-checkpoint_path", "timm-hub", "hf"],
+)
+def test_a_checkpoint_naming_weights_outside_itself_is_refused_and_nothing_is_unpickled(
+    tmp_path, tokenizer_dir, capsys, vision, edit, culprit
+):
+    ckpt, marker = _checkpoint(tmp_path, tokenizer_dir, vision), tmp_path / "unpickled"
+    evil = _plant_pickle(ckpt / "weights.pt", marker)
+    (ckpt / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
+    _edit_config(ckpt, lambda data: edit(data["vision"], evil))
+    before = _snapshot(tmp_path)
+    for argv in COMMANDS:
+        code, err = _run(argv, ckpt, tmp_path / "out", capsys)
+        assert code == 2 and culprit in err, err
+    assert not marker.exists() and _snapshot(tmp_path) == before
+
+
+def test_export_never_replaces_a_user_directory_or_its_source(tmp_path, tokenizer_dir, capsys):
+    ckpt = _checkpoint(tmp_path, tokenizer_dir)
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "todo.txt").write_text("keep me")
+    (mine / "config.json").write_text("{}")
+    before = _snapshot(tmp_path)
+    assert main(["export", str(ckpt), "--out", str(mine)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    for target in (ckpt, ckpt / "export"):
+        assert main(["export", str(ckpt), "--out", str(target), "--overwrite"]) == 2
+        assert "overlaps the source" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+
+    assert main(["export", str(ckpt), "--out", str(mine), "--overwrite"]) == 0
+    assert (mine / "notes" / "todo.txt").read_text() == "keep me"  # theirs kept
+    assert json.loads((mine / "config.json").read_text())["model_type"] == "llava"
+    assert oct((mine / "model.safetensors").stat().st_mode & 0o777) != "0o600"
+    assert oct(mine.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    # exporting again replaces only our own files
+    assert main(["export", str(ckpt), "--out", str(mine), "--overwrite"]) == 0
+    assert (mine / "notes" / "todo.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_the_first_is_unharmed(tmp_path, capsys):
+    config = write_tiny_config(tmp_path, num_train=32)
+    script = [sys.executable, str(SCRIPTS / "tiny_train.py"), str(config)]
+    args = ["stages.align.epochs=3", "stages.finetune.epochs=3"]
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    first = subprocess.Popen([*script, str(out), *args], stdout=subprocess.DEVNULL)
+    alone = subprocess.Popen([*script, str(reference), *args], stdout=subprocess.DEVNULL)
+    _wait_for(out / "run.lock", first)
+    assert main(["train", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another run" in err and f"pid {first.pid}" in err
+    assert first.wait() == 0 and alone.wait() == 0
+    assert max_weight_diff(out / "finetune" / "final", reference / "finetune" / "final") == 0.0
+    assert not (out / "run.lock").exists()
+
+
+def test_a_dead_runs_lock_is_taken_over_with_a_warning(tmp_path, caplog):
+    from vlm_adapters.training import train
+
+    config = write_tiny_config(tmp_path, num_train=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = {"pid": 999_999_999, "host": socket.gethostname(), "started": "then", "command": "x"}
+    (out / "run.lock").write_text(json.dumps(lock))
+    (out / ".vlm_adapters_files.json").write_text(json.dumps(["run.lock"]))
+    train(config, "align", out)
+    assert "taking over the lock of a run that is gone" in caplog.text
+    assert (out / "align" / "final" / "model.safetensors").is_file()
+    assert not (out / "run.lock").exists()
+
+
+def test_resuming_with_a_changed_config_needs_consent(tmp_path, caplog):
+    from vlm_adapters.errors import ConfigError
+    from vlm_adapters.training import train
+
+    config = write_tiny_config(tmp_path, num_train=8)
+    out = tmp_path / "out"
+    train(config, "align", out, overrides=["run.save_every=1"])
+    changed = ["run.save_every=1", "stages.align.lr=0.5", "run.log_every=3"]
+    with pytest.raises(ConfigError, match=r"stages\.align\.lr: 0\.01 -> 0\.5.*allow-config-change"):
+        train(config, "align", out, resume="auto", overrides=changed)
+    train(config, "align", out, resume="auto", overrides=changed, allow_config_change=True)
+    assert "resuming with a changed config: stages.align.lr" in caplog.text
