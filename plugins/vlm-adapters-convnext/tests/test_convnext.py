@@ -53,6 +53,9 @@ def test_bad_options_are_clear() -> None:
         build_convnext(ConvNeXtConfig(**{**TINY, "image_size": 72}))
     with pytest.raises(ValueError, match="not a ConvNeXt"):
         build_convnext(ConvNeXtConfig(model="resnet18", pretrained=False))
+    with pytest.raises(ValueError, match="checkpoint_path not allowed"):
+        ConvNeXtConfig(**{**TINY, "model_kwargs": {"checkpoint_path": "weights.pt"}})
+    assert ConvNeXtConfig(**{**TINY, "pretrained": True}).sources() == {"pretrained": True}
 
 
 def test_composes_with_builtins_from_yaml(tmp_path, vlm_tiny_model_config, vlm_check_vlm) -> None:

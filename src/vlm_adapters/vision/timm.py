@@ -49,6 +49,12 @@ def _allowed(kwargs: dict[str, Any], allowed: frozenset[str], library: str) -> d
     return kwargs
 
 
+def check_timm_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Validator for ``model_kwargs`` bound for ``timm.create_model`` (also for plugins):
+    architecture options from :data:`TIMM_MODEL_KWARGS` only, never a loader option."""
+    return _allowed(kwargs, TIMM_MODEL_KWARGS, "timm.create_model")
+
+
 def _no_local_dir(model: str) -> str:
     if model.startswith(_LOCAL_SCHEMA):
         raise ValueError(
@@ -70,9 +76,7 @@ class TimmVisionConfig(ComponentConfig):
         default_factory=dict, description="Extra keyword arguments for timm.create_model."
     )
 
-    _kwargs = field_validator("model_kwargs")(
-        lambda v: _allowed(v, TIMM_MODEL_KWARGS, "timm.create_model")
-    )
+    _kwargs = field_validator("model_kwargs")(lambda v: check_timm_model_kwargs(v))
     _model = field_validator("model")(_no_local_dir)
 
     def sources(self) -> dict[str, Any]:

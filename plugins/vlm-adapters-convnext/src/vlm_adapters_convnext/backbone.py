@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from vlm_adapters import ComponentConfig
 from vlm_adapters.vision import ImageTransform, VisionBackbone
+from vlm_adapters.vision.timm import check_timm_model_kwargs
 
 
 class ConvNeXtConfig(ComponentConfig):
@@ -35,8 +36,14 @@ class ConvNeXtConfig(ComponentConfig):
         description="Earlier stages pooled to the grid of `stage` and concatenated (multi-scale).",
     )
     model_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for timm.create_model."
+        default_factory=dict, description="Extra architecture options for timm.create_model."
     )
+
+    _kwargs = field_validator("model_kwargs")(lambda v: check_timm_model_kwargs(v))
+
+    def sources(self) -> dict[str, Any]:
+        """timm's pretrained weights, when asked for (never from a checkpoint)."""
+        return {"pretrained": True} if self.pretrained else {}
 
 
 class ConvNeXtBackbone(VisionBackbone):
