@@ -134,8 +134,11 @@ def model_config_from_dict(data: dict[str, Any], where: str = "") -> ModelConfig
 def check_compatibility(config: ModelConfig, where: str = "") -> None:
     """Catch impossible combinations from the configs alone (cheap; no weights loaded)."""
     prefix = f"{where}: " if where else ""
-    vision = _probe(config.vision.params)
-    llm = _probe(config.llm.params)
+    try:
+        vision = _probe(config.vision.params)
+        llm = _probe(config.llm.params)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
     if vision is None:
         return
     num_patches, _ = vision

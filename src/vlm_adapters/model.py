@@ -18,7 +18,7 @@ from .config import ModelConfig, model_config_from_dict
 from .connectors import Connector
 from .errors import CheckpointError, ComponentError, ConfigError, TrustError
 from .llm import LLMBackend
-from .plugins import get_registry
+from .plugins import BUILTIN_PROVIDER, get_registry
 from .processing import VLMProcessor
 from .templates import TEMPLATES
 from .vision import VisionBackbone
@@ -328,7 +328,13 @@ def _require_components(data: dict[str, Any]) -> None:
             registry.get(kind, name)
         except ComponentError:
             provider = data.get("providers", {}).get(kind, "unknown")
+            if provider == BUILTIN_PROVIDER:
+                raise ComponentError(
+                    f"this checkpoint needs the {kind} component {name!r}, which this version "
+                    f"of vlm-adapters does not have; it may come from a newer version"
+                ) from None
             raise ComponentError(
-                f"this checkpoint needs the {kind} component {name!r} from the package "
-                f"{provider!r}, which is not installed; run `pip install {provider}`"
+                f"this checkpoint needs the {kind} component {name!r}, which its config says "
+                f"comes from the package {provider!r}; that package is not installed (install "
+                "the plugin if you trust it)"
             ) from None

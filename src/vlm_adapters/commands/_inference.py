@@ -22,6 +22,8 @@ def load_checkpoint(path: str, trust_remote_code: bool = False) -> VisionLanguag
     from ..model import VisionLanguageModel
 
     config = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
     if not config.is_file():
         raise CheckpointError(f"{path}: no config.json; pass a checkpoint directory")
     try:
@@ -55,9 +57,9 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def output_dir(args: argparse.Namespace, source: str) -> Path:
     """``--out``, checked before any work: never the source, never a non-empty directory
     unless ``--overwrite``."""
-    out = Path(args.out)
+    out = check_output_dir(args.out, overwrite=True, protect=[source])  # overlap, a file
     if is_empty_dir(out) or not out.exists() or args.overwrite:
-        return check_output_dir(out, overwrite=args.overwrite, protect=[source])
+        return out
     raise OutputError(
         f"--out {out} exists and is not empty; choose a new directory, or pass --overwrite "
         "(only the files vlm-adapters writes are replaced; yours are kept)"

@@ -276,13 +276,17 @@ def _check_is_llava(source: str) -> None:
     weights, before any model is built."""
     from transformers import AutoConfig
 
-    config = load_or_explain("import", source, lambda: AutoConfig.from_pretrained(source))
-    if config.model_type != "llava":
+    local = Path(source)
+    if local.is_dir():
+        model_type = _local_model_type(local)
+    else:
+        config = load_or_explain("import", source, lambda: AutoConfig.from_pretrained(source))
+        model_type = config.model_type
+    if model_type != "llava":
         raise ExportError(
-            f"{source}: not a transformers LLaVA checkpoint (model_type {config.model_type!r}); "
+            f"{source}: not a transformers LLaVA checkpoint (model_type {model_type!r}); "
             "import reads LlavaForConditionalGeneration checkpoints"
         )
-    local = Path(source)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         raise ExportError(
             f"{source}: no .safetensors weights; vlm-adapters never unpickles .bin files: "
@@ -369,6 +373,25 @@ def _copy_weights(llava: nn.Module, model: VisionLanguageModel) -> None:
 def _bias(linear: nn.Linear) -> torch.Tensor:
     """The layer's bias, or zeros when ``multimodal_projector_bias`` is off."""
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+def _local_model_type(directory: Path) -> str | None:
+    """``model_type`` of a local checkpoint's ``config.json`` (read as plain JSON)."""
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{directory}: no config.json; is it a checkpoint directory?") from None
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: not a checkpoint config")
+    if data.get("format") == "vlm-adapters":
+        raise ExportError(
+            f"{directory}: not a transformers LLaVA checkpoint but a vlm-adapters one already; "
+            "use it directly"
+        )
+    return data.get("model_type")
 
 
 def _recorded_template(path: Path) -> str | None:

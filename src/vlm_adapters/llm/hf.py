@@ -90,7 +90,7 @@ def _load_tokenizer(cfg: HFLLMConfig) -> Any:
 
     source = cfg.tokenizer or cfg.model
     return load_or_explain(
-        "llm.tokenizer",
+        "llm.tokenizer" if cfg.tokenizer else "llm.model",
         source,
         lambda: AutoTokenizer.from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code

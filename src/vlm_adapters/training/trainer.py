@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from transformers import get_scheduler
 from .._io import remove_stale_temps, remove_tree
 from ..data import DataCollator, LengthGroupedSampler, LlavaDataset, SkipCounter, load_records
 from ..data.llava import Skipped
-from ..errors import CheckpointError, ConfigError, OutputError, TrainingError
+from ..errors import CheckpointError, ComponentError, ConfigError, OutputError, TrainingError
 from ..model import IGNORE_INDEX
 from ..templates import check_template
 from .artifact import CONFIG_NAME as CONNECTOR_CONFIG
@@ -451,8 +452,9 @@ def train(
     out = Path(out)
     names = stages_to_run(config, stage)
     datasets = {name: config.dataset(name) for name in names}  # every stage, before any runs
-    for name, source in datasets.items():
-        _check_dataset(name, source)
+    with naming_file(config.where):
+        for name, source in datasets.items():
+            _check_dataset(name, source)
     state = PartialState(cpu=cpu_only_launch())
     with locked_run_dir(out, overwrite=overwrite, state=state):
         plan = on_main(
@@ -462,7 +464,8 @@ def train(
         built_here = model is None
         if built_here:
             set_seed(config.run.seed)  # same initial weights on every process and every run
-            model = build_vlm(config.model)
+            with naming_file(config.where):
+                model = build_vlm(config.model)
         _check_model_fits(config, model, datasets)
         if "align" not in names:
             _carry_connector(model, out, required=built_here and not fresh_connector)
@@ -473,6 +476,17 @@ def train(
                 continue
             summaries[name] = Trainer(model, config, name, out).fit(resume=plan[name])
     return summaries
+
+
+@contextlib.contextmanager
+def naming_file(where: str) -> Iterator[None]:
+    """Prefix config and component errors raised inside with the config file's name."""
+    try:
+        yield
+    except (ConfigError, ComponentError) as error:
+        if not where or str(error).startswith(where):
+            raise
+        raise type(error)(f"{where}: {error}") from None
 
 
 def _check_dataset(stage: str, source: Any) -> None:

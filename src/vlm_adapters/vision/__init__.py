@@ -1,5 +1,6 @@
 """Vision backbones: ``forward(pixel_values [B,3,H,W]) -> features [B, N, D]``."""
 
 from .base import ImageTransform, VisionBackbone
+from .timm import TIMM_MODEL_KWARGS, check_timm_model_kwargs
 
-__all__ = ["ImageTransform", "VisionBackbone"]
+__all__ = ["TIMM_MODEL_KWARGS", "ImageTransform", "VisionBackbone", "check_timm_model_kwargs"]

@@ -15,8 +15,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vlm_adapters import ComponentConfig
-from vlm_adapters.vision import ImageTransform, VisionBackbone
-from vlm_adapters.vision.timm import check_timm_model_kwargs
+from vlm_adapters.vision import ImageTransform, VisionBackbone, check_timm_model_kwargs
 
 
 class ConvNeXtConfig(ComponentConfig):
