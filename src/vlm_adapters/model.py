@@ -334,7 +334,7 @@ def _require_components(data: dict[str, Any]) -> None:
                     f"of vlm-adapters does not have; it may come from a newer version"
                 ) from None
             raise ComponentError(
-                f"this checkpoint needs the {kind} component {name!r}, which its config says "
-                f"comes from the package {provider!r}; that package is not installed (install "
-                "the plugin if you trust it)"
+                f"this checkpoint needs the {kind} component {name!r}, which its config.json "
+                f"says comes from the package {provider!r}; it is not installed: if you trust "
+                f"it, run `pip install {provider}`"
             ) from None
