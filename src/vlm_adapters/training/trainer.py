@@ -196,8 +196,7 @@ class Trainer:
         )
         self.num_samples = len(records)
         dataset, skipped = dataset.precheck()
-        if self.is_main:
-            self._skipped_log().unlink(missing_ok=True)
+        self.skipped = _read_skipped(self._skipped_log())  # a resumed run keeps its list
         self._record_skips(skipped, "the up-front check")
         return dataset
 
@@ -211,8 +210,7 @@ class Trainer:
             self.skipped[item.index] = item
         if self.is_main and new:
             self.dir.mkdir(parents=True, exist_ok=True)
-            with open(self._skipped_log(), "a", encoding="utf-8") as handle:
-                handle.writelines(_json_line(item.to_json()) for item in new)
+            _append_lines(self._skipped_log(), [_json_line(item.to_json()) for item in new])
         limit = self.config.data.max_skip_fraction
         count, total = len(self.skipped), self.num_samples
         if count > limit * total or count == total:
@@ -396,6 +394,28 @@ def cpu_only_launch() -> bool:
     """True for several processes on a machine without an accelerator (DDP over gloo on CPU)."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return several and not torch.accelerator.is_available()
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    """Append to a JSONL file, first ending a last line that a kill cut short."""
+    with open(path, "a+b") as handle:
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+        handle.write("".join(lines).encode())
+
+
+def _read_skipped(path: Path) -> dict[int, Skipped]:
+    """The samples an earlier (interrupted) run of the stage listed in ``skipped.jsonl``."""
+    found: dict[int, Skipped] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            item = Skipped(**json.loads(line))
+        except (TypeError, ValueError):
+            continue  # a line cut by a kill
+        found[item.index] = item
+    return found
 
 
 def _step_seed(seed: int, step: int, accelerator: Any) -> int:
