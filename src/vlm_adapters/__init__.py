@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ConfigError, ModelConfig, apply_overrides, model_config_from_dict, read_yaml
-from .hookspecs import hookimpl
-from .model import VisionLanguageModel, VLMOutput
-from .plugins import list_components
-from .registry import ComponentConfig, ComponentSpec
+from vlm_adapters.config import (
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    model_config_from_dict,
+    read_yaml,
+)
+from vlm_adapters.hookspecs import hookimpl
+from vlm_adapters.model import VisionLanguageModel, VLMOutput
+from vlm_adapters.plugins import list_components
+from vlm_adapters.registry import ComponentConfig, ComponentSpec
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from vlm_adapters.errors import OutputError
 
 MANIFEST = ".vlm_adapters_files.json"
 """Written into every directory we create: the entries we wrote (so we replace only those)."""

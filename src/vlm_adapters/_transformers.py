@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import ComponentError
+from vlm_adapters.errors import ComponentError
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 """Attention kernels a config may name (a hub kernel repo would download and run code)."""

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, run the subcommand, turn known errors into one line."""
-    from .errors import VLMError
+    from vlm_adapters.errors import VLMError
 
     args = build_parser().parse_args(argv)
     try:

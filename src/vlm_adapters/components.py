@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Section, parse_section
-from .connectors import Connector
-from .llm import LLMBackend
-from .plugins import get_registry
-from .vision import VisionBackbone
+from vlm_adapters.config import Section, parse_section
+from vlm_adapters.connectors import Connector
+from vlm_adapters.llm import LLMBackend
+from vlm_adapters.plugins import get_registry
+from vlm_adapters.vision import VisionBackbone
 
 
 def _section(kind: str, section: Section | dict[str, Any]) -> Section:

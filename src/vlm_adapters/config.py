@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ComponentError, ConfigError
-from .plugins import get_registry
-from .registry import ComponentConfig
+from vlm_adapters.errors import ComponentError, ConfigError
+from vlm_adapters.plugins import get_registry
+from vlm_adapters.registry import ComponentConfig
 
 SECTIONS = {"vision": "vision", "connector": "connector", "llm": "llm"}
 

@@ -9,10 +9,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._io import check_output_dir, claim_entries
-from .data import build_word_tokenizer, generate_shapes, load_records, shapes_vocabulary
-from .data.tokenizer import TEMPLATE_SPECIAL_TOKENS
-from .templates import template_vocabulary
+from vlm_adapters._io import check_output_dir, claim_entries
+from vlm_adapters.data import build_word_tokenizer, generate_shapes, load_records, shapes_vocabulary
+from vlm_adapters.data.tokenizer import TEMPLATE_SPECIAL_TOKENS
+from vlm_adapters.templates import template_vocabulary
 
 logger = logging.getLogger("vlm_adapters.demo")
 DEMO_ENTRIES = ("data", "tokenizer", "hf-llava", "summary.json")
@@ -43,9 +43,9 @@ def run_demo(
     """
     from accelerate.utils import set_seed
 
-    from . import build_vlm
-    from .evaluation import evaluate
-    from .training import load_train_config, train
+    from vlm_adapters import build_vlm
+    from vlm_adapters.evaluation import evaluate
+    from vlm_adapters.training import load_train_config, train
 
     start = time.perf_counter()
     out = check_output_dir(out, overwrite=overwrite)
@@ -107,7 +107,7 @@ def _summary(
 
 
 def _export(model: Any, directory: Path) -> str:
-    from .export import check_exportable, to_hf_llava
+    from vlm_adapters.export import check_exportable, to_hf_llava
 
     reason = check_exportable(model)
     if reason:

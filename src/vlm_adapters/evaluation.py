@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .data import DataCollator, LlavaDataset
-from .data.images import ImageProblem, confined_path, open_image
-from .data.llava import image_paths, sample_id
-from .generation import generate, resolve_template
-from .templates import IMAGE_MARKER, DataError, normalize_turns
+from vlm_adapters.data import DataCollator, LlavaDataset
+from vlm_adapters.data.images import ImageProblem, confined_path, open_image
+from vlm_adapters.data.llava import image_paths, sample_id
+from vlm_adapters.generation import generate, resolve_template
+from vlm_adapters.templates import IMAGE_MARKER, DataError, normalize_turns
 
 if TYPE_CHECKING:
-    from .model import VisionLanguageModel
+    from vlm_adapters.model import VisionLanguageModel
 
 _TRAILING_PUNCT = re.compile(r"[\s.!?,;:]+$")
 

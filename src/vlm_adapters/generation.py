@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from .processing import pad_batch
-from .templates import IMAGE_MARKER, encode_prompt, stop_token_ids, with_image_markers
+from vlm_adapters.processing import pad_batch
+from vlm_adapters.templates import IMAGE_MARKER, encode_prompt, stop_token_ids, with_image_markers
 
 if TYPE_CHECKING:
-    from .model import VisionLanguageModel
+    from vlm_adapters.model import VisionLanguageModel
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 Turns = Sequence[Mapping[str, Any]]

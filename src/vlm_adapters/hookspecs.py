@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .registry import ComponentSpec
+from vlm_adapters.registry import ComponentSpec
 
 PROJECT = "vlm_adapters"
 

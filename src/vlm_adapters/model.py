@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ._io import atomic_dir, package_versions, safetensors_problem
-from .components import build_connector, build_llm, build_vision
-from .config import ModelConfig, model_config_from_dict
-from .connectors import Connector
-from .errors import CheckpointError, ComponentError, ConfigError, TrustError
-from .llm import LLMBackend
-from .plugins import BUILTIN_PROVIDER, get_registry
-from .processing import VLMProcessor
-from .templates import TEMPLATES
-from .vision import VisionBackbone
+from vlm_adapters._io import atomic_dir, package_versions, safetensors_problem
+from vlm_adapters.components import build_connector, build_llm, build_vision
+from vlm_adapters.config import ModelConfig, model_config_from_dict
+from vlm_adapters.connectors import Connector
+from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
+from vlm_adapters.llm import LLMBackend
+from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry
+from vlm_adapters.processing import VLMProcessor
+from vlm_adapters.templates import TEMPLATES
+from vlm_adapters.vision import VisionBackbone
 
 IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"
@@ -171,7 +171,7 @@ class VisionLanguageModel(nn.Module):
         holds the base weights under their plain names and each adapter is written in peft's
         layout (``adapter/``, ``vision_adapter/``).
         """
-        from .training.lora import has_lora, save_lora
+        from vlm_adapters.training.lora import has_lora, save_lora
 
         with atomic_dir(directory, overwrite=overwrite, protect=protect) as tmp:
             self.llm.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
@@ -184,7 +184,7 @@ class VisionLanguageModel(nn.Module):
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Every component with the kwargs that rebuild it offline, plus package versions."""
-        from .training.lora import lora_checkpoint_config
+        from vlm_adapters.training.lora import lora_checkpoint_config
 
         registry = get_registry()
         parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm}
@@ -226,7 +226,7 @@ class VisionLanguageModel(nn.Module):
         model = cls.from_config(config)
         try:
             if "lora" in data or "vision_lora" in data:
-                from .training.lora import load_lora
+                from vlm_adapters.training.lora import load_lora
 
                 load_lora(model, directory, data)
             else:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .registry import ComponentSpec, Registry
+from vlm_adapters import hookspecs
+from vlm_adapters.registry import ComponentSpec, Registry
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .vision import ImageTransform
+from vlm_adapters.vision import ImageTransform
 
 
 class VLMProcessor:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import ComponentError
+from vlm_adapters.errors import ComponentError
 
 Kind = Literal["vision", "connector", "llm"]
 KINDS: tuple[Kind, ...] = ("vision", "connector", "llm")

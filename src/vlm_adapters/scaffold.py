@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 from string import Template
 
-from ._io import atomic_dir
-from .plugins import get_registry
+from vlm_adapters._io import atomic_dir
+from vlm_adapters.plugins import get_registry
 
 KINDS = ("connector", "vision", "llm")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*[a-z0-9]$")

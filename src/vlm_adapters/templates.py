@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import DataError
+from vlm_adapters.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

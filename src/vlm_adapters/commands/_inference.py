@@ -7,19 +7,19 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import check_output_dir, is_empty_dir
-from ..errors import CheckpointError, OutputError
+from vlm_adapters._io import check_output_dir, is_empty_dir
+from vlm_adapters.errors import CheckpointError, OutputError
 
 if TYPE_CHECKING:
-    from ..model import VisionLanguageModel
+    from vlm_adapters.model import VisionLanguageModel
 
 
 def load_checkpoint(path: str, trust_remote_code: bool = False) -> VisionLanguageModel:
     """A vlm-adapters checkpoint, or a transformers LLaVA checkpoint, ready for inference."""
     import torch
 
-    from ..export import from_hf_llava
-    from ..model import VisionLanguageModel
+    from vlm_adapters.export import from_hf_llava
+    from vlm_adapters.model import VisionLanguageModel
 
     config = Path(path) / "config.json"
     if not Path(path).is_dir():
@@ -90,6 +90,6 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def open_image(path: str) -> Any:
     """The image at ``path`` as RGB; a one-line error when it is missing, corrupt or too big."""
-    from ..data.images import open_image as open_checked
+    from vlm_adapters.data.images import open_image as open_checked
 
     return open_checked(path)

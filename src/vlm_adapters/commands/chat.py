@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import DataError
-from ._inference import add_generation_options, generation_kwargs, load_checkpoint, open_image
+from vlm_adapters.commands._inference import (
+    add_generation_options,
+    generation_kwargs,
+    load_checkpoint,
+    open_image,
+)
+from vlm_adapters.errors import DataError
 
 HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
 
@@ -19,7 +24,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import resolve_template
+    from vlm_adapters.generation import resolve_template
 
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     image = open_image(args.image) if args.image else None
@@ -43,7 +48,7 @@ def _read() -> str | None:
 
 def _answer(model: Any, turns: list[dict[str, str]], image: Any, args: argparse.Namespace) -> str:
     """Stream the assistant's answer to stdout and return it."""
-    from ..generation import generate_ids, text_streamer
+    from vlm_adapters.generation import generate_ids, text_streamer
 
     print("assistant> ", end="", flush=True)
     ids = generate_ids(

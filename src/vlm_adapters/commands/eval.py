@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ._inference import add_trust_option, load_checkpoint
+from vlm_adapters.commands._inference import add_trust_option, load_checkpoint
 
 
 def add_parser(sub: Any) -> None:
@@ -24,8 +24,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_records
-    from ..evaluation import evaluate
+    from vlm_adapters.data import load_records
+    from vlm_adapters.evaluation import evaluate
 
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     records = load_records(args.data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._inference import add_output_options, add_trust_option, output_dir
+from vlm_adapters.commands._inference import add_output_options, add_trust_option, output_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -21,8 +21,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import to_hf_llava
-    from ..model import VisionLanguageModel
+    from vlm_adapters.export import to_hf_llava
+    from vlm_adapters.model import VisionLanguageModel
 
     out = output_dir(args, args.checkpoint)
     model = VisionLanguageModel.from_pretrained(

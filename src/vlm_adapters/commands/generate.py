@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._inference import add_generation_options, generation_kwargs, load_checkpoint, open_image
+from vlm_adapters.commands._inference import (
+    add_generation_options,
+    generation_kwargs,
+    load_checkpoint,
+    open_image,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -17,7 +22,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import generate_ids, text_streamer
+    from vlm_adapters.generation import generate_ids, text_streamer
 
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     images = [open_image(args.image) if args.image else None]

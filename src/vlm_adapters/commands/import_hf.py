@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._inference import add_output_options, output_dir
+from vlm_adapters.commands._inference import add_output_options, output_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import from_hf_llava
+    from vlm_adapters.export import from_hf_llava
 
     out = output_dir(args, args.source)
     model = from_hf_llava(args.source, template=args.template)

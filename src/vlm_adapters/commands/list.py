@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..plugins import list_components
+from vlm_adapters.plugins import list_components
 
 
 def add_parser(sub: Any) -> None:

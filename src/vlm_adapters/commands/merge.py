@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._inference import add_output_options, add_trust_option, output_dir
+from vlm_adapters.commands._inference import add_output_options, add_trust_option, output_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -19,9 +19,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import CheckpointError
-    from ..model import VisionLanguageModel
-    from ..training.lora import has_lora, merge_lora
+    from vlm_adapters.errors import CheckpointError
+    from vlm_adapters.model import VisionLanguageModel
+    from vlm_adapters.training.lora import has_lora, merge_lora
 
     out = output_dir(args, args.checkpoint)
     model = VisionLanguageModel.from_pretrained(

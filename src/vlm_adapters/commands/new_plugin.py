@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..scaffold import KINDS, new_plugin
+from vlm_adapters.scaffold import KINDS, new_plugin
 
 
 def add_parser(sub: Any) -> None:

@@ -58,7 +58,7 @@ def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from ..training import train
+    from vlm_adapters.training import train
 
     opts = _parse_rest(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -1,5 +1,5 @@
 """Connectors: ``forward(features [B, N, Dv]) -> visual tokens [B, M, Dllm]``."""
 
-from .base import Connector, ConnectorConfig
+from vlm_adapters.connectors.base import Connector, ConnectorConfig
 
 __all__ = ["Connector", "ConnectorConfig"]

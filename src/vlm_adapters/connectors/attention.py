@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import Connector, ConnectorConfig
+from vlm_adapters.connectors.base import Connector, ConnectorConfig
 
 
 class QueryConfig(ConnectorConfig):

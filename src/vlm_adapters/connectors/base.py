@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..registry import ComponentConfig
+from vlm_adapters.registry import ComponentConfig
 
 
 class ConnectorConfig(ComponentConfig):

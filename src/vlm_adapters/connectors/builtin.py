@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..registry import ComponentSpec
-from .attention import QFormerConfig, QFormerConnector, ResamplerConfig, ResamplerConnector
-from .pool import PoolConfig, PoolConnector
-from .simple import LinearConfig, LinearConnector, MLPConfig, MLPConnector
+from vlm_adapters.connectors.attention import (
+    QFormerConfig,
+    QFormerConnector,
+    ResamplerConfig,
+    ResamplerConnector,
+)
+from vlm_adapters.connectors.pool import PoolConfig, PoolConnector
+from vlm_adapters.connectors.simple import LinearConfig, LinearConnector, MLPConfig, MLPConnector
+from vlm_adapters.hookspecs import hookimpl
+from vlm_adapters.registry import ComponentSpec
 
 
 @hookimpl

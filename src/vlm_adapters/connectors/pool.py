@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Connector, ConnectorConfig, mlp
+from vlm_adapters.connectors.base import Connector, ConnectorConfig, mlp
 
 
 class PoolConfig(ConnectorConfig):

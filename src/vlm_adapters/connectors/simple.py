@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import Connector, ConnectorConfig, mlp
+from vlm_adapters.connectors.base import Connector, ConnectorConfig, mlp
 
 Activation = Literal["gelu", "relu", "silu", "tanh"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import DataError
+from vlm_adapters.errors import DataError
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Default cap on width x height (PIL's own decompression-bomb threshold)."""

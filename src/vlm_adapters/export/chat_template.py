@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..templates import EOS, IMAGE_MARKER, ChatTemplate, get_template
+from vlm_adapters.templates import EOS, IMAGE_MARKER, ChatTemplate, get_template
 
 _CONTENT = "{content}"
 

@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .._io import atomic_dir, package_versions
-from .._transformers import load_or_explain
-from ..connectors.simple import LinearConnector, MLPConnector
-from ..errors import ExportError
-from ..llm.hf import HFLLM
-from ..templates import TEMPLATES, stop_token_ids
-from ..vision.hf import HFVisionBackbone
-from .chat_template import chat_template_jinja
+from vlm_adapters._io import atomic_dir, package_versions
+from vlm_adapters._transformers import load_or_explain
+from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
+from vlm_adapters.errors import ExportError
+from vlm_adapters.export.chat_template import chat_template_jinja
+from vlm_adapters.llm.hf import HFLLM
+from vlm_adapters.templates import TEMPLATES, stop_token_ids
+from vlm_adapters.vision.hf import HFVisionBackbone
 
 if TYPE_CHECKING:
-    from ..model import VisionLanguageModel
+    from vlm_adapters.model import VisionLanguageModel
 
 META_NAME = "vlm_adapters.json"
 """Written beside the export: the chat template name and package versions."""
@@ -55,7 +55,7 @@ def to_hf_llava(
     processor's and tokenizer's Jinja chat template. LoRA adapters are merged into ``model``
     in place first. ``overwrite`` and ``protect`` work as in ``save_pretrained``.
     """
-    from ..training.lora import has_lora, merge_lora
+    from vlm_adapters.training.lora import has_lora, merge_lora
 
     reason = check_exportable(model)
     if reason:
@@ -252,7 +252,7 @@ def from_hf_llava(path: str | Path, template: str | None = None) -> VisionLangua
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from ..model import VisionLanguageModel
+    from vlm_adapters.model import VisionLanguageModel
 
     source = str(path)
     _check_is_llava(source)

@@ -1,5 +1,5 @@
 """LLM backends: a causal LM with its tokenizer, split into embed / body / head."""
 
-from .base import LLMBackend
+from vlm_adapters.llm.base import LLMBackend
 
 __all__ = ["LLMBackend"]

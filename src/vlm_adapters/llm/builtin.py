@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..registry import ComponentSpec
-from .hf import HFLLM, HFLLMConfig
+from vlm_adapters.hookspecs import hookimpl
+from vlm_adapters.llm.hf import HFLLM, HFLLMConfig
+from vlm_adapters.registry import ComponentSpec
 
 
 @hookimpl

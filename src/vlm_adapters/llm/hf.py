@@ -7,14 +7,14 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from .._transformers import (
+from vlm_adapters._transformers import (
     check_attn_implementation,
     check_inline_config,
     inline_config,
     load_or_explain,
 )
-from ..registry import ComponentConfig
-from .base import LLMBackend, _max_positions
+from vlm_adapters.llm.base import LLMBackend, _max_positions
+from vlm_adapters.registry import ComponentConfig
 
 
 class HFLLMConfig(ComponentConfig):

@@ -1,13 +1,13 @@
 """Helpers for testing vlm-adapters and its plugins: tiny offline configs, conformance checks."""
 
-from .checks import (
+from vlm_adapters.testing.checks import (
     check_connector,
     check_llm_backend,
     check_vision_backbone,
     check_vlm,
     registered,
 )
-from .tiny import (
+from vlm_adapters.testing.tiny import (
     IMAGE_SIZE,
     LLM_FAMILIES,
     NUM_PATCHES,

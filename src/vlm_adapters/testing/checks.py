@@ -22,11 +22,11 @@ from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ..connectors import Connector
-from ..llm import LLMBackend
-from ..plugins import get_registry
-from ..registry import ComponentConfig, ComponentSpec
-from ..vision import ImageTransform, VisionBackbone
+from vlm_adapters.connectors import Connector
+from vlm_adapters.llm import LLMBackend
+from vlm_adapters.plugins import get_registry
+from vlm_adapters.registry import ComponentConfig, ComponentSpec
+from vlm_adapters.vision import ImageTransform, VisionBackbone
 
 SpecOrName = ComponentSpec | str
 ConfigLike = ComponentConfig | dict[str, Any] | None
@@ -120,7 +120,7 @@ def check_vlm(config: Any) -> Any:
     Checks the loss is finite, gradients reach the connector, and a
     ``save_pretrained`` / ``from_pretrained`` round trip gives identical logits.
     """
-    from .. import VisionLanguageModel, build_vlm
+    from vlm_adapters import VisionLanguageModel, build_vlm
 
     model = build_vlm(config).eval()
     batch = _vlm_batch(model)
@@ -355,7 +355,7 @@ def _check_registry(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """The name resolves in the registry and rebuilds the same architecture."""
-    from ..components import build_connector, build_llm, build_vision
+    from vlm_adapters.components import build_connector, build_llm, build_vision
 
     registry = get_registry()
     _expect(

@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(scope="session")
 def vlm_tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Directory of a tiny offline word tokenizer (for tiny LLM configs)."""
-    from . import tiny_tokenizer
+    from vlm_adapters.testing import tiny_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return tiny_tokenizer(tmp_path_factory.mktemp("vlm_tiny_tokenizer"))
@@ -29,7 +29,7 @@ def vlm_tiny_model_config(vlm_tiny_tokenizer: str) -> Callable[..., dict[str, An
     ``vlm_tiny_model_config(connector={"type": "mine", "width": 8})`` keeps the tiny
     vision backbone and LLM and swaps in your connector section.
     """
-    from . import tiny_connector_config, tiny_llm_config, tiny_vision_config
+    from vlm_adapters.testing import tiny_connector_config, tiny_llm_config, tiny_vision_config
 
     def make(
         vision: str | dict[str, Any] = "hf",
@@ -50,7 +50,7 @@ def vlm_tiny_model_config(vlm_tiny_tokenizer: str) -> Callable[..., dict[str, An
 @pytest.fixture
 def vlm_check_connector() -> Callable[..., Any]:
     """:func:`vlm_adapters.testing.check_connector`."""
-    from .checks import check_connector
+    from vlm_adapters.testing.checks import check_connector
 
     return check_connector
 
@@ -58,7 +58,7 @@ def vlm_check_connector() -> Callable[..., Any]:
 @pytest.fixture
 def vlm_check_vision_backbone() -> Callable[..., Any]:
     """:func:`vlm_adapters.testing.check_vision_backbone`."""
-    from .checks import check_vision_backbone
+    from vlm_adapters.testing.checks import check_vision_backbone
 
     return check_vision_backbone
 
@@ -66,7 +66,7 @@ def vlm_check_vision_backbone() -> Callable[..., Any]:
 @pytest.fixture
 def vlm_check_llm_backend() -> Callable[..., Any]:
     """:func:`vlm_adapters.testing.check_llm_backend`."""
-    from .checks import check_llm_backend
+    from vlm_adapters.testing.checks import check_llm_backend
 
     return check_llm_backend
 
@@ -74,6 +74,6 @@ def vlm_check_llm_backend() -> Callable[..., Any]:
 @pytest.fixture
 def vlm_check_vlm() -> Callable[..., Any]:
     """:func:`vlm_adapters.testing.check_vlm`: build a whole model, train a step, round-trip."""
-    from .checks import check_vlm
+    from vlm_adapters.testing.checks import check_vlm
 
     return check_vlm

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_model, save_model
 
-from .._io import atomic_dir, package_versions
+from vlm_adapters._io import atomic_dir, package_versions
 
 if TYPE_CHECKING:
-    from ..model import VisionLanguageModel
+    from vlm_adapters.model import VisionLanguageModel
 
 WEIGHTS_NAME = "connector.safetensors"
 CONFIG_NAME = "connector.json"

@@ -20,9 +20,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_dir, remove_stale_temps, remove_tree, safetensors_problem, temp_name
-from ..errors import CheckpointError
-from .lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
+from vlm_adapters._io import (
+    atomic_dir,
+    remove_stale_temps,
+    remove_tree,
+    safetensors_problem,
+    temp_name,
+)
+from vlm_adapters.errors import CheckpointError
+from vlm_adapters.training.lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
 
 logger = logging.getLogger("vlm_adapters.training")
 

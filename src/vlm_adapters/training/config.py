@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..config import (
+from vlm_adapters.config import (
     SECTIONS,
     ConfigError,
     ModelConfig,
@@ -18,9 +18,9 @@ from ..config import (
     model_config_from_dict,
     read_yaml,
 )
-from ..data.images import MAX_IMAGE_PIXELS
-from ..templates import TEMPLATES
-from .lora import LoraSettings
+from vlm_adapters.data.images import MAX_IMAGE_PIXELS
+from vlm_adapters.templates import TEMPLATES
+from vlm_adapters.training.lora import LoraSettings
 
 STAGES = ("align", "finetune")
 

@@ -22,12 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._io import safetensors_problem
-from ..errors import CheckpointError
-from ..vision import VisionBackbone
+from vlm_adapters._io import safetensors_problem
+from vlm_adapters.errors import CheckpointError
+from vlm_adapters.vision import VisionBackbone
 
 if TYPE_CHECKING:
-    from ..model import VisionLanguageModel
+    from vlm_adapters.model import VisionLanguageModel
 
 Part = Literal["llm", "vision"]
 PARTS: tuple[Part, ...] = ("llm", "vision")

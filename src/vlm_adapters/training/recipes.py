@@ -6,11 +6,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from .artifact import load_connector
-from .config import STAGES, AlignStage, FinetuneStage, TrainConfig, load_train_config
-from .config import train_config_from_dict as _from_dict
-from .lora import ensure_lora, unfreeze_last_vision_layers
+from vlm_adapters.config import ConfigError
+from vlm_adapters.training.artifact import load_connector
+from vlm_adapters.training.config import (
+    STAGES,
+    AlignStage,
+    FinetuneStage,
+    TrainConfig,
+    load_train_config,
+)
+from vlm_adapters.training.config import train_config_from_dict as _from_dict
+from vlm_adapters.training.lora import ensure_lora, unfreeze_last_vision_layers
 
 logger = logging.getLogger("vlm_adapters.training")
 PARTS = ("vision", "connector", "llm")
@@ -81,7 +87,7 @@ def resolve_config(
         return load_train_config(config, overrides)
     if isinstance(config, TrainConfig):
         config = config.to_dict()
-    from ..config import apply_overrides
+    from vlm_adapters.config import apply_overrides
 
     return _from_dict(apply_overrides(config, overrides or []))
 

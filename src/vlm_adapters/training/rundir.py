@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .._io import check_output_dir, claim_entries, process_alive, temp_name
-from ..errors import ConfigError, OutputError, VLMError
+from vlm_adapters._io import check_output_dir, claim_entries, process_alive, temp_name
+from vlm_adapters.errors import ConfigError, OutputError, VLMError
 
 logger = logging.getLogger("vlm_adapters.training")
 LOCK_NAME = "run.lock"

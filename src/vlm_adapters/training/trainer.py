@@ -24,15 +24,27 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from .._io import remove_stale_temps, remove_tree
-from ..data import DataCollator, LengthGroupedSampler, LlavaDataset, SkipCounter, load_records
-from ..data.llava import Skipped
-from ..errors import CheckpointError, ComponentError, ConfigError, OutputError, TrainingError
-from ..model import IGNORE_INDEX
-from ..templates import check_template
-from .artifact import CONFIG_NAME as CONNECTOR_CONFIG
-from .artifact import save_connector
-from .checkpoint import (
+from vlm_adapters._io import remove_stale_temps, remove_tree
+from vlm_adapters.data import (
+    DataCollator,
+    LengthGroupedSampler,
+    LlavaDataset,
+    SkipCounter,
+    load_records,
+)
+from vlm_adapters.data.llava import Skipped
+from vlm_adapters.errors import (
+    CheckpointError,
+    ComponentError,
+    ConfigError,
+    OutputError,
+    TrainingError,
+)
+from vlm_adapters.model import IGNORE_INDEX
+from vlm_adapters.templates import check_template
+from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
+from vlm_adapters.training.artifact import save_connector
+from vlm_adapters.training.checkpoint import (
     Position,
     checkpoint_problem,
     latest_checkpoint,
@@ -41,9 +53,9 @@ from .checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from .config import TrainConfig, check_max_length, save_train_config
-from .progress import Progress, plot_loss, read_metrics
-from .recipes import (
+from vlm_adapters.training.config import TrainConfig, check_max_length, save_train_config
+from vlm_adapters.training.progress import Progress, plot_loss, read_metrics
+from vlm_adapters.training.recipes import (
     carry_connector,
     configure_stage,
     describe_trainable,
@@ -51,7 +63,7 @@ from .recipes import (
     resolve_config,
     stages_to_run,
 )
-from .rundir import CONFIG_NAME, check_resume_config, locked_run_dir, on_main
+from vlm_adapters.training.rundir import CONFIG_NAME, check_resume_config, locked_run_dir, on_main
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -466,7 +478,7 @@ def train(
     """
     from accelerate import PartialState
 
-    from .. import build_vlm
+    from vlm_adapters import build_vlm
 
     config = resolve_config(config, overrides)
     out = Path(out)
@@ -596,7 +608,7 @@ def _resume_plan(names: list[str], out: Path, resume: str | Path | None) -> dict
 
 def _finished(stage_dir: Path) -> bool:
     """A stage is done when its final model (and, for align, the connector) is complete."""
-    from .._io import safetensors_problem
+    from vlm_adapters._io import safetensors_problem
 
     done = safetensors_problem(stage_dir / "final" / "model.safetensors") is None
     if stage_dir.name == "align":
@@ -620,6 +632,6 @@ def _carry_connector(model: Any, out: Path, required: bool) -> None:
 def _load_final(model: Any, final: Path, needed: bool) -> None:
     logger.info("%s already finished; skipping it", final.parent.name)
     if needed:
-        from .lora import load_weights
+        from vlm_adapters.training.lora import load_weights
 
         load_weights(model, final, "model.safetensors")

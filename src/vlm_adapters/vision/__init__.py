@@ -1,6 +1,6 @@
 """Vision backbones: ``forward(pixel_values [B,3,H,W]) -> features [B, N, D]``."""
 
-from .base import ImageTransform, VisionBackbone
-from .timm import TIMM_MODEL_KWARGS, check_timm_model_kwargs
+from vlm_adapters.vision.base import ImageTransform, VisionBackbone
+from vlm_adapters.vision.timm import TIMM_MODEL_KWARGS, check_timm_model_kwargs
 
 __all__ = ["TIMM_MODEL_KWARGS", "ImageTransform", "VisionBackbone", "check_timm_model_kwargs"]

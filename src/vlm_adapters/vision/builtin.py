@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..registry import ComponentSpec
-from .fused import FusedVisionConfig, build_fused
-from .hf import HFVisionBackbone, HFVisionConfig
-from .timm import OpenClipVisionConfig, TimmVisionConfig, build_open_clip, build_timm
+from vlm_adapters.hookspecs import hookimpl
+from vlm_adapters.registry import ComponentSpec
+from vlm_adapters.vision.fused import FusedVisionConfig, build_fused
+from vlm_adapters.vision.hf import HFVisionBackbone, HFVisionConfig
+from vlm_adapters.vision.timm import (
+    OpenClipVisionConfig,
+    TimmVisionConfig,
+    build_open_clip,
+    build_timm,
+)
 
 
 @hookimpl

@@ -8,8 +8,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..registry import ComponentConfig
-from .base import ImageTransform, VisionBackbone
+from vlm_adapters.registry import ComponentConfig
+from vlm_adapters.vision.base import ImageTransform, VisionBackbone
 
 
 class FusedVisionConfig(ComponentConfig):
@@ -30,7 +30,7 @@ class FusedVisionConfig(ComponentConfig):
 
     def sources(self) -> dict[str, Any]:
         """Every member's external sources, keyed ``backbones[i].field``."""
-        from ..config import parse_section
+        from vlm_adapters.config import parse_section
 
         found = {}
         for index, spec in enumerate(self.backbones):
@@ -84,7 +84,7 @@ class FusedBackbone(VisionBackbone):
 
 
 def build_fused(cfg: FusedVisionConfig) -> FusedBackbone:
-    from ..components import build_vision
+    from vlm_adapters.components import build_vision
 
     members = [build_vision(dict(spec)) for spec in cfg.backbones]
     return FusedBackbone(members, cfg.backbones)

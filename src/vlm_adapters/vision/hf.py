@@ -8,10 +8,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from .._transformers import check_inline_config, inline_config, load_or_explain
-from ..errors import ConfigError
-from ..registry import ComponentConfig
-from .base import (
+from vlm_adapters._transformers import check_inline_config, inline_config, load_or_explain
+from vlm_adapters.errors import ConfigError
+from vlm_adapters.registry import ComponentConfig
+from vlm_adapters.vision.base import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,

@@ -8,9 +8,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..errors import ComponentError, ConfigError
-from ..registry import ComponentConfig
-from .base import ImageTransform, VisionBackbone
+from vlm_adapters.errors import ComponentError, ConfigError
+from vlm_adapters.registry import ComponentConfig
+from vlm_adapters.vision.base import ImageTransform, VisionBackbone
 
 TIMM_MODEL_KWARGS = frozenset(
     {
