@@ -162,7 +162,7 @@ def _prepare(tmp: Path) -> dict[str, Any]:
     from safetensors.torch import save_model
 
     from vlm_adapters import build_vlm
-    from vlm_adapters.data import build_word_tokenizer
+    from vlm_adapters.demo import build_word_tokenizer
 
     build_word_tokenizer(WORDS, out_dir=tmp / "tokenizer")
     torch.manual_seed(SEED)

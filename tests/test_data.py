@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlm_adapters.chat.templates import IGNORE_INDEX, ChatTemplate, template_vocabulary
 from vlm_adapters.data import (
     DataCollator,
     DataError,
@@ -16,11 +17,9 @@ from vlm_adapters.data import (
     LlavaDataset,
     SkipCounter,
     Skipped,
-    build_word_tokenizer,
     load_records,
-    shapes_vocabulary,
 )
-from vlm_adapters.templates import IGNORE_INDEX, ChatTemplate, template_vocabulary
+from vlm_adapters.demo import build_word_tokenizer, shapes_vocabulary
 
 N_IMAGE = 4
 

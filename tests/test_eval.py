@@ -11,8 +11,9 @@ from torch import nn
 
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.cli import main
-from vlm_adapters.data import DataError, LlavaDataset, ShapesPaths, generate_shapes, load_records
-from vlm_adapters.evaluation import evaluate, normalize_answer
+from vlm_adapters.data import DataError, LlavaDataset, load_records
+from vlm_adapters.demo import ShapesPaths, generate_shapes
+from vlm_adapters.inference.evaluation import evaluate, normalize_answer
 from vlm_adapters.testing import tiny_model_config
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vlm_adapters import VisionLanguageModel, build_vlm
+from vlm_adapters.chat.templates import encode_prompt, stop_token_ids
 from vlm_adapters.cli import main
 from vlm_adapters.export import ExportError, check_exportable, from_hf_llava, to_hf_llava
-from vlm_adapters.templates import encode_prompt, stop_token_ids
 from vlm_adapters.testing import tiny_model_config
 
 REFERENCE = Path(__file__).with_name("hf_llava_reference.py")

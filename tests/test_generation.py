@@ -11,11 +11,11 @@ from PIL import Image
 from torch import nn
 
 from vlm_adapters import VisionLanguageModel, build_vlm
+from vlm_adapters.chat.templates import encode_conversation
 from vlm_adapters.cli import main
 from vlm_adapters.commands import chat, generate
-from vlm_adapters.generation import generate as generate_text
-from vlm_adapters.generation import generate_ids, prompt_batch
-from vlm_adapters.templates import encode_conversation
+from vlm_adapters.inference.generation import generate as generate_text
+from vlm_adapters.inference.generation import generate_ids, prompt_batch
 from vlm_adapters.testing import tiny_model_config
 
 QUESTIONS = ["what colour is the shape?", "how many shapes are there?", "where is the red shape?"]

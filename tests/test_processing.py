@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from vlm_adapters.processing import VLMProcessor, pad_batch
+from vlm_adapters.data.processor import VLMProcessor, pad_batch
 from vlm_adapters.testing import IMAGE_SIZE
 from vlm_adapters.vision import ImageTransform
 

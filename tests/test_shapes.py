@@ -8,17 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_adapters.data import (
-    LlavaDataset,
+from vlm_adapters.chat.templates import template_vocabulary
+from vlm_adapters.data import LlavaDataset, load_records
+from vlm_adapters.demo import (
     build_word_tokenizer,
     chance_accuracy,
     generate_shapes,
-    load_records,
     shapes_vocabulary,
 )
-from vlm_adapters.data.shapes import COLOURS, COUNTS, EVAL_ANSWERS, POSITIONS
-from vlm_adapters.data.tokenizer import TEMPLATE_SPECIAL_TOKENS
-from vlm_adapters.templates import template_vocabulary
+from vlm_adapters.demo.shapes import COLOURS, COUNTS, EVAL_ANSWERS, POSITIONS
+from vlm_adapters.demo.tokenizer import TEMPLATE_SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")

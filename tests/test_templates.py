@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlm_adapters.data.shapes import shapes_vocabulary
-from vlm_adapters.data.tokenizer import TEMPLATE_SPECIAL_TOKENS, build_word_tokenizer
-from vlm_adapters.templates import (
+from vlm_adapters.chat.templates import (
     IGNORE_INDEX,
     TEMPLATES,
     ChatTemplate,
@@ -19,6 +17,8 @@ from vlm_adapters.templates import (
     stop_token_ids,
     template_vocabulary,
 )
+from vlm_adapters.demo.shapes import shapes_vocabulary
+from vlm_adapters.demo.tokenizer import TEMPLATE_SPECIAL_TOKENS, build_word_tokenizer
 
 N_IMAGE = 3
 TURNS = [

@@ -13,17 +13,16 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlm_adapters._io import atomic_dir, package_versions, safetensors_problem
+from vlm_adapters.chat.templates import IGNORE_INDEX, TEMPLATES
 from vlm_adapters.components import build_connector, build_llm, build_vision
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors import Connector
+from vlm_adapters.data.processor import VLMProcessor
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry
-from vlm_adapters.processing import VLMProcessor
-from vlm_adapters.templates import TEMPLATES
 from vlm_adapters.vision import VisionBackbone
 
-IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"

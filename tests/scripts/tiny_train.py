@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from vlm_adapters.data import generate_shapes
+from vlm_adapters.demo import generate_shapes
 from vlm_adapters.testing.tiny import tiny_model_config, tiny_tokenizer
 
 

@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlm_adapters.data import load_records
-    from vlm_adapters.evaluation import evaluate
+    from vlm_adapters.inference.evaluation import evaluate
 
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     records = load_records(args.data)

@@ -1,4 +1,5 @@
-"""LLaVA-format datasets, collation, length-grouped sampling and the synthetic shapes data."""
+"""LLaVA-format records and datasets, the processor, collation, length-grouped sampling and
+safe image opening."""
 
 from vlm_adapters.data.llava import (
     DataCollator,
@@ -8,27 +9,14 @@ from vlm_adapters.data.llava import (
     Skipped,
     load_records,
 )
-from vlm_adapters.data.shapes import (
-    ShapesPaths,
-    chance_accuracy,
-    generate_shapes,
-    shapes_vocabulary,
-)
-from vlm_adapters.data.tokenizer import TEMPLATE_SPECIAL_TOKENS, build_word_tokenizer
-from vlm_adapters.templates import DataError
+from vlm_adapters.errors import DataError
 
 __all__ = [
-    "TEMPLATE_SPECIAL_TOKENS",
     "DataCollator",
     "DataError",
     "LengthGroupedSampler",
     "LlavaDataset",
-    "ShapesPaths",
     "SkipCounter",
     "Skipped",
-    "build_word_tokenizer",
-    "chance_accuracy",
-    "generate_shapes",
     "load_records",
-    "shapes_vocabulary",
 ]

@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
-from vlm_adapters.templates import (
+from vlm_adapters.chat.templates import (
     IGNORE_INDEX,
     IMAGE_MARKER,
     ChatTemplate,
@@ -25,6 +24,7 @@ from vlm_adapters.templates import (
     normalize_turns,
     with_image_markers,
 )
+from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

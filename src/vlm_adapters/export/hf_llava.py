@@ -18,11 +18,11 @@ from torch import nn
 
 from vlm_adapters._io import atomic_dir, package_versions
 from vlm_adapters._transformers import load_or_explain
+from vlm_adapters.chat.jinja import chat_template_jinja
+from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES, stop_token_ids
 from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
-from vlm_adapters.export.chat_template import chat_template_jinja
 from vlm_adapters.llm.hf import HFLLM
-from vlm_adapters.templates import TEMPLATES, stop_token_ids
 from vlm_adapters.vision.hf import HFVisionBackbone
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 META_NAME = "vlm_adapters.json"
 """Written beside the export: the chat template name and package versions."""
-DEFAULT_TEMPLATE = "vicuna_v1"
 PROJECTOR_ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL resampling codes
 _HINT = "the vlm-adapters format (`model.save_pretrained(dir)`) holds any composition"

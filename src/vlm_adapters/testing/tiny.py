@@ -106,8 +106,8 @@ _CONNECTOR_CONFIGS: dict[str, dict[str, Any]] = {
 
 def tiny_tokenizer(directory: str | Path) -> str:
     """Save a word tokenizer (shapes + template vocabulary and specials) to ``directory``."""
-    from vlm_adapters.data import TEMPLATE_SPECIAL_TOKENS, build_word_tokenizer, shapes_vocabulary
-    from vlm_adapters.templates import template_vocabulary
+    from vlm_adapters.chat.templates import template_vocabulary
+    from vlm_adapters.demo import TEMPLATE_SPECIAL_TOKENS, build_word_tokenizer, shapes_vocabulary
 
     words = [*shapes_vocabulary(), *template_vocabulary()]
     build_word_tokenizer(words, TEMPLATE_SPECIAL_TOKENS, out_dir=directory)

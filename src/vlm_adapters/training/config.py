@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vlm_adapters.chat.templates import TEMPLATES
 from vlm_adapters.config import (
     SECTIONS,
     ConfigError,
@@ -19,7 +20,6 @@ from vlm_adapters.config import (
     read_yaml,
 )
 from vlm_adapters.data.images import MAX_IMAGE_PIXELS
-from vlm_adapters.templates import TEMPLATES
 from vlm_adapters.training.lora import LoraSettings
 
 STAGES = ("align", "finetune")

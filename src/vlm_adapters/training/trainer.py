@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from vlm_adapters._io import remove_stale_temps, remove_tree
+from vlm_adapters.chat.templates import IGNORE_INDEX, check_template
 from vlm_adapters.data import (
     DataCollator,
     LengthGroupedSampler,
@@ -40,8 +41,6 @@ from vlm_adapters.errors import (
     OutputError,
     TrainingError,
 )
-from vlm_adapters.model import IGNORE_INDEX
-from vlm_adapters.templates import check_template
 from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
 from vlm_adapters.training.artifact import save_connector
 from vlm_adapters.training.checkpoint import (

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from vlm_adapters._io import check_output_dir, claim_entries
-from vlm_adapters.data import build_word_tokenizer, generate_shapes, load_records, shapes_vocabulary
-from vlm_adapters.data.tokenizer import TEMPLATE_SPECIAL_TOKENS
-from vlm_adapters.templates import template_vocabulary
+from vlm_adapters.chat.templates import template_vocabulary
+from vlm_adapters.data import load_records
+from vlm_adapters.demo.shapes import generate_shapes, shapes_vocabulary
+from vlm_adapters.demo.tokenizer import TEMPLATE_SPECIAL_TOKENS, build_word_tokenizer
 
 logger = logging.getLogger("vlm_adapters.demo")
 DEMO_ENTRIES = ("data", "tokenizer", "hf-llava", "summary.json")
@@ -23,7 +24,7 @@ DEMO_SEEDS = (0, 1, 2)
 
 def demo_config_path() -> Path:
     """The packaged copy of ``examples/configs/demo.yaml``."""
-    return Path(str(resources.files("vlm_adapters") / "configs" / "demo.yaml"))
+    return Path(str(resources.files("vlm_adapters.demo") / "demo.yaml"))
 
 
 def run_demo(
@@ -44,7 +45,7 @@ def run_demo(
     from accelerate.utils import set_seed
 
     from vlm_adapters import build_vlm
-    from vlm_adapters.evaluation import evaluate
+    from vlm_adapters.inference.evaluation import evaluate
     from vlm_adapters.training import load_train_config, train
 
     start = time.perf_counter()

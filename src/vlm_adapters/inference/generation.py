@@ -1,8 +1,8 @@
 """Answers for conversations: prompts built as in training, batched, stopping at end of turn.
 
-Prompts come from :func:`vlm_adapters.templates.encode_prompt`, so the ids a model sees at
+Prompts come from :func:`vlm_adapters.chat.templates.encode_prompt`, so the ids a model sees at
 inference are a prefix of the ids it was trained on; generation stops at the template's
-end-of-turn token (:func:`vlm_adapters.templates.stop_token_ids`).
+end-of-turn token (:func:`vlm_adapters.chat.templates.stop_token_ids`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from vlm_adapters.processing import pad_batch
-from vlm_adapters.templates import IMAGE_MARKER, encode_prompt, stop_token_ids, with_image_markers
+from vlm_adapters.chat.templates import (
+    DEFAULT_TEMPLATE,
+    IMAGE_MARKER,
+    encode_prompt,
+    stop_token_ids,
+    with_image_markers,
+)
+from vlm_adapters.data.processor import pad_batch
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
 
-DEFAULT_TEMPLATE = "vicuna_v1"
 Turns = Sequence[Mapping[str, Any]]
 ImageInput = Image.Image | Sequence[Image.Image] | None
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from vlm_adapters.templates import EOS, IMAGE_MARKER, ChatTemplate, get_template
+from vlm_adapters.chat.templates import EOS, IMAGE_MARKER, ChatTemplate, get_template
 
 _CONTENT = "{content}"
 
 
 def chat_template_jinja(template: str | ChatTemplate, tokenizer: Any) -> str:
-    """A Jinja chat template rendering ``template`` exactly like :mod:`vlm_adapters.templates`.
+    """A Jinja chat template rendering ``template`` exactly like :mod:`vlm_adapters.chat.templates`.
 
     Message content may be a string or a list of ``{"type": "image"}`` / ``{"type": "text"}``
     items (an image item renders as ``<image>\\n``). ``bos_token`` is written only when the

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vlm_adapters.chat.templates import IMAGE_MARKER, DataError, normalize_turns
 from vlm_adapters.data import DataCollator, LlavaDataset
 from vlm_adapters.data.images import ImageProblem, confined_path, open_image
 from vlm_adapters.data.llava import image_paths, sample_id
-from vlm_adapters.generation import generate, resolve_template
-from vlm_adapters.templates import IMAGE_MARKER, DataError, normalize_turns
+from vlm_adapters.inference.generation import generate, resolve_template
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel

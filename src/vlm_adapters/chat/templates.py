@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+"""Label of a position that is not supervised (PyTorch's cross-entropy default)."""
 IMAGE_MARKER = "<image>"
+DEFAULT_TEMPLATE = "vicuna_v1"
+"""The template a model without a recorded one is used with (LLaVA-1.5's)."""
 EOS = "{eos}"
 """Stands for the tokenizer's eos token in a template's `end_of_turn`."""
 
