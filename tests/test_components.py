@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 import vlm_adapters
-from vlm_adapters.components import build_connector, build_vision
 from vlm_adapters.connectors.pool import PoolConfig
-from vlm_adapters.plugins import BUILTIN_PROVIDER
+from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry
 from vlm_adapters.testing import (
     IMAGE_SIZE,
     LLM_FAMILIES,
@@ -88,7 +87,7 @@ def test_registry_lists_the_built_ins() -> None:
 
 @pytest.mark.parametrize("vision", VISION_CASES)
 def test_vision_features_shape(vision: str) -> None:
-    backbone = build_vision(tiny_vision_config(vision))
+    backbone = get_registry().create("vision", tiny_vision_config(vision))
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
     features = backbone(pixels)
     assert backbone.num_patches == NUM_PATCHES
@@ -100,7 +99,7 @@ def test_vision_features_shape(vision: str) -> None:
     [("hf", 1), ("hf_siglip", 0), ("hf_dinov2", 1), ("hf_dinov2_registers", 1 + 4)],
 )
 def test_hf_prefix_tokens_are_dropped_by_count(vision: str, prefix: int) -> None:
-    backbone = build_vision(tiny_vision_config(vision))
+    backbone = get_registry().create("vision", tiny_vision_config(vision))
     assert backbone.num_prefix == prefix
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
@@ -119,8 +118,13 @@ def test_dinov2_with_registers_model_type_exists() -> None:
 
 @pytest.mark.parametrize("vision", ["hf", "timm", "open_clip"])
 def test_feature_layer_list_concatenates(vision: str) -> None:
-    single = [build_vision({**tiny_vision_config(vision), "feature_layer": i}) for i in (-2, -1)]
-    both = build_vision({**tiny_vision_config(vision), "feature_layer": [-2, -1]})
+    single = [
+        get_registry().create("vision", {**tiny_vision_config(vision), "feature_layer": i})
+        for i in (-2, -1)
+    ]
+    both = get_registry().create(
+        "vision", {**tiny_vision_config(vision), "feature_layer": [-2, -1]}
+    )
     both.load_state_dict(single[0].state_dict())
     single[1].load_state_dict(single[0].state_dict())
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -133,7 +137,7 @@ def test_feature_layer_list_concatenates(vision: str) -> None:
 
 
 def test_frozen_backbone_output_has_no_graph() -> None:
-    backbone = build_vision(tiny_vision_config("hf"))
+    backbone = get_registry().create("vision", tiny_vision_config("hf"))
     pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert backbone(pixels).grad_fn is not None
     backbone.requires_grad_(False)
@@ -142,7 +146,7 @@ def test_frozen_backbone_output_has_no_graph() -> None:
 
 @pytest.mark.parametrize("vision", VISION_CASES)
 def test_preprocess_any_pil_mode(vision: str) -> None:
-    backbone = build_vision(tiny_vision_config(vision))
+    backbone = get_registry().create("vision", tiny_vision_config(vision))
     modes = {"L": 128, "RGBA": (1, 2, 3, 4), "P": 7, "CMYK": (0, 50, 100, 0), "RGB": (9, 9, 9)}
     images = [Image.new(mode, (50, 40), colour) for mode, colour in modes.items()]
     pixels = backbone.preprocess(images)
@@ -151,7 +155,7 @@ def test_preprocess_any_pil_mode(vision: str) -> None:
 
 
 def test_preprocess_normalises_with_the_backbone_mean_and_std() -> None:
-    backbone = build_vision(tiny_vision_config("hf_siglip"))  # mean = std = 0.5
+    backbone = get_registry().create("vision", tiny_vision_config("hf_siglip"))  # mean = std = 0.5
     pixels = backbone.preprocess([Image.new("RGB", (20, 30), (255, 0, 255))])
     assert torch.allclose(pixels[0, 0], torch.tensor(1.0))
     assert torch.allclose(pixels[0, 1], torch.tensor(-1.0))
@@ -162,8 +166,12 @@ def test_preprocess_normalises_with_the_backbone_mean_and_std() -> None:
 
 @pytest.mark.parametrize("connector", CONNECTOR_CASES)
 def test_connector_output_matches_num_output_tokens(connector: str) -> None:
-    module = build_connector(
-        tiny_connector_config(connector), in_dim=24, out_dim=40, num_input_tokens=NUM_PATCHES
+    module = get_registry().create(
+        "connector",
+        tiny_connector_config(connector),
+        in_dim=24,
+        out_dim=40,
+        num_input_tokens=NUM_PATCHES,
     )
     out = module(torch.randn(3, NUM_PATCHES, 24))
     assert out.shape == (3, module.num_output_tokens(NUM_PATCHES), 40)
@@ -173,7 +181,9 @@ def test_connector_output_matches_num_output_tokens(connector: str) -> None:
 def _proj_input(mode: str, features: torch.Tensor) -> torch.Tensor:
     """What the pool connector feeds its projection for ``features`` ``[B, 16, D]``."""
     cfg = {"type": "pool", "mode": mode, "factor": 2}
-    module = build_connector(cfg, in_dim=features.shape[-1], out_dim=8, num_input_tokens=16)
+    module = get_registry().create(
+        "connector", cfg, in_dim=features.shape[-1], out_dim=8, num_input_tokens=16
+    )
     seen = []
     module.proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
     assert module(features).shape == (features.shape[0], 4, 8)
@@ -202,13 +212,19 @@ def test_pool_factor_must_divide_the_grid() -> None:
     with pytest.raises(ValueError, match="pool factor 3 does not divide the 4x4 patch grid"):
         PoolConfig(factor=3).num_output_tokens(16)
     with pytest.raises(ValueError, match="pool factor 3"):
-        build_connector({"type": "pool", "factor": 3}, in_dim=8, out_dim=8, num_input_tokens=16)
+        get_registry().create(
+            "connector", {"type": "pool", "factor": 3}, in_dim=8, out_dim=8, num_input_tokens=16
+        )
     with pytest.raises(ValueError, match="square patch grid, got 12"):
         PoolConfig(factor=2).num_output_tokens(12)
 
 
 def test_query_connector_heads_must_divide_width() -> None:
     with pytest.raises(ValueError, match="num_heads=3 must divide the query width 8"):
-        build_connector(
-            {"type": "qformer", "num_heads": 3}, in_dim=8, out_dim=8, num_input_tokens=16
+        get_registry().create(
+            "connector",
+            {"type": "qformer", "num_heads": 3},
+            in_dim=8,
+            out_dim=8,
+            num_input_tokens=16,
         )

@@ -202,7 +202,7 @@ def test_import_matches_transformers(tokenizer_dir: str, image_path: Path, tmp_p
 def test_lora_is_merged_before_export(tokenizer_dir: str, image_path: Path, tmp_path: Path) -> None:
     from transformers import LlavaForConditionalGeneration
 
-    from vlm_adapters.training.lora import LoraSettings, apply_lora
+    from vlm_adapters.model.lora import LoraSettings, apply_lora
 
     model = tiny_vlm(tokenizer_dir, "hf", "mlp", "llama")
     apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))

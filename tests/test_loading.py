@@ -20,7 +20,7 @@ from transformers import (
 )
 
 import vlm_adapters
-from vlm_adapters.components import build_llm, build_vision
+from vlm_adapters.plugins import get_registry
 from vlm_adapters.testing import IMAGE_SIZE, tiny_connector_config
 
 VISION = {
@@ -51,7 +51,7 @@ def clip_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_hf_vision_loads_a_saved_clip_vision_model(clip_vision_dir: Path) -> None:
-    backbone = build_vision({"type": "hf", "model": str(clip_vision_dir)})
+    backbone = get_registry().create("vision", {"type": "hf", "model": str(clip_vision_dir)})
     saved = CLIPVisionModel.from_pretrained(clip_vision_dir)
     assert backbone.transform.mean == pytest.approx(MEAN)
     assert backbone.transform.std == pytest.approx(STD)
@@ -66,7 +66,7 @@ def test_hf_vision_takes_the_vision_tower_of_a_full_clip(tmp_path: Path) -> None
     clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config={**text, "vocab_size": 50}))
     clip.save_pretrained(tmp_path)
     _save_processor(tmp_path)
-    backbone = build_vision({"type": "hf", "model": str(tmp_path)})
+    backbone = get_registry().create("vision", {"type": "hf", "model": str(tmp_path)})
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         expected = clip.vision_model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -106,7 +106,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_hf_llm_loads_a_saved_causal_lm_and_adds_tokens(llama_dir: Path) -> None:
     saved = LlamaForCausalLM.from_pretrained(llama_dir)
     old_vocab = saved.config.vocab_size
-    llm = build_llm({"type": "hf", "model": str(llama_dir)})
+    llm = get_registry().create("llm", {"type": "hf", "model": str(llama_dir)})
     tokenizer = llm.tokenizer
     assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id is not None
     assert llm.image_token_id == tokenizer.convert_tokens_to_ids("<image>") >= old_vocab

@@ -13,17 +13,16 @@ from safetensors.torch import load_file, load_model
 
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.cli import main
-from vlm_adapters.testing import tiny_model_config, tiny_tokenizer
-from vlm_adapters.training.lora import (
+from vlm_adapters.model.lora import (
     LoraSettings,
     apply_lora,
-    ensure_lora,
     has_lora,
     load_weights,
     mark_lora_trainable,
     merge_lora,
-    unfreeze_last_vision_layers,
 )
+from vlm_adapters.testing import tiny_model_config, tiny_tokenizer
+from vlm_adapters.training.recipes import ensure_lora, unfreeze_last_vision_layers
 
 SETTINGS = LoraSettings(r=4, alpha=8, dropout=0.0)
 

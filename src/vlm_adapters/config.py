@@ -7,25 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from vlm_adapters.errors import ComponentError, ConfigError
 from vlm_adapters.plugins import get_registry
-from vlm_adapters.registry import ComponentConfig
+from vlm_adapters.registry import KINDS, ComponentConfig, Section
 
-SECTIONS = {"vision": "vision", "connector": "connector", "llm": "llm"}
-
-
-class Section(BaseModel):
-    """One component: its registered ``type`` and its validated keyword arguments."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    type: str
-    params: ComponentConfig
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **self.params.model_dump(exclude_defaults=True)}
+SECTIONS = KINDS
 
 
 class ModelConfig(BaseModel):
@@ -43,32 +31,7 @@ class ModelConfig(BaseModel):
 
 def parse_section(kind: str, raw: Any, where: str = "") -> Section:
     """Validate one component section (``{type: ..., **kwargs}``) against the registry."""
-    prefix = f"{where}: " if where else ""
-    if not isinstance(raw, dict) or "type" not in raw:
-        raise ConfigError(f"{prefix}{kind}: expected a mapping with a `type` key, got {raw!r}")
-    params = dict(raw)
-    name = params.pop("type")
-    try:
-        spec = get_registry().get(SECTIONS[kind], str(name))
-    except ComponentError as exc:
-        raise ConfigError(f"{prefix}{kind}.type: {exc}") from None
-    try:
-        return Section(type=name, params=spec.config.model_validate(params))
-    except ValidationError as exc:
-        raise ConfigError(prefix + format_errors(exc, kind)) from None
-
-
-def format_errors(exc: ValidationError, root: str = "") -> str:
-    """Pydantic errors as ``key.path: message`` joined on one line."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (root, *err["loc"]) if p != "")
-        shown = repr(err["input"])
-        shown = shown if len(shown) <= 120 else shown[:117] + "..."
-        got = f" (got {shown})" if err["type"] not in ("missing", "extra_forbidden") else ""
-        msg = "unknown key; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{loc}: {msg}{got}")
-    return "; ".join(parts)
+    return get_registry().parse(kind, raw, where)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

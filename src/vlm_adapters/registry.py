@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from vlm_adapters.errors import ComponentError
+from vlm_adapters.errors import ComponentError, ConfigError
 
 Kind = Literal["vision", "connector", "llm"]
 KINDS: tuple[Kind, ...] = ("vision", "connector", "llm")
@@ -25,6 +25,31 @@ class ComponentConfig(BaseModel):
         weights, keyed by field. Sections read from a checkpoint must have none (its weights
         come from its own safetensors); override this when a field names such a source."""
         return {}
+
+
+class Section(BaseModel):
+    """One component: its registered ``type`` and its validated keyword arguments."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    type: str
+    params: ComponentConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.params.model_dump(exclude_defaults=True)}
+
+
+def format_errors(exc: ValidationError, root: str = "") -> str:
+    """Pydantic errors as ``key.path: message`` joined on one line."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (root, *err["loc"]) if p != "")
+        shown = repr(err["input"])
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        got = f" (got {shown})" if err["type"] not in ("missing", "extra_forbidden") else ""
+        msg = "unknown key; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,31 @@ class Registry:
             raise ComponentError(
                 f"unknown {kind} component {name!r}{hint}; available: {', '.join(names) or 'none'}"
             ) from None
+
+    def parse(self, kind: str, raw: Any, where: str = "") -> Section:
+        """Validate one section (``{type: ..., **kwargs}``); ConfigError naming the key."""
+        prefix = f"{where}: " if where else ""
+        if not isinstance(raw, dict) or "type" not in raw:
+            raise ConfigError(f"{prefix}{kind}: expected a mapping with a `type` key, got {raw!r}")
+        params = dict(raw)
+        name = params.pop("type")
+        try:
+            spec = self.get(kind, str(name))
+        except ComponentError as exc:
+            raise ConfigError(f"{prefix}{kind}.type: {exc}") from None
+        try:
+            return Section(type=name, params=spec.config.model_validate(params))
+        except ValidationError as exc:
+            raise ConfigError(prefix + format_errors(exc, kind)) from None
+
+    def create(self, kind: str, section: Section | dict[str, Any], **kwargs: Any) -> Any:
+        """Build the component of ``section`` (validated first when it is a plain dict).
+
+        Connectors also get ``in_dim``, ``out_dim`` and ``num_input_tokens`` as ``kwargs``.
+        """
+        if not isinstance(section, Section):
+            section = self.parse(kind, section)
+        return self.get(kind, section.type).factory(section.params, **kwargs)
 
     def names(self, kind: str) -> list[str]:
         """Sorted names registered for ``kind``."""

@@ -355,7 +355,6 @@ def _check_registry(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """The name resolves in the registry and rebuilds the same architecture."""
-    from vlm_adapters.components import build_connector, build_llm, build_vision
 
     registry = get_registry()
     _expect(
@@ -371,11 +370,11 @@ def _check_registry(
     )
     section, extra = {"type": spec.name, **module.rebuild_kwargs()}, dict(extra or {})
     if kind == "connector":
-        clone = build_connector(section, **extra)
+        clone = get_registry().create("connector", section, **extra)
     elif kind == "vision":
-        clone = build_vision(section)
+        clone = get_registry().create("vision", section)
     else:
-        clone = _LLMRunner(build_llm({**section, **extra}))
+        clone = _LLMRunner(get_registry().create("llm", {**section, **extra}))
     clone.load_state_dict(module.state_dict())
     _expect_same(spec, module, clone.eval(), inputs, "when rebuilt from the registry by name")
 

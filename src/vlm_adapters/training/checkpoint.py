@@ -28,7 +28,7 @@ from vlm_adapters._io import (
     temp_name,
 )
 from vlm_adapters.errors import CheckpointError
-from vlm_adapters.training.lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
+from vlm_adapters.model.lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
 
 logger = logging.getLogger("vlm_adapters.training")
 

@@ -14,13 +14,13 @@ from vlm_adapters.config import (
     ConfigError,
     ModelConfig,
     apply_overrides,
-    format_errors,
     llm_context,
     model_config_from_dict,
     read_yaml,
 )
 from vlm_adapters.data.images import MAX_IMAGE_PIXELS
-from vlm_adapters.training.lora import LoraSettings
+from vlm_adapters.model.lora import LoraSettings
+from vlm_adapters.registry import format_errors
 
 STAGES = ("align", "finetune")
 

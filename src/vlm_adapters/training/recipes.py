@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
 
 from vlm_adapters.config import ConfigError
+from vlm_adapters.model.lora import LoraSettings, Part, apply_lora, lora_settings, slot
 from vlm_adapters.training.artifact import load_connector
 from vlm_adapters.training.config import (
     STAGES,
@@ -16,7 +19,10 @@ from vlm_adapters.training.config import (
     load_train_config,
 )
 from vlm_adapters.training.config import train_config_from_dict as _from_dict
-from vlm_adapters.training.lora import ensure_lora, unfreeze_last_vision_layers
+from vlm_adapters.vision import VisionBackbone
+
+if TYPE_CHECKING:
+    from vlm_adapters.model import VisionLanguageModel
 
 logger = logging.getLogger("vlm_adapters.training")
 PARTS = ("vision", "connector", "llm")
@@ -99,3 +105,69 @@ def stages_to_run(config: TrainConfig, stage: str) -> list[str]:
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r}: unknown stage; choose all, {', '.join(STAGES)}")
     return [stage]
+
+
+def ensure_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = "llm") -> None:
+    """Apply LoRA to ``part``, or, when a loaded checkpoint already has it, make it trainable.
+
+    A checkpoint adapted with other settings is an error (resume with the settings it used).
+    """
+    current = lora_settings(model, part)
+    if current is None:
+        apply_lora(model, settings, part)
+        return
+    if current != settings:
+        raise ValueError(
+            f"the checkpoint's {part} LoRA uses {current.model_dump()} but the config asks for "
+            f"{settings.model_dump()}; resume with the checkpoint's settings"
+        )
+    for name, param in getattr(*slot(model, part)).named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(True)
+
+
+def unfreeze_last_vision_layers(model: VisionLanguageModel, n: int) -> list[nn.Parameter]:
+    """Make the last ``n`` transformer blocks of each vision tower trainable; return their params.
+
+    Blocks after the backbone's feature layer receive no gradient (e.g. the last block when
+    ``feature_layer`` is -2).
+    """
+    params: list[nn.Parameter] = []
+    for blocks in _vision_block_lists(model.vision):
+        if not 1 <= n <= len(blocks):
+            raise ValueError(
+                f"unfreeze_vision_layers={n} but the vision tower has {len(blocks)} blocks; "
+                f"choose 1..{len(blocks)}"
+            )
+        for block in list(blocks)[-n:]:
+            params.extend(block.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def _vision_block_lists(vision: nn.Module) -> list[nn.Module]:
+    """The transformer block list of every tower in ``vision`` (one per fused member)."""
+    towers = [
+        m.tower for m in vision.modules() if isinstance(m, VisionBackbone) and hasattr(m, "tower")
+    ]
+    if not towers:
+        raise ValueError("partial unfreezing needs a vision backbone with a `tower` module")
+    return [_longest_block_list(tower) for tower in towers]
+
+
+def _longest_block_list(tower: nn.Module) -> nn.Module:
+    """The longest ModuleList/Sequential whose children are all blocks of one class."""
+    best: nn.Module | None = None
+    for module in tower.modules():
+        children = list(module.children())
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not children:
+            continue
+        blocks = len({type(c) for c in children}) == 1 and any(
+            True for _ in children[0].parameters()
+        )
+        if blocks and (best is None or len(children) > len(list(best.children()))):
+            best = module
+    if best is None:
+        raise ValueError(f"found no block list in vision tower {type(tower).__name__}")
+    return best

@@ -631,6 +631,6 @@ def _carry_connector(model: Any, out: Path, required: bool) -> None:
 def _load_final(model: Any, final: Path, needed: bool) -> None:
     logger.info("%s already finished; skipping it", final.parent.name)
     if needed:
-        from vlm_adapters.training.lora import load_weights
+        from vlm_adapters.model.lora import load_weights
 
         load_weights(model, final, "model.safetensors")

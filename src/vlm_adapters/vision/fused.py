@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import ComponentConfig
 from vlm_adapters.vision.base import ImageTransform, VisionBackbone
 
@@ -30,11 +31,9 @@ class FusedVisionConfig(ComponentConfig):
 
     def sources(self) -> dict[str, Any]:
         """Every member's external sources, keyed ``backbones[i].field``."""
-        from vlm_adapters.config import parse_section
-
         found = {}
         for index, spec in enumerate(self.backbones):
-            for key, value in parse_section("vision", spec).params.sources().items():
+            for key, value in get_registry().parse("vision", spec).params.sources().items():
                 found[f"backbones[{index}].{key}"] = value
         return found
 
@@ -84,7 +83,6 @@ class FusedBackbone(VisionBackbone):
 
 
 def build_fused(cfg: FusedVisionConfig) -> FusedBackbone:
-    from vlm_adapters.components import build_vision
-
-    members = [build_vision(dict(spec)) for spec in cfg.backbones]
+    registry = get_registry()
+    members = [registry.create("vision", dict(spec)) for spec in cfg.backbones]
     return FusedBackbone(members, cfg.backbones)

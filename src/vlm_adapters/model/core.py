@@ -9,24 +9,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from vlm_adapters._io import atomic_dir, package_versions, safetensors_problem
-from vlm_adapters.chat.templates import IGNORE_INDEX, TEMPLATES
-from vlm_adapters.components import build_connector, build_llm, build_vision
+from vlm_adapters.chat.templates import IGNORE_INDEX
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors import Connector
 from vlm_adapters.data.processor import VLMProcessor
-from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
+from vlm_adapters.errors import CheckpointError
 from vlm_adapters.llm import LLMBackend
-from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry
+from vlm_adapters.model import hf_llava, io
+from vlm_adapters.plugins import get_registry
 from vlm_adapters.vision import VisionBackbone
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-FORMAT = "vlm-adapters"
 
 
 @dataclass
@@ -61,9 +54,11 @@ class VisionLanguageModel(nn.Module):
         """Build (and, for hub ids or paths, load) every component named in ``config``."""
         if isinstance(config, dict):
             config = model_config_from_dict(config)
-        vision = build_vision(config.vision)
-        llm = build_llm(config.llm)
-        connector = build_connector(
+        registry = get_registry()
+        vision = registry.create("vision", config.vision)
+        llm = registry.create("llm", config.llm)
+        connector = registry.create(
+            "connector",
             config.connector,
             in_dim=vision.hidden_size,
             out_dim=llm.hidden_size,
@@ -170,40 +165,11 @@ class VisionLanguageModel(nn.Module):
         holds the base weights under their plain names and each adapter is written in peft's
         layout (``adapter/``, ``vision_adapter/``).
         """
-        from vlm_adapters.training.lora import has_lora, save_lora
-
-        with atomic_dir(directory, overwrite=overwrite, protect=protect) as tmp:
-            self.llm.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.checkpoint_config(), indent=2))
-            if has_lora(self):
-                save_lora(self, tmp, WEIGHTS_NAME)
-            else:
-                save_model(self, str(tmp / WEIGHTS_NAME))
-        return Path(directory)
+        return io.save(self, directory, overwrite=overwrite, protect=protect)
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Every component with the kwargs that rebuild it offline, plus package versions."""
-        from vlm_adapters.training.lora import lora_checkpoint_config
-
-        registry = get_registry()
-        parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm}
-        sections = {
-            k: {"type": self.component_types[k], **m.rebuild_kwargs()} for k, m in parts.items()
-        }
-        providers = {k: registry.get(k, self.component_types[k]).provider for k in parts}
-        versions = package_versions(
-            "vlm-adapters", "torch", "transformers", *set(providers.values())
-        )
-        lora = lora_checkpoint_config(self)
-        template = {"template": self.template} if self.template else {}
-        return {
-            "format": FORMAT,
-            **sections,
-            **lora,
-            **template,
-            "providers": providers,
-            "versions": versions,
-        }
+        return io.checkpoint_config(self)
 
     @classmethod
     def from_pretrained(
@@ -215,28 +181,16 @@ class VisionLanguageModel(nn.Module):
         asks for ``trust_remote_code`` is refused unless you pass ``trust_remote_code=True``,
         and one that names weights or files outside itself is refused.
         """
-        directory = Path(directory)
-        data = _read_checkpoint_config(directory)
-        config = _checkpoint_model_config(data, directory, trust_remote_code)
-        weights = directory / WEIGHTS_NAME
-        problem = safetensors_problem(weights)
-        if problem:
-            raise CheckpointError(f"{problem}; the checkpoint is incomplete or corrupt")
-        model = cls.from_config(config)
-        try:
-            if "lora" in data or "vision_lora" in data:
-                from vlm_adapters.training.lora import load_lora
+        return io.load(cls, directory, trust_remote_code=trust_remote_code)
 
-                load_lora(model, directory, data)
-            else:
-                load_model(model, str(weights), strict=True)
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"{weights}: the weights do not fit the model its config.json describes "
-                f"({str(error).strip().splitlines()[0][:200]})"
-            ) from None
-        model.template = data.get("template")
-        return model
+    @classmethod
+    def from_hf_llava(cls, path: str | Path, template: str | None = None) -> VisionLanguageModel:
+        """Load a transformers LLaVA checkpoint (directory or hub id) as a trainable model.
+
+        ``template`` (default: the one recorded by the export, else vicuna_v1) is the chat
+        template the model is used with from then on. Only safetensors weights are read.
+        """
+        return hf_llava.load(cls, path, template)
 
 
 def _dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -244,96 +198,21 @@ def _dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
     return param.dtype if param is not None else default
 
 
-def _read_checkpoint_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_NAME
+def load(path: str | Path, *, trust_remote_code: bool = False) -> VisionLanguageModel:
+    """Open a vlm-adapters checkpoint or a transformers LLaVA directory alike.
+
+    A transformers LLaVA directory is recognised from its ``config.json`` (``model_type:
+    llava``); anything else must be a vlm-adapters checkpoint. See
+    :meth:`VisionLanguageModel.from_pretrained` for what is refused.
+    """
+    directory = Path(path)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory")
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a vlm-adapters checkpoint?")
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    config = directory / io.CONFIG_NAME
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error}); the file is corrupt") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise CheckpointError(f"{path}: not a vlm-adapters checkpoint (format={found!r})")
-    return data
-
-
-def _checkpoint_model_config(
-    data: dict[str, Any], directory: Path, trust_remote_code: bool
-) -> ModelConfig:
-    """The checkpoint's sections, validated, with nothing in them that runs code or reads
-    outside the checkpoint; the tokenizer is the checkpoint's own."""
-    where = str(directory / CONFIG_NAME)
-    for kind in ("vision", "connector", "llm"):
-        if not isinstance(data.get(kind), dict) or "type" not in data[kind]:
-            raise CheckpointError(f"{where}: no valid `{kind}` section; the file is corrupt")
-    _require_components(data)
-    asks = _asks_for_remote_code(data)
-    if asks and not trust_remote_code:
-        raise TrustError(
-            f"{where} asks to run code shipped with the model ({asks}: true); vlm-adapters never "
-            "takes that from a checkpoint: if you trust where it came from, pass "
-            "--trust-remote-code (Python: trust_remote_code=True)"
-        )
-    if "tokenizer" in data["llm"]:
-        raise TrustError(f"{where}: llm.tokenizer names a tokenizer outside the checkpoint")
-    if data.get("template") is not None and data["template"] not in TEMPLATES:
-        raise CheckpointError(f"{where}: unknown chat template {data['template']!r}")
-    sections = {k: data[k] for k in ("vision", "connector", "llm")}
-    sections["llm"] = {**sections["llm"], "tokenizer": str(directory / TOKENIZER_DIR)}
-    try:
-        config = model_config_from_dict(sections, where)
-    except ConfigError as error:
-        raise CheckpointError(f"{error}") from None
-    for kind in ("vision", "connector", "llm"):
-        outside = {
-            k: v for k, v in getattr(config, kind).params.sources().items() if k != "tokenizer"
-        }
-        if outside:
-            key, value = next(iter(outside.items()))
-            raise TrustError(
-                f"{where}: {kind}.{key} = {value!r} would load weights or files from outside "
-                "the checkpoint, which carries its own; refusing to load it"
-            )
-    return config
-
-
-def _asks_for_remote_code(value: Any, where: str = "") -> str | None:
-    """The first ``trust_remote_code: true`` anywhere in ``value`` (its dotted key), or None."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            here = f"{where}.{key}" if where else str(key)
-            if key == "trust_remote_code" and item:
-                return here
-            found = _asks_for_remote_code(item, here)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _asks_for_remote_code(item, f"{where}[{index}]")
-            if found:
-                return found
-    return None
-
-
-def _require_components(data: dict[str, Any]) -> None:
-    """Name the plugin package to install when a checkpoint's component is missing."""
-    registry = get_registry()
-    for kind in ("vision", "connector", "llm"):
-        name = data[kind]["type"]
-        try:
-            registry.get(kind, name)
-        except ComponentError:
-            provider = data.get("providers", {}).get(kind, "unknown")
-            if provider == BUILTIN_PROVIDER:
-                raise ComponentError(
-                    f"this checkpoint needs the {kind} component {name!r}, which this version "
-                    f"of vlm-adapters does not have; it may come from a newer version"
-                ) from None
-            raise ComponentError(
-                f"this checkpoint needs the {kind} component {name!r}, which its config.json "
-                f"says comes from the package {provider!r}; it is not installed: if you trust "
-                f"it, run `pip install {provider}`"
-            ) from None
+        data = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config}: not valid JSON ({error})") from None
+    if isinstance(data, dict) and data.get("model_type") == "llava":
+        return VisionLanguageModel.from_hf_llava(directory)
+    return VisionLanguageModel.from_pretrained(directory, trust_remote_code=trust_remote_code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlm_adapters.commands._inference import add_output_options, add_trust_option, output_dir
+from vlm_adapters.cli._inference import add_output_options, add_trust_option, output_dir
 
 
 def add_parser(sub: Any) -> None:

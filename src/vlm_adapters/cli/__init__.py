@@ -1,4 +1,4 @@
-"""The ``vlm-adapters`` command. Each subcommand lives in its own module under ``commands/``."""
+"""The ``vlm-adapters`` command. Each subcommand lives in its own thin module in this package."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(
-            f"vlm_adapters.commands.{MODULES.get(name, name.replace('-', '_'))}"
+            f"vlm_adapters.cli.{MODULES.get(name, name.replace('-', '_'))}"
         )
         module.add_parser(sub)
     return parser
@@ -50,7 +50,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from vlm_adapters.commands._inference import add_trust_option, load_checkpoint
+from vlm_adapters.cli._inference import add_trust_option, load_checkpoint
 
 
 def add_parser(sub: Any) -> None:

@@ -24,10 +24,9 @@ from transformers.pytorch_utils import Conv1D
 
 from vlm_adapters._io import safetensors_problem
 from vlm_adapters.errors import CheckpointError
-from vlm_adapters.vision import VisionBackbone
 
 if TYPE_CHECKING:
-    from vlm_adapters.model import VisionLanguageModel
+    from vlm_adapters.model.core import VisionLanguageModel
 
 Part = Literal["llm", "vision"]
 PARTS: tuple[Part, ...] = ("llm", "vision")
@@ -94,7 +93,7 @@ def apply_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = 
     Freezes the base weights of that part only and makes its LoRA parameters trainable; the
     connector and the other part keep their ``requires_grad`` (the training stage decides).
     """
-    owner, attr = _slot(model, part)
+    owner, attr = slot(model, part)
     inner = getattr(owner, attr)
     if isinstance(inner, PeftModel):
         raise ValueError(f"LoRA is already applied to the {part}; apply it once per model")
@@ -103,28 +102,9 @@ def apply_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = 
     setattr(owner, attr, wrapped)
 
 
-def ensure_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = "llm") -> None:
-    """Apply LoRA to ``part``, or, when a loaded checkpoint already has it, make it trainable.
-
-    A checkpoint adapted with other settings is an error (resume with the settings it used).
-    """
-    current = lora_settings(model, part)
-    if current is None:
-        apply_lora(model, settings, part)
-        return
-    if current != settings:
-        raise ValueError(
-            f"the checkpoint's {part} LoRA uses {current.model_dump()} but the config asks for "
-            f"{settings.model_dump()}; resume with the checkpoint's settings"
-        )
-    for name, param in getattr(*_slot(model, part)).named_parameters():
-        if ".lora_" in name:
-            param.requires_grad_(True)
-
-
 def lora_parts(model: VisionLanguageModel) -> list[Part]:
     """The parts of ``model`` that carry LoRA adapters."""
-    return [part for part in PARTS if isinstance(getattr(*_slot(model, part)), PeftModel)]
+    return [part for part in PARTS if isinstance(getattr(*slot(model, part)), PeftModel)]
 
 
 def has_lora(model: VisionLanguageModel) -> bool:
@@ -133,7 +113,7 @@ def has_lora(model: VisionLanguageModel) -> bool:
 
 def lora_settings(model: VisionLanguageModel, part: Part = "llm") -> LoraSettings | None:
     """The settings ``part`` was adapted with, or None."""
-    return getattr(getattr(*_slot(model, part)), _SETTINGS_ATTR, None)
+    return getattr(getattr(*slot(model, part)), _SETTINGS_ATTR, None)
 
 
 def lora_checkpoint_config(model: VisionLanguageModel) -> dict[str, Any]:
@@ -169,7 +149,7 @@ def save_lora(model: VisionLanguageModel, directory: Path, weights_name: str) ->
     """Write the base weights to ``weights_name`` and each adapter in peft's layout."""
     save_file(base_state_dict(model), str(directory / weights_name), metadata={"format": "pt"})
     for part in lora_parts(model):
-        wrapped = getattr(*_slot(model, part))
+        wrapped = getattr(*slot(model, part))
         wrapped.save_pretrained(str(directory / ADAPTER_DIRS[part]), save_embedding_layers=False)
 
 
@@ -213,7 +193,7 @@ def load_weights(model: VisionLanguageModel, directory: Path, weights_name: str)
     model.load_state_dict({live[k]: v for k, v in base.items()}, strict=False)
     for part in lora_parts(model):
         path = Path(directory) / ADAPTER_DIRS[part] / "adapter_model.safetensors"
-        result = set_peft_model_state_dict(getattr(*_slot(model, part)), _load_safetensors(path))
+        result = set_peft_model_state_dict(getattr(*slot(model, part)), _load_safetensors(path))
         if result.unexpected_keys:
             raise CheckpointError(
                 f"{path}: adapter does not fit, e.g. {result.unexpected_keys[0]!r}"
@@ -233,32 +213,12 @@ def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
     if not parts:
         raise ValueError("nothing to merge: this model has no LoRA adapters")
     for part in parts:
-        owner, attr = _slot(model, part)
+        owner, attr = slot(model, part)
         setattr(owner, attr, getattr(owner, attr).merge_and_unload())
     return model
 
 
-def unfreeze_last_vision_layers(model: VisionLanguageModel, n: int) -> list[nn.Parameter]:
-    """Make the last ``n`` transformer blocks of each vision tower trainable; return their params.
-
-    Blocks after the backbone's feature layer receive no gradient (e.g. the last block when
-    ``feature_layer`` is -2).
-    """
-    params: list[nn.Parameter] = []
-    for blocks in _vision_block_lists(model.vision):
-        if not 1 <= n <= len(blocks):
-            raise ValueError(
-                f"unfreeze_vision_layers={n} but the vision tower has {len(blocks)} blocks; "
-                f"choose 1..{len(blocks)}"
-            )
-        for block in list(blocks)[-n:]:
-            params.extend(block.parameters())
-    for param in params:
-        param.requires_grad_(True)
-    return params
-
-
-def _slot(model: VisionLanguageModel, part: Part) -> tuple[nn.Module, str]:
+def slot(model: VisionLanguageModel, part: Part) -> tuple[nn.Module, str]:
     """The (owner, attribute) that holds the module LoRA wraps for ``part``."""
     if part == "llm":
         return model.llm, "model"
@@ -291,30 +251,3 @@ def _leaf_linear_names(module: nn.Module) -> set[str]:
         for name, sub in module.named_modules()
         if isinstance(sub, (nn.Linear, Conv1D))
     }
-
-
-def _vision_block_lists(vision: nn.Module) -> list[nn.Module]:
-    """The transformer block list of every tower in ``vision`` (one per fused member)."""
-    towers = [
-        m.tower for m in vision.modules() if isinstance(m, VisionBackbone) and hasattr(m, "tower")
-    ]
-    if not towers:
-        raise ValueError("partial unfreezing needs a vision backbone with a `tower` module")
-    return [_longest_block_list(tower) for tower in towers]
-
-
-def _longest_block_list(tower: nn.Module) -> nn.Module:
-    """The longest ModuleList/Sequential whose children are all blocks of one class."""
-    best: nn.Module | None = None
-    for module in tower.modules():
-        children = list(module.children())
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not children:
-            continue
-        blocks = len({type(c) for c in children}) == 1 and any(
-            True for _ in children[0].parameters()
-        )
-        if blocks and (best is None or len(children) > len(list(best.children()))):
-            best = module
-    if best is None:
-        raise ValueError(f"found no block list in vision tower {type(tower).__name__}")
-    return best

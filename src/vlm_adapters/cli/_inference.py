@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlm_adapters._io import check_output_dir, is_empty_dir
-from vlm_adapters.errors import CheckpointError, OutputError
+from vlm_adapters.errors import OutputError
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
@@ -18,22 +17,9 @@ def load_checkpoint(path: str, trust_remote_code: bool = False) -> VisionLanguag
     """A vlm-adapters checkpoint, or a transformers LLaVA checkpoint, ready for inference."""
     import torch
 
-    from vlm_adapters.export import from_hf_llava
-    from vlm_adapters.model import VisionLanguageModel
+    from vlm_adapters.model import load
 
-    config = Path(path) / "config.json"
-    if not Path(path).is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not config.is_file():
-        raise CheckpointError(f"{path}: no config.json; pass a checkpoint directory")
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{config}: not valid JSON ({error})") from None
-    if isinstance(data, dict) and data.get("model_type") == "llava":
-        model = from_hf_llava(path)
-    else:
-        model = VisionLanguageModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = load(path, trust_remote_code=trust_remote_code)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlm_adapters.commands._inference import (
+from vlm_adapters.cli._inference import (
     add_generation_options,
     generation_kwargs,
     load_checkpoint,

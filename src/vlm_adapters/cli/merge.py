@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlm_adapters.commands._inference import add_output_options, add_trust_option, output_dir
+from vlm_adapters.cli._inference import add_output_options, add_trust_option, output_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlm_adapters.errors import CheckpointError
     from vlm_adapters.model import VisionLanguageModel
-    from vlm_adapters.training.lora import has_lora, merge_lora
+    from vlm_adapters.model.lora import has_lora, merge_lora
 
     out = output_dir(args, args.checkpoint)
     model = VisionLanguageModel.from_pretrained(

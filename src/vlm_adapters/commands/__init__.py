@@ -1,1 +1,0 @@
-"""Subcommands of the ``vlm-adapters`` CLI; each module defines ``add_parser(subparsers)``."""

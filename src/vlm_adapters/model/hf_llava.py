@@ -1,0 +1,179 @@
+"""Loading transformers' LLaVA format (``LlavaForConditionalGeneration`` + its processor) as
+a :class:`VisionLanguageModel`: config.json is checked first, only safetensors are read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from vlm_adapters._transformers import load_or_explain
+from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES
+from vlm_adapters.errors import ExportError
+from vlm_adapters.vision.hf import HFVisionBackbone
+
+if TYPE_CHECKING:
+    from vlm_adapters.model.core import VisionLanguageModel
+
+META_NAME = "vlm_adapters.json"
+"""Written beside an export: the chat template name and package versions."""
+PROJECTOR_ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+
+
+def load(
+    cls: type[VisionLanguageModel], path: str | Path, template: str | None = None
+) -> VisionLanguageModel:
+    """Build ``cls`` from a transformers LLaVA checkpoint (see
+    ``VisionLanguageModel.from_hf_llava``)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    source = str(path)
+    _check_is_llava(source)
+    llava = load_or_explain(
+        "import",
+        source,
+        lambda: LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True),
+    )
+    processor = load_or_explain("import", source, lambda: AutoProcessor.from_pretrained(source))
+    model = cls.from_config(_model_config(llava, processor, source))
+    _check_strategy(llava.config, model.vision)
+    _copy_weights(llava, model)
+    model.template = template or _recorded_template(Path(path)) or DEFAULT_TEMPLATE
+    if model.template not in TEMPLATES:
+        raise ExportError(f"{source}: unknown chat template {model.template!r}; pass --template")
+    return model
+
+
+def _check_is_llava(source: str) -> None:
+    """Read only ``config.json`` and refuse anything but a LLaVA checkpoint with safetensors
+    weights, before any model is built."""
+    from transformers import AutoConfig
+
+    local = Path(source)
+    if local.is_dir():
+        model_type = _local_model_type(local)
+    else:
+        config = load_or_explain("import", source, lambda: AutoConfig.from_pretrained(source))
+        model_type = config.model_type
+    if model_type != "llava":
+        raise ExportError(
+            f"{source}: not a transformers LLaVA checkpoint (model_type {model_type!r}); "
+            "import reads LlavaForConditionalGeneration checkpoints"
+        )
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise ExportError(
+            f"{source}: no .safetensors weights; vlm-adapters never unpickles .bin files: "
+            "convert them with transformers (save_pretrained writes safetensors) first"
+        )
+
+
+def _model_config(llava: nn.Module, processor: Any, path: str) -> dict[str, Any]:
+    config = llava.config
+    dtype = str(llava.dtype).removeprefix("torch.")
+    vision = {
+        "type": "hf",
+        "config": _plain(config.vision_config),
+        "feature_layer": config.vision_feature_layer,
+        "image_size": _crop_size(processor.image_processor),
+        "image_mean": list(processor.image_processor.image_mean),
+        "image_std": list(processor.image_processor.image_std),
+        "dtype": dtype,
+    }
+    tokenizer = processor.tokenizer
+    llm = {
+        "type": "hf",
+        "config": _plain(config.text_config),
+        "tokenizer": path,
+        "image_token": processor.image_token,
+        "pad_token": tokenizer.pad_token or tokenizer.eos_token or tokenizer.unk_token,
+        "dtype": dtype,
+    }
+    return {"vision": vision, "connector": _connector_section(config), "llm": llm}
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    data = config.to_dict()
+    data.pop("dtype", None)
+    return data
+
+
+def _crop_size(image_processor: Any) -> int:
+    size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
+    return int(size["height"])
+
+
+def _connector_section(config: Any) -> dict[str, Any]:
+    act = config.projector_hidden_act
+    if act == "linear":
+        return {"type": "linear"}
+    if act not in PROJECTOR_ACTIVATIONS:
+        raise ExportError(
+            f"projector_hidden_act {act!r} has no vlm-adapters connector; supported: "
+            f"linear, {', '.join(PROJECTOR_ACTIVATIONS)}"
+        )
+    return {"type": "mlp", "depth": 2, "activation": act}
+
+
+def _check_strategy(config: Any, vision: HFVisionBackbone) -> None:
+    """LLaVA drops one token ("default") or none ("full"); ours drops the tower's prefix."""
+    dropped = 1 if config.vision_feature_select_strategy == "default" else 0
+    if dropped != vision.num_prefix:
+        raise ExportError(
+            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} drops "
+            f"{dropped} token(s) but the {config.vision_config.model_type!r} tower has "
+            f"{vision.num_prefix} prefix token(s); vlm-adapters always drops exactly the prefix"
+        )
+
+
+def _copy_weights(llava: nn.Module, model: VisionLanguageModel) -> None:
+    llm = model.llm.model
+    model.vision.tower.load_state_dict(llava.model.vision_tower.state_dict())
+    llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
+    llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
+    projector = llava.model.multi_modal_projector
+    layers = [m for m in model.connector.proj if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        if len(layers) == 1:  # "linear" activation: the two layers fold into one
+            first, second = projector.linear_1, projector.linear_2
+            layers[0].weight.copy_(second.weight @ first.weight)
+            layers[0].bias.copy_(second.weight @ _bias(first) + _bias(second))
+            return
+        for ours, theirs in zip(layers, (projector.linear_1, projector.linear_2)):
+            ours.weight.copy_(theirs.weight)
+            ours.bias.copy_(_bias(theirs))
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    """The layer's bias, or zeros when ``multimodal_projector_bias`` is off."""
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+def _local_model_type(directory: Path) -> str | None:
+    """``model_type`` of a local checkpoint's ``config.json`` (read as plain JSON)."""
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{directory}: no config.json; is it a checkpoint directory?") from None
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: not a checkpoint config")
+    if data.get("format") == "vlm-adapters":
+        raise ExportError(
+            f"{directory}: not a transformers LLaVA checkpoint but a vlm-adapters one already; "
+            "use it directly"
+        )
+    return data.get("model_type")
+
+
+def _recorded_template(path: Path) -> str | None:
+    meta = path / META_NAME
+    try:
+        data = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError):
+        raise ExportError(f"{meta}: not valid JSON; remove it or fix it") from None
+    return data.get("template") if isinstance(data, dict) else None

@@ -1,0 +1,187 @@
+"""Our checkpoint format: ``config.json`` (every component's rebuild kwargs), safetensors
+weights, the tokenizer and, with LoRA, the adapters. Only JSON and safetensors are read, and
+nothing in a checkpoint can enable code or point outside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_model, save_model
+
+from vlm_adapters._io import atomic_dir, package_versions, safetensors_problem
+from vlm_adapters.chat.templates import TEMPLATES
+from vlm_adapters.config import ModelConfig, model_config_from_dict
+from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
+from vlm_adapters.model import lora
+from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry
+
+if TYPE_CHECKING:
+    from vlm_adapters.model.core import VisionLanguageModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "vlm-adapters"
+PARTS = ("vision", "connector", "llm")
+
+
+def save(
+    model: VisionLanguageModel,
+    directory: str | Path,
+    *,
+    overwrite: bool = False,
+    protect: tuple[Path, ...] = (),
+) -> Path:
+    """Write ``model`` to ``directory`` atomically (see ``VisionLanguageModel.save_pretrained``)."""
+    with atomic_dir(directory, overwrite=overwrite, protect=protect) as tmp:
+        model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        (tmp / CONFIG_NAME).write_text(json.dumps(checkpoint_config(model), indent=2))
+        if lora.has_lora(model):
+            lora.save_lora(model, tmp, WEIGHTS_NAME)
+        else:
+            save_model(model, str(tmp / WEIGHTS_NAME))
+    return Path(directory)
+
+
+def checkpoint_config(model: VisionLanguageModel) -> dict[str, Any]:
+    """Every component with the kwargs that rebuild it offline, plus package versions."""
+    registry = get_registry()
+    parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
+    sections = {
+        k: {"type": model.component_types[k], **m.rebuild_kwargs()} for k, m in parts.items()
+    }
+    providers = {k: registry.get(k, model.component_types[k]).provider for k in parts}
+    versions = package_versions("vlm-adapters", "torch", "transformers", *set(providers.values()))
+    template = {"template": model.template} if model.template else {}
+    return {
+        "format": FORMAT,
+        **sections,
+        **lora.lora_checkpoint_config(model),
+        **template,
+        "providers": providers,
+        "versions": versions,
+    }
+
+
+def load(
+    cls: type[VisionLanguageModel], directory: str | Path, *, trust_remote_code: bool = False
+) -> VisionLanguageModel:
+    """Build ``cls`` from a checkpoint's config.json and load its weights (see
+    ``VisionLanguageModel.from_pretrained``)."""
+    directory = Path(directory)
+    data = read_checkpoint_config(directory)
+    config = _checkpoint_model_config(data, directory, trust_remote_code)
+    weights = directory / WEIGHTS_NAME
+    problem = safetensors_problem(weights)
+    if problem:
+        raise CheckpointError(f"{problem}; the checkpoint is incomplete or corrupt")
+    model = cls.from_config(config)
+    try:
+        if any(key in data for key in lora.CONFIG_KEYS.values()):
+            lora.load_lora(model, directory, data)
+        else:
+            load_model(model, str(weights), strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{weights}: the weights do not fit the model its config.json describes "
+            f"({str(error).strip().splitlines()[0][:200]})"
+        ) from None
+    model.template = data.get("template")
+    return model
+
+
+def read_checkpoint_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a vlm-adapters checkpoint?")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}); the file is corrupt") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{path}: not a vlm-adapters checkpoint (format={found!r})")
+    return data
+
+
+def _checkpoint_model_config(
+    data: dict[str, Any], directory: Path, trust_remote_code: bool
+) -> ModelConfig:
+    """The checkpoint's sections, validated, with nothing in them that runs code or reads
+    outside the checkpoint; the tokenizer is the checkpoint's own."""
+    where = str(directory / CONFIG_NAME)
+    for kind in PARTS:
+        if not isinstance(data.get(kind), dict) or "type" not in data[kind]:
+            raise CheckpointError(f"{where}: no valid `{kind}` section; the file is corrupt")
+    _require_components(data)
+    asks = _asks_for_remote_code(data)
+    if asks and not trust_remote_code:
+        raise TrustError(
+            f"{where} asks to run code shipped with the model ({asks}: true); vlm-adapters never "
+            "takes that from a checkpoint: if you trust where it came from, pass "
+            "--trust-remote-code (Python: trust_remote_code=True)"
+        )
+    if "tokenizer" in data["llm"]:
+        raise TrustError(f"{where}: llm.tokenizer names a tokenizer outside the checkpoint")
+    if data.get("template") is not None and data["template"] not in TEMPLATES:
+        raise CheckpointError(f"{where}: unknown chat template {data['template']!r}")
+    sections = {k: data[k] for k in PARTS}
+    sections["llm"] = {**sections["llm"], "tokenizer": str(directory / TOKENIZER_DIR)}
+    try:
+        config = model_config_from_dict(sections, where)
+    except ConfigError as error:
+        raise CheckpointError(f"{error}") from None
+    for kind in PARTS:
+        outside = {
+            k: v for k, v in getattr(config, kind).params.sources().items() if k != "tokenizer"
+        }
+        if outside:
+            key, value = next(iter(outside.items()))
+            raise TrustError(
+                f"{where}: {kind}.{key} = {value!r} would load weights or files from outside "
+                "the checkpoint, which carries its own; refusing to load it"
+            )
+    return config
+
+
+def _asks_for_remote_code(value: Any, where: str = "") -> str | None:
+    """The first ``trust_remote_code: true`` anywhere in ``value`` (its dotted key), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else str(key)
+            if key == "trust_remote_code" and item:
+                return here
+            found = _asks_for_remote_code(item, here)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _asks_for_remote_code(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def _require_components(data: dict[str, Any]) -> None:
+    """Name the plugin package to install when a checkpoint's component is missing."""
+    registry = get_registry()
+    for kind in PARTS:
+        name = data[kind]["type"]
+        try:
+            registry.get(kind, name)
+        except ComponentError:
+            provider = data.get("providers", {}).get(kind, "unknown")
+            if provider == BUILTIN_PROVIDER:
+                raise ComponentError(
+                    f"this checkpoint needs the {kind} component {name!r}, which this version "
+                    f"of vlm-adapters does not have; it may come from a newer version"
+                ) from None
+            raise ComponentError(
+                f"this checkpoint needs the {kind} component {name!r}, which its config.json "
+                f"says comes from the package {provider!r}; it is not installed: if you trust "
+                f"it, run `pip install {provider}`"
+            ) from None
