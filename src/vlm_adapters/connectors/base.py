@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlm_adapters.registry import ComponentConfig
@@ -17,8 +19,14 @@ class ConnectorConfig(ComponentConfig):
         return num_input_tokens
 
 
-class Connector(nn.Module):
-    """Base class for connectors. Subclasses call ``super().__init__(cfg, in_dim, out_dim, n)``."""
+class Connector(nn.Module, ABC):
+    """Base class: ``forward(features [B, N, in_dim]) -> visual tokens [B, M, out_dim]``.
+
+    The factory receives the validated config plus ``in_dim`` (the backbone's width),
+    ``out_dim`` (the LLM's width) and ``num_input_tokens`` (N); subclasses call
+    ``super().__init__(cfg, in_dim, out_dim, num_input_tokens)`` and implement :meth:`forward`.
+    M comes from the config alone (:meth:`ConnectorConfig.num_output_tokens`).
+    """
 
     def __init__(
         self, cfg: ConnectorConfig, in_dim: int, out_dim: int, num_input_tokens: int
@@ -32,6 +40,10 @@ class Connector(nn.Module):
     def num_output_tokens(self, num_input_tokens: int | None = None) -> int:
         """Visual tokens produced for ``num_input_tokens`` features (default: the built N)."""
         return self.cfg.num_output_tokens(num_input_tokens or self.num_input_tokens)
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, N, in_dim] -> [B, M, out_dim]``."""
 
     def rebuild_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this connector."""

@@ -110,11 +110,11 @@ def _llm_reason(llm: nn.Module) -> str | None:
 
     if not isinstance(llm, HFLLM):
         return f"the LLM backend is a {type(llm).__name__}, not a transformers causal LM"
-    config = llm.model.config
+    config = llm.transformers_model.config
     base = MODEL_MAPPING.get(type(config), None)
-    if base is None or not isinstance(llm.model.get_decoder(), base):
+    if base is None or not isinstance(llm.transformers_model.get_decoder(), base):
         return f"transformers' AutoModel cannot rebuild the decoder of {config.model_type!r}"
-    if getattr(llm.model.get_output_embeddings(), "bias", None) is not None:
+    if getattr(llm.transformers_model.get_output_embeddings(), "bias", None) is not None:
         return "the LLM's output head has a bias, which LLaVA's lm_head lacks"
     if getattr(config, "final_logit_softcapping", None):
         return "the LLM soft-caps its logits, which LLaVA does not"
@@ -126,8 +126,8 @@ def _llava_config(model: VisionLanguageModel) -> Any:
 
     vision, connector = model.vision, model.connector
     two_layers = isinstance(connector, MLPConnector) and connector.cfg.depth == 2
-    text_config = model.llm.model.config.to_dict()
-    text_config["tie_word_embeddings"] = _tied(model.llm.model)
+    text_config = model.llm.transformers_model.config.to_dict()
+    text_config["tie_word_embeddings"] = _tied(model.llm.transformers_model)
     return LlavaConfig(
         vision_config=vision.tower.config.to_dict(),
         text_config=text_config,
@@ -158,7 +158,7 @@ def _llava_model(model: VisionLanguageModel) -> nn.Module:
 
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(_llava_config(model))
-    llm = model.llm.model
+    llm = model.llm.transformers_model
     llava.model.vision_tower.load_state_dict(model.vision.tower.state_dict(), assign=True)
     llava.model.language_model.load_state_dict(llm.get_decoder().state_dict(), assign=True)
     head = llm.get_output_embeddings().state_dict()
@@ -217,7 +217,7 @@ def _processor(model: VisionLanguageModel, template: str) -> Any:
         patch_size=model.vision.tower.config.patch_size,
         vision_feature_select_strategy="default" if model.vision.num_prefix else "full",
         chat_template=tokenizer.chat_template,
-        image_token=model.llm.cfg.image_token,
+        image_token=model.llm.image_token,
         num_additional_image_tokens=model.vision.num_prefix,
     )
 

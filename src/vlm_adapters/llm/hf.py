@@ -13,11 +13,10 @@ from vlm_adapters._transformers import (
     inline_config,
     load_or_explain,
 )
-from vlm_adapters.llm.base import LLMBackend, _max_positions
-from vlm_adapters.registry import ComponentConfig
+from vlm_adapters.llm.base import LLMBackend, LLMConfig, _max_positions
 
 
-class HFLLMConfig(ComponentConfig):
+class HFLLMConfig(LLMConfig):
     """A causal LM from a hub id / local path, or an inline config with random weights."""
 
     model: str | None = Field(None, description="Hub id or local directory of the checkpoint.")
@@ -76,6 +75,11 @@ class HFLLM(LLMBackend):
         self.tokenizer = _load_tokenizer(cfg)
         self.model = _load_model(cfg)
         self.image_token_id = _add_special_tokens(self.tokenizer, self.model, cfg)
+
+    @property
+    def transformers_model(self) -> Any:
+        """The wrapped ``AutoModelForCausalLM`` model, for interop (export to transformers)."""
+        return self.model
 
     def rebuild_kwargs(self) -> dict[str, Any]:
         exclude = {"model", "revision", "tokenizer", "trust_remote_code"}

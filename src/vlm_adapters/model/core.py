@@ -15,7 +15,7 @@ from vlm_adapters.chat.templates import IGNORE_INDEX
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors import Connector
 from vlm_adapters.data.processor import VLMProcessor
-from vlm_adapters.errors import CheckpointError
+from vlm_adapters.errors import CheckpointError, ConfigError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.model import hf_llava, io
 from vlm_adapters.plugins import get_registry
@@ -48,6 +48,13 @@ class VisionLanguageModel(nn.Module):
         self.component_types = component_types or {}
         self.template: str | None = None  # chat template the model was trained with
         self.num_image_tokens = connector.num_output_tokens(vision.num_patches)
+        context = llm.max_positions
+        if context is not None and self.num_image_tokens >= context:  # for towers without probe
+            raise ConfigError(
+                f"connector: {self.num_image_tokens} visual tokens per image do not fit the LLM "
+                f"context of {context} positions; use a pooling/query connector or a smaller "
+                "image size"
+            )
 
     @classmethod
     def from_config(cls, config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
@@ -79,7 +86,7 @@ class VisionLanguageModel(nn.Module):
     def processor(self) -> VLMProcessor:
         """Prompts and images -> model inputs for this model."""
         return VLMProcessor(
-            self.tokenizer, self.vision.transform, self.num_image_tokens, self.llm.cfg.image_token
+            self.tokenizer, self.vision.transform, self.num_image_tokens, self.llm.image_token
         )
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -140,16 +147,14 @@ class VisionLanguageModel(nn.Module):
         """New token ids ``[B, new]`` for left-padded prompts (KV cache on by default)."""
         embeds = self.embed(input_ids, pixel_values)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        return self.llm.model.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
-        )
+        return self.llm.generate(embeds, attention_mask, **generate_kwargs)
 
     def generate(
         self, prompts: list[str], images: list[Any] | None = None, **generate_kwargs: Any
     ) -> list[str]:
         """Decoded answers for raw prompts (``<image>`` markers, one image entry per prompt)."""
         batch = self.processor(prompts, images, padding_side="left")
-        device = self.llm.model.device
+        device = self.llm.device
         batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
         ids = self.generate_ids(**batch, **generate_kwargs)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -129,7 +129,7 @@ def _check_strategy(config: Any, vision: HFVisionBackbone) -> None:
 
 
 def _copy_weights(llava: nn.Module, model: VisionLanguageModel) -> None:
-    llm = model.llm.model
+    llm = model.llm.transformers_model
     model.vision.tower.load_state_dict(llava.model.vision_tower.state_dict())
     llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
     llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())

@@ -1,8 +1,9 @@
 """LoRA through peft, scoped to one part of the model (the LLM, optionally the vision tower).
 
-peft wraps only the chosen module (``model.llm.model`` or ``model.vision``) and receives the
-full names of the layers to adapt inside it, so a name shared with another part (``q_proj``
-exists in CLIP too) can never put LoRA layers on the vision tower or the connector.
+peft wraps only the chosen module (the LLM backend's ``ADAPTABLE`` module, or
+``model.vision``) and receives the full names of the layers to adapt inside it, so a name
+shared with another part (``q_proj`` exists in CLIP too) can never put LoRA layers on the
+vision tower or the connector.
 
 Checkpoints stay complete: ``model.safetensors`` holds every non-LoRA weight under the names
 the plain model uses, and each adapter lives in peft's own layout (``adapter/`` for the LLM,
@@ -131,7 +132,7 @@ def mark_lora_trainable(model: VisionLanguageModel) -> list[nn.Parameter]:
 
 def base_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     """Every non-LoRA tensor under the name it has without LoRA; tied duplicates dropped."""
-    prefixes = [_prefix(part) for part in lora_parts(model)]
+    prefixes = [_prefix(model, part) for part in lora_parts(model)]
     state: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for key, tensor in model.state_dict().items():
@@ -181,7 +182,7 @@ def load_weights(model: VisionLanguageModel, directory: Path, weights_name: str)
     The base weights come from ``weights_name`` under their plain names, each adapter from its
     peft-layout folder. A missing, unknown or truncated piece is a CheckpointError.
     """
-    prefixes = [_prefix(part) for part in lora_parts(model)]
+    prefixes = [_prefix(model, part) for part in lora_parts(model)]
     live = {_clean_key(k, prefixes): k for k in model.state_dict() if ".lora_" not in k}
     base = _load_safetensors(Path(directory) / weights_name)
     unknown = sorted(set(base) - set(live))
@@ -221,14 +222,14 @@ def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
 def slot(model: VisionLanguageModel, part: Part) -> tuple[nn.Module, str]:
     """The (owner, attribute) that holds the module LoRA wraps for ``part``."""
     if part == "llm":
-        return model.llm, "model"
+        return model.llm, model.llm.ADAPTABLE
     if part == "vision":
         return model, "vision"
     raise ValueError(f"unknown LoRA part {part!r}; choose one of {PARTS}")
 
 
-def _prefix(part: Part) -> str:
-    return "llm.model." if part == "llm" else "vision."
+def _prefix(model: VisionLanguageModel, part: Part) -> str:
+    return f"llm.{model.llm.ADAPTABLE}." if part == "llm" else "vision."
 
 
 def _clean_key(key: str, prefixes: list[str]) -> str:

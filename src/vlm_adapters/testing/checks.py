@@ -99,7 +99,7 @@ def check_llm_backend(
     ids = torch.randint(0, len(llm.tokenizer), (batch_size, length))  # [B, T]
     _check_llm_pieces(spec, llm, ids)
     runner = _LLMRunner(llm)
-    expected = (batch_size, length, llm.model.get_output_embeddings().out_features)
+    expected = (batch_size, length, llm.vocab_size)
     _check_output(spec, runner, ids, expected)
     _check_dtypes(spec, runner, ids, expected, ((True, False),))
     _check_trainable(spec, runner, ids, require_all=False)
@@ -406,7 +406,7 @@ def _check_preprocess(spec: ComponentSpec, backbone: VisionBackbone, batch: int)
 
 
 def _check_tokens(spec: ComponentSpec, llm: LLMBackend) -> None:
-    tok, vocab = llm.tokenizer, llm.model.get_input_embeddings().num_embeddings
+    tok, vocab = llm.tokenizer, llm.vocab_size
     _expect(tok is not None, f"{_label(spec)}: set `self.tokenizer`")
     _expect(
         isinstance(llm.image_token_id, int) and 0 <= llm.image_token_id < vocab,
@@ -432,7 +432,7 @@ def _check_llm_pieces(spec: ComponentSpec, llm: LLMBackend, ids: torch.Tensor) -
             f"{(*ids.shape, llm.hidden_size)} (hidden_size)",
         )
         pieces = llm.logits(llm.body(embeds, mask))  # [B, T, V]
-        whole = llm.model(input_ids=ids, attention_mask=mask).logits
+        whole = llm.full_logits(ids, mask)
     _expect(
         torch.allclose(pieces, whole, atol=1e-5),
         f"{_label(spec)}: logits(body(embed(ids))) differs from model(ids).logits; the "

@@ -153,9 +153,7 @@ class Trainer:
         configure_stage(self.model, self.stage, self.settings)
         self.model.template = self.config.dataset(self.stage).template  # saved for inference
         if self.config.run.gradient_checkpointing:
-            self.model.llm.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            self.model.llm.enable_gradient_checkpointing()
         self.model.train()
         if not any(p.requires_grad for p in self.model.vision.parameters()):
             self.model.vision.eval()

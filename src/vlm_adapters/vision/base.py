@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
+
+from vlm_adapters.registry import ComponentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,20 +60,40 @@ def select_layers(
     return chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=-1)
 
 
-class VisionBackbone(nn.Module):
+class VisionConfig(ComponentConfig):
+    """Base for vision backbone kwargs."""
+
+    def probe(self) -> tuple[int, int] | None:
+        """``(num_patches, hidden_size)`` from the config alone, without building the tower;
+        None when that cannot be known before building (checked after building instead).
+
+        The probe lets impossible combinations (a pool factor that does not divide the grid,
+        visual tokens beyond the LLM's context) fail while the config is read, with the file
+        and key in the message.
+        """
+        return None
+
+
+class VisionBackbone(nn.Module, ABC):
     """Base class: ``forward(pixel_values [B,3,H,W]) -> features [B, N, D]``.
 
     Subclasses implement :meth:`features` and set ``hidden_size`` (D), ``num_patches`` (N)
-    and ``transform`` (the preprocessing that matches the weights). A backbone whose
-    parameters are all frozen runs under ``torch.no_grad`` so no graph is built.
+    and ``transform`` (PIL image -> ``[3, H, W]``, the preprocessing that matches the
+    weights). A backbone whose parameters are all frozen runs under ``torch.no_grad`` so no
+    graph is built. The backbone owns feature selection: which layer(s), and dropping the
+    prefix tokens (CLS, registers) its tower puts before the patches.
     """
 
     hidden_size: int
+    """Feature width D."""
     num_patches: int
-    transform: ImageTransform
+    """Feature tokens N per image."""
+    transform: Callable[[Image.Image], torch.Tensor]
+    """PIL image (any mode) -> normalised ``[3, H, W]`` tensor."""
 
+    @abstractmethod
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``[B, 3, H, W] -> [B, N, D]``."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters()):
@@ -80,7 +103,7 @@ class VisionBackbone(nn.Module):
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images (any mode) -> ``[B, 3, H, W]`` pixel values for this backbone."""
-        return self.transform.batch(images)
+        return torch.stack([self.transform(image) for image in images])
 
     def rebuild_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this architecture offline (weights loaded separately)."""

@@ -9,11 +9,10 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vlm_adapters.plugins import get_registry
-from vlm_adapters.registry import ComponentConfig
-from vlm_adapters.vision.base import ImageTransform, VisionBackbone
+from vlm_adapters.vision.base import ImageTransform, VisionBackbone, VisionConfig
 
 
-class FusedVisionConfig(ComponentConfig):
+class FusedVisionConfig(VisionConfig):
     """Backbones run on the same image; their patch features are concatenated channel-wise."""
 
     backbones: list[dict[str, Any]] = Field(

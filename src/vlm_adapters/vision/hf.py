@@ -10,7 +10,6 @@ from torch import nn
 
 from vlm_adapters._transformers import check_inline_config, inline_config, load_or_explain
 from vlm_adapters.errors import ConfigError
-from vlm_adapters.registry import ComponentConfig
 from vlm_adapters.vision.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -18,6 +17,7 @@ from vlm_adapters.vision.base import (
     IMAGENET_STD,
     ImageTransform,
     VisionBackbone,
+    VisionConfig,
     select_layers,
 )
 
@@ -29,7 +29,7 @@ _DEFAULT_NORM = {
 }
 
 
-class HFVisionConfig(ComponentConfig):
+class HFVisionConfig(VisionConfig):
     """A transformers vision tower, from a hub id / local path or an inline config."""
 
     model: str | None = Field(None, description="Hub id or local directory of the checkpoint.")

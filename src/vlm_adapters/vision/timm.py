@@ -9,8 +9,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vlm_adapters.errors import ComponentError, ConfigError
-from vlm_adapters.registry import ComponentConfig
-from vlm_adapters.vision.base import ImageTransform, VisionBackbone
+from vlm_adapters.vision.base import ImageTransform, VisionBackbone, VisionConfig
 
 TIMM_MODEL_KWARGS = frozenset(
     {
@@ -64,7 +63,7 @@ def _no_local_dir(model: str) -> str:
     return model
 
 
-class TimmVisionConfig(ComponentConfig):
+class TimmVisionConfig(VisionConfig):
     """Any timm model (ViT, ConvNeXt, ...); conv feature maps are flattened to tokens."""
 
     model: str = Field(description="timm model name, e.g. vit_base_patch16_224 or hf-hub:org/name.")
@@ -84,7 +83,7 @@ class TimmVisionConfig(ComponentConfig):
         return {"pretrained": True} if self.pretrained else {}
 
 
-class OpenClipVisionConfig(ComponentConfig):
+class OpenClipVisionConfig(VisionConfig):
     """The visual tower of any open_clip model; patch tokens, not the pooled vector."""
 
     model: str = Field(description="open_clip model name, e.g. ViT-B-16 or hf-hub:org/name.")
