@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vlm_adapters import VisionLanguageModel, build_vlm
+from vlm_adapters.errors import CheckpointError
 from vlm_adapters.testing import tiny_model_config, tiny_tokenizer
 from vlm_adapters.training.artifact import load_connector, save_connector
 
@@ -87,5 +88,5 @@ def test_mismatching_model_is_refused_with_the_reason(tok_dir, aligned, change, 
 
 
 def test_not_a_connector_directory(tok_dir, aligned, tmp_path):
-    with pytest.raises(FileNotFoundError, match="stage-1 connector"):
+    with pytest.raises(CheckpointError, match="stage-1 connector"):
         load_connector(aligned[0], tmp_path)

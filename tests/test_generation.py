@@ -12,8 +12,7 @@ from torch import nn
 
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.chat.templates import encode_conversation
-from vlm_adapters.cli import main
-from vlm_adapters.cli import chat, generate
+from vlm_adapters.cli import chat, generate, main
 from vlm_adapters.inference.generation import generate as generate_text
 from vlm_adapters.inference.generation import generate_ids, prompt_batch
 from vlm_adapters.testing import tiny_model_config

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from vlm_adapters.errors import ComponentError, ConfigError
+from vlm_adapters.errors import ComponentError, ConfigError, VLMError
 
 Kind = Literal["vision", "connector", "llm"]
 KINDS: tuple[Kind, ...] = ("vision", "connector", "llm")
@@ -126,11 +126,18 @@ class Registry:
     def create(self, kind: str, section: Section | dict[str, Any], **kwargs: Any) -> Any:
         """Build the component of ``section`` (validated first when it is a plain dict).
 
-        Connectors also get ``in_dim``, ``out_dim`` and ``num_input_tokens`` as ``kwargs``.
+        Connectors also get ``in_dim``, ``out_dim`` and ``num_input_tokens`` as ``kwargs``. A
+        ``ValueError`` from the factory (a bad option) becomes a one-line ConfigError.
         """
         if not isinstance(section, Section):
             section = self.parse(kind, section)
-        return self.get(kind, section.type).factory(section.params, **kwargs)
+        spec = self.get(kind, section.type)
+        try:
+            return spec.factory(section.params, **kwargs)
+        except ValueError as error:
+            if isinstance(error, VLMError):
+                raise
+            raise ConfigError(f"{kind} {section.type!r}: {error}") from error
 
     def names(self, kind: str) -> list[str]:
         """Sorted names registered for ``kind``."""

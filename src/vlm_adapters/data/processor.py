@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlm_adapters.errors import DataError
 from vlm_adapters.vision import ImageTransform
 
 
@@ -61,7 +62,7 @@ class VLMProcessor:
         for i, (text, imgs) in enumerate(zip(texts, per_sample)):
             markers = text.count(self.image_token)
             if markers != len(imgs):
-                raise ValueError(
+                raise DataError(
                     f"prompt {i}: {markers} {self.image_token} marker(s) but {len(imgs)} image(s); "
                     f"put one {self.image_token} in the text for each image"
                 )
@@ -75,7 +76,7 @@ def _per_sample_images(texts: Sequence[str], images: Any) -> list[list[Image.Ima
     if images is None:
         return [[] for _ in texts]
     if len(images) != len(texts):
-        raise ValueError(
+        raise DataError(
             f"got {len(texts)} prompts but {len(images)} image entries; pass one per prompt"
         )
     return [

@@ -21,6 +21,7 @@ from vlm_adapters.chat.templates import (
     with_image_markers,
 )
 from vlm_adapters.data.processor import pad_batch
+from vlm_adapters.errors import DataError
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
@@ -47,7 +48,7 @@ def prompt_batch(
         turns = with_image_markers(turns, len(imgs))
         markers = sum(str(turn["value"]).count(IMAGE_MARKER) for turn in turns)
         if markers != len(imgs):
-            raise ValueError(
+            raise DataError(
                 f"conversation {index}: {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} "
                 f"image(s); put one {IMAGE_MARKER} in the text for each image"
             )
@@ -73,7 +74,7 @@ def _images_per_item(
     if images is None:
         return [[] for _ in conversations]
     if len(images) != len(conversations):
-        raise ValueError(
+        raise DataError(
             f"got {len(conversations)} conversations but {len(images)} image entries; "
             "pass one entry (an image, a list of images or None) per conversation"
         )

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from vlm_adapters._io import safetensors_problem
-from vlm_adapters.errors import CheckpointError
+from vlm_adapters.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
@@ -81,7 +81,7 @@ def target_module_names(module: nn.Module, settings: LoraSettings) -> list[str]:
         if hit:
             names.append(name)
     if not names:
-        raise ValueError(
+        raise ConfigError(
             f"LoRA target_modules {wanted!r} matched no layer; linear layers here are named e.g. "
             f"{sorted(_leaf_linear_names(module))[:8]}"
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 from string import Template
 
 from vlm_adapters._io import atomic_dir
+from vlm_adapters.errors import ConfigError, OutputError
 from vlm_adapters.plugins import get_registry
 
 KINDS = ("connector", "vision", "llm")
@@ -44,7 +45,7 @@ def new_plugin(name: str, kind: str, out: str | Path = ".") -> Path:
     values = _values(name, kind)
     target = Path(out) / values["dist"]
     if target.exists():
-        raise ValueError(f"{target} already exists; choose another --out or remove it")
+        raise OutputError(f"{target} already exists; choose another --out or remove it")
     files = {
         "pyproject.toml": "pyproject.toml",
         "README.md": "README.md",
@@ -69,16 +70,16 @@ def _template(name: str) -> str:
 def _values(name: str, kind: str) -> dict[str, str]:
     """Template values; rejects bad names and names already registered."""
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
     if not _NAME.match(name):
-        raise ValueError(
+        raise ConfigError(
             f"plugin name {name!r}: use lower-case letters, digits, '-' or '_', "
             "starting with a letter (e.g. my-connector)"
         )
     component = name.replace("-", "_")
     if component in get_registry().names(kind):
         provider = get_registry().get(kind, component).provider
-        raise ValueError(f"a {kind} named {component!r} already exists (from {provider})")
+        raise ConfigError(f"a {kind} named {component!r} already exists (from {provider})")
     fixture, check, section = _TESTS[kind]
     llm = kind == "llm"
     return {

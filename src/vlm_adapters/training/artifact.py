@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_model, save_model
 
 from vlm_adapters._io import atomic_dir, package_versions
+from vlm_adapters.errors import CheckpointError
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
@@ -94,13 +95,15 @@ def load_connector(model: VisionLanguageModel, directory: str | Path) -> None:
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; is this a stage-1 connector?")
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a stage-1 connector?")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a vlm-adapters connector (format={meta.get('format')!r})")
+        raise CheckpointError(
+            f"{path}: not a vlm-adapters connector (format={meta.get('format')!r})"
+        )
     problems = signature_mismatches(meta["signature"], connector_signature(model))
     if problems:
-        raise ValueError(
+        raise CheckpointError(
             f"connector at {directory} does not fit this model: " + "; ".join(problems)
         )
     load_model(model.connector, str(directory / WEIGHTS_NAME), strict=True)

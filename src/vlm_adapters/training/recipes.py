@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from vlm_adapters.config import ConfigError
+from vlm_adapters.errors import ConfigError
 from vlm_adapters.model.lora import LoraSettings, Part, apply_lora, lora_settings, slot
 from vlm_adapters.training.artifact import load_connector
 from vlm_adapters.training.config import (
@@ -117,7 +117,7 @@ def ensure_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part =
         apply_lora(model, settings, part)
         return
     if current != settings:
-        raise ValueError(
+        raise ConfigError(
             f"the checkpoint's {part} LoRA uses {current.model_dump()} but the config asks for "
             f"{settings.model_dump()}; resume with the checkpoint's settings"
         )
@@ -135,7 +135,7 @@ def unfreeze_last_vision_layers(model: VisionLanguageModel, n: int) -> list[nn.P
     params: list[nn.Parameter] = []
     for blocks in _vision_block_lists(model.vision):
         if not 1 <= n <= len(blocks):
-            raise ValueError(
+            raise ConfigError(
                 f"unfreeze_vision_layers={n} but the vision tower has {len(blocks)} blocks; "
                 f"choose 1..{len(blocks)}"
             )
@@ -152,7 +152,7 @@ def _vision_block_lists(vision: nn.Module) -> list[nn.Module]:
         m.tower for m in vision.modules() if isinstance(m, VisionBackbone) and hasattr(m, "tower")
     ]
     if not towers:
-        raise ValueError("partial unfreezing needs a vision backbone with a `tower` module")
+        raise ConfigError("partial unfreezing needs a vision backbone with a `tower` module")
     return [_longest_block_list(tower) for tower in towers]
 
 
@@ -169,5 +169,5 @@ def _longest_block_list(tower: nn.Module) -> nn.Module:
         if blocks and (best is None or len(children) > len(list(best.children()))):
             best = module
     if best is None:
-        raise ValueError(f"found no block list in vision tower {type(tower).__name__}")
+        raise ConfigError(f"found no block list in vision tower {type(tower).__name__}")
     return best

@@ -112,7 +112,7 @@ class HFVisionBackbone(VisionBackbone):
         out = self.tower(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
         hidden = out.hidden_states  # tuple of [B, P + N, D]
         if hidden[0].shape[1] != self.num_prefix + self.num_patches:
-            raise ValueError(
+            raise ConfigError(
                 f"vision tower returned {hidden[0].shape[1]} tokens, expected {self.num_prefix} "
                 f"prefix + {self.num_patches} patches; check `image_size`"
             )
