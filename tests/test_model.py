@@ -104,7 +104,7 @@ def test_generate_with_and_without_cache_agree(tokenizer_dir: str) -> None:
     uncached = model.generate_ids(**batch, use_cache=False, **kwargs)
     assert cached.shape == (3, 6)
     assert torch.equal(cached, uncached)
-    texts = model.generate([_TEXT_2], [_images(1)[0]], max_new_tokens=3, do_sample=False)
+    texts = model.generate([_TEXT_2], [_images(1)[0]], raw=True, max_new_tokens=3, do_sample=False)
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 

@@ -1,4 +1,5 @@
-"""The processor: `<image>` markers vs images, exact placeholder runs, padding sides."""
+"""The one processor: `<image>` markers vs images, exact placeholder runs, padding sides, and
+the same ids and pixels for training, generation and evaluation."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from vlm_adapters.data.processor import VLMProcessor, pad_batch
+from vlm_adapters.errors import DataError
 from vlm_adapters.testing import IMAGE_SIZE
 from vlm_adapters.vision import ImageTransform
 
@@ -18,7 +20,8 @@ M = 5  # placeholder tokens per image
 def processor(tokenizer_dir: str) -> VLMProcessor:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"]})
-    return VLMProcessor(tokenizer, ImageTransform(IMAGE_SIZE), num_image_tokens=M)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    return VLMProcessor(tokenizer, ImageTransform(IMAGE_SIZE), M, image_id)
 
 
 def _image(colour: tuple[int, int, int] = (255, 0, 0)) -> Image.Image:
@@ -37,9 +40,9 @@ def _runs(ids: list[int], token: int) -> list[int]:
 
 
 def test_each_marker_becomes_exactly_m_placeholders(processor: VLMProcessor) -> None:
-    ids = processor.encode("<image> a <image> what colour is the circle ?<image>")
+    ids = processor.text("<image> a <image> what colour is the circle ?<image>")
     assert _runs(ids, processor.image_token_id) == [M, M, M]
-    assert _runs(processor.encode("<image><image> a"), processor.image_token_id) == [2 * M]
+    assert _runs(processor.text("<image><image> a"), processor.image_token_id) == [2 * M]
     text = [i for i in ids if i != processor.image_token_id]
     tokenizer = processor.tokenizer
     words = tokenizer("what colour is the circle ?", add_special_tokens=False).input_ids
@@ -48,10 +51,9 @@ def test_each_marker_becomes_exactly_m_placeholders(processor: VLMProcessor) -> 
 
 def test_text_without_markers_is_plain_tokenization(processor: VLMProcessor) -> None:
     tokenizer = processor.tokenizer
-    assert (
-        processor.encode("a red circle", add_bos=False)
-        == tokenizer("a red circle", add_special_tokens=False).input_ids
-    )
+    assert tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]  # adds no BOS itself
+    plain = tokenizer("a red circle", add_special_tokens=False).input_ids
+    assert processor.text("a red circle") == plain
 
 
 @pytest.mark.parametrize(
@@ -66,14 +68,14 @@ def test_text_without_markers_is_plain_tokenization(processor: VLMProcessor) -> 
 def test_marker_image_mismatch_raises(
     processor: VLMProcessor, texts: list[str], images: list, message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=message):
         processor(texts, images)
 
 
 def test_batch_pixel_values_follow_marker_order(processor: VLMProcessor) -> None:
     red, green, blue = _image((255, 0, 0)), _image((0, 255, 0)), _image((0, 0, 255))
     batch = processor(["<image> <image> a", "b <image>"], [[red, green], blue])
-    expected = processor.transform.batch([red, green, blue])
+    expected = processor.images([red, green, blue])
     assert torch.equal(batch["pixel_values"], expected)
     assert batch["pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 3 * M
@@ -84,7 +86,7 @@ def test_batch_pixel_values_follow_marker_order(processor: VLMProcessor) -> None
 def test_padding_side(processor: VLMProcessor, side: str) -> None:
     texts = ["<image> what colour is the circle ?", "a"]
     batch = processor(texts, [_image(), None], padding_side=side)
-    short = processor.encode("a")
+    short = processor.text("a")
     ids, mask = batch["input_ids"][1], batch["attention_mask"][1]
     pad = ids.shape[0] - len(short)
     assert pad > 0 and int(mask.sum()) == len(short)
@@ -99,3 +101,51 @@ def test_pad_batch_shapes() -> None:
     batch = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_training_generation_and_evaluation_share_ids_and_pixels(tmp_path, tokenizer_dir):
+    """One sample through training collation, generation and evaluation: the prompt ids are a
+    prefix of the training ids and the pixels are identical tensors."""
+    from vlm_adapters import build_vlm
+    from vlm_adapters.data import DataCollator, LlavaDataset
+    from vlm_adapters.inference import evaluate
+    from vlm_adapters.inference.generation import prompt_batch
+    from vlm_adapters.testing import tiny_model_config
+
+    model = build_vlm(tiny_model_config(tokenizer_dir)).eval()
+    Image.new("RGB", (61, 23), (200, 30, 90)).save(tmp_path / "wide.png")  # needs resizing
+    question = {"from": "human", "value": "<image>\nwhat colour is the circle ?"}
+    record = {
+        "id": "s",
+        "image": "wide.png",
+        "conversations": [question, {"from": "gpt", "value": "red"}],
+    }
+    dataset = LlavaDataset(
+        [record],
+        image_root=tmp_path,
+        tokenizer=model.tokenizer,
+        template="llama3",
+        image_transform=model.vision.transform,
+        image_token_id=model.image_token_id,
+        num_image_tokens=model.num_image_tokens,
+    )
+    trained = DataCollator(model.tokenizer.pad_token_id)([dataset[0]])
+    with Image.open(tmp_path / "wide.png") as image:
+        prompt = prompt_batch(model, [[question]], [image.convert("RGB")], "llama3")
+    seen = {}
+    original = model.generate_ids
+
+    def spy(**batch):  # noqa: ANN003, ANN202
+        seen.update(batch)
+        return original(**batch)
+
+    model.generate_ids = spy
+    evaluate(model, [record], tmp_path, "llama3", max_new_tokens=1)
+    evaluated = {"input_ids": seen["input_ids"], "pixel_values": seen["pixel_values"]}
+    ids = prompt["input_ids"][0].tolist()
+    assert trained["input_ids"][0, : len(ids)].tolist() == ids
+    assert evaluated["input_ids"][0].tolist() == ids
+    assert torch.equal(trained["pixel_values"], prompt["pixel_values"])
+    assert torch.equal(evaluated["pixel_values"], prompt["pixel_values"])
+    answer = trained["labels"][0, len(ids) :]
+    assert model.tokenizer.decode(answer[answer != -100][:1]) == "red"

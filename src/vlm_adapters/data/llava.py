@@ -20,11 +20,11 @@ from vlm_adapters.chat.templates import (
     ChatTemplate,
     DataError,
     check_template,
-    encode_conversation,
     normalize_turns,
     with_image_markers,
 )
 from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
+from vlm_adapters.data.processor import VLMProcessor, pad_batch, pad_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -162,10 +162,9 @@ class LlavaDataset(Dataset):
         check_template(tokenizer, template)
         self.records = records
         self.image_root = Path(image_root)
-        self.tokenizer = tokenizer
-        self.template = template
-        self.image_transform = image_transform
-        self.image_token_id = image_token_id
+        self.processor = VLMProcessor(
+            tokenizer, image_transform, num_image_tokens, image_token_id, template
+        )
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
@@ -243,15 +242,8 @@ class LlavaDataset(Dataset):
 
     def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
         paths = self._image_files(record)
-        turns = with_image_markers(_turns(record), len(paths))
         try:
-            encoded = encode_conversation(
-                self.tokenizer,
-                self.template,
-                turns,
-                image_token_id=self.image_token_id,
-                num_image_tokens=self.num_image_tokens,
-            )
+            encoded = self.processor.encode(_turns(record), len(paths))
         except DataError as error:
             raise _BadSample("bad conversation", str(error)) from None
         if encoded.num_images != len(paths):
@@ -280,7 +272,7 @@ class LlavaDataset(Dataset):
             images = [open_image(path, self.max_image_pixels) for path in paths]
         except ImageProblem as problem:
             raise _BadSample(problem.reason, problem.detail) from None
-        return torch.stack([self.image_transform(image) for image in images]).float()
+        return self.processor.images(images)  # [num_images, 3, H, W]
 
 
 def _turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -322,25 +314,15 @@ class DataCollator:
     def __call__(self, items: Sequence[Mapping[str, Any] | Skipped]) -> dict[str, Any]:
         kept = [item for item in items if not isinstance(item, Skipped)]
         skipped = [item for item in items if isinstance(item, Skipped)]
-        input_ids = self._pad([item["input_ids"] for item in kept], self.pad_token_id)
+        side = self.padding_side
+        ids = [item["input_ids"] for item in kept]
         images = [item["pixel_values"] for item in kept if item.get("pixel_values") is not None]
         return {
-            "input_ids": input_ids,
-            "attention_mask": self._pad([torch.ones_like(i["input_ids"]) for i in kept], 0),
-            "labels": self._pad([item["labels"] for item in kept], IGNORE_INDEX),
+            **pad_batch(ids, self.pad_token_id, side),
+            "labels": pad_rows([item["labels"] for item in kept], IGNORE_INDEX, side),
             "pixel_values": torch.cat(images) if images else None,
             "skipped": skipped,
         }
-
-    def _pad(self, rows: list[torch.Tensor], value: int) -> torch.Tensor:
-        width = max((len(row) for row in rows), default=0)
-        batch = torch.full((len(rows), width), value, dtype=torch.long)
-        for index, row in enumerate(rows):
-            if self.padding_side == "right":
-                batch[index, : len(row)] = row
-            else:
-                batch[index, width - len(row) :] = row
-        return batch
 
 
 @dataclass

@@ -1,33 +1,22 @@
 """Answers for conversations: prompts built as in training, batched, stopping at end of turn.
 
-Prompts come from :func:`vlm_adapters.chat.templates.encode_prompt`, so the ids a model sees at
-inference are a prefix of the ids it was trained on; generation stops at the template's
-end-of-turn token (:func:`vlm_adapters.chat.templates.stop_token_ids`).
+Prompts come from the model's processor (:class:`vlm_adapters.data.processor.VLMProcessor`),
+so the ids a model sees at inference are a prefix of the ids it was trained on; generation
+stops at the template's end-of-turn token (:func:`vlm_adapters.chat.templates.stop_token_ids`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 
-from vlm_adapters.chat.templates import (
-    DEFAULT_TEMPLATE,
-    IMAGE_MARKER,
-    encode_prompt,
-    stop_token_ids,
-    with_image_markers,
-)
-from vlm_adapters.data.processor import pad_batch
-from vlm_adapters.errors import DataError
+from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, stop_token_ids
+from vlm_adapters.data.processor import ImageInput, Turns
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
-
-Turns = Sequence[Mapping[str, Any]]
-ImageInput = Image.Image | Sequence[Image.Image] | None
 
 
 def resolve_template(model: VisionLanguageModel, template: str | None = None) -> str:
@@ -41,44 +30,11 @@ def prompt_batch(
     images: Sequence[ImageInput] | None,
     template: str,
 ) -> dict[str, torch.Tensor | None]:
-    """Left-padded ``input_ids``/``attention_mask`` [B, T] and ``pixel_values`` [I, 3, H, W]."""
-    per_item = _images_per_item(conversations, images)
-    rows, flat = [], []
-    for index, (turns, imgs) in enumerate(zip(conversations, per_item)):
-        turns = with_image_markers(turns, len(imgs))
-        markers = sum(str(turn["value"]).count(IMAGE_MARKER) for turn in turns)
-        if markers != len(imgs):
-            raise DataError(
-                f"conversation {index}: {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} "
-                f"image(s); put one {IMAGE_MARKER} in the text for each image"
-            )
-        rows.append(
-            encode_prompt(
-                model.tokenizer,
-                template,
-                turns,
-                image_token_id=model.image_token_id,
-                num_image_tokens=model.num_image_tokens,
-            )
-        )
-        flat += imgs
-    device = next(model.parameters()).device
-    batch = pad_batch(rows, model.tokenizer.pad_token_id, "left")
-    pixels = model.vision.preprocess(flat).to(device) if flat else None
-    return {**{k: v.to(device) for k, v in batch.items()}, "pixel_values": pixels}
-
-
-def _images_per_item(
-    conversations: Sequence[Turns], images: Sequence[ImageInput] | None
-) -> list[list[Image.Image]]:
-    if images is None:
-        return [[] for _ in conversations]
-    if len(images) != len(conversations):
-        raise DataError(
-            f"got {len(conversations)} conversations but {len(images)} image entries; "
-            "pass one entry (an image, a list of images or None) per conversation"
-        )
-    return [[] if i is None else [i] if isinstance(i, Image.Image) else list(i) for i in images]
+    """Left-padded ``input_ids``/``attention_mask`` [B, T] and ``pixel_values`` [I, 3, H, W],
+    built by the model's processor with ``template``, on the model's device."""
+    batch = model.processor_for(template).prompt_batch(conversations, images)
+    device = model.llm.device
+    return {k: v.to(device) if v is not None else None for k, v in batch.items()}
 
 
 def generate_ids(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_adapters.chat.templates import IGNORE_INDEX
+from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, IGNORE_INDEX
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors import Connector
-from vlm_adapters.data.processor import VLMProcessor
+from vlm_adapters.data.processor import ImageInput, Turns, VLMProcessor
 from vlm_adapters.errors import CheckpointError, ConfigError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.model import hf_llava, io
@@ -84,9 +85,17 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def processor(self) -> VLMProcessor:
-        """Prompts and images -> model inputs for this model."""
+        """Conversations, prompts and images -> inputs, with the model's chat template."""
+        return self.processor_for(self.template or DEFAULT_TEMPLATE)
+
+    def processor_for(self, template: str) -> VLMProcessor:
+        """The processor with another chat ``template``."""
         return VLMProcessor(
-            self.tokenizer, self.vision.transform, self.num_image_tokens, self.llm.image_token
+            self.tokenizer,
+            self.vision.transform,
+            self.num_image_tokens,
+            self.image_token_id,
+            template,
         )
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -150,14 +159,36 @@ class VisionLanguageModel(nn.Module):
         return self.llm.generate(embeds, attention_mask, **generate_kwargs)
 
     def generate(
-        self, prompts: list[str], images: list[Any] | None = None, **generate_kwargs: Any
+        self,
+        prompts: Sequence[str | Turns],
+        images: Sequence[ImageInput] | None = None,
+        *,
+        raw: bool = False,
+        **kwargs: Any,
     ) -> list[str]:
-        """Decoded answers for raw prompts (``<image>`` markers, one image entry per prompt)."""
-        batch = self.processor(prompts, images, padding_side="left")
-        device = self.llm.device
-        batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
-        ids = self.generate_ids(**batch, **generate_kwargs)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        """Decoded answers, one per prompt.
+
+        A prompt is a question (one human turn) or a conversation (turns ending with a human
+        turn); it is rendered with the model's chat template (``template=`` overrides it) and
+        generation stops at the template's end of turn, exactly as in training. ``images``
+        holds one entry per prompt (an image, a list of images, or None); ``<image>`` markers
+        say where they go (one image without a marker goes before the question). Keyword
+        arguments: see :func:`vlm_adapters.inference.generate_ids`. With ``raw=True`` the
+        prompts are plain text with no template, and ``kwargs`` go to transformers'
+        ``generate``.
+        """
+        from vlm_adapters.inference.generation import generate
+
+        if raw:
+            batch = self.processor(prompts, images, padding_side="left")
+            device = self.llm.device
+            batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+            ids = self.generate_ids(**batch, **kwargs)
+            return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        conversations = [
+            [{"from": "human", "value": p}] if isinstance(p, str) else p for p in prompts
+        ]
+        return generate(self, conversations, images, **kwargs)
 
     def save_pretrained(
         self, directory: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()

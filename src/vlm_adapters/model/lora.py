@@ -13,15 +13,14 @@ the plain model uses, and each adapter lives in peft's own layout (``adapter/`` 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from vlm_adapters._io import safetensors_problem
 from vlm_adapters.errors import CheckpointError, ConfigError
@@ -53,8 +52,10 @@ class LoraSettings(BaseModel):
         "none", description="Which biases train: none, all (of the adapted part), lora_only."
     )
 
-    def peft_config(self, targets: list[str]) -> LoraConfig:
+    def peft_config(self, targets: list[str]) -> Any:
         """A peft config for the resolved full module names ``targets``."""
+        from peft import LoraConfig  # peft (and accelerate) load only when LoRA is used
+
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -75,7 +76,7 @@ def target_module_names(module: nn.Module, settings: LoraSettings) -> list[str]:
         if not name or sub is head or name.rpartition(".")[0] in fused_attention:
             continue
         if wanted == "all-linear":
-            hit = isinstance(sub, (nn.Linear, Conv1D))
+            hit = isinstance(sub, _linear_types())
         else:
             hit = any(name == t or name.endswith(f".{t}") for t in wanted)
         if hit:
@@ -96,6 +97,8 @@ def apply_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = 
     """
     owner, attr = slot(model, part)
     inner = getattr(owner, attr)
+    from peft import PeftModel, get_peft_model
+
     if isinstance(inner, PeftModel):
         raise ValueError(f"LoRA is already applied to the {part}; apply it once per model")
     wrapped = get_peft_model(inner, settings.peft_config(target_module_names(inner, settings)))
@@ -105,7 +108,7 @@ def apply_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = 
 
 def lora_parts(model: VisionLanguageModel) -> list[Part]:
     """The parts of ``model`` that carry LoRA adapters."""
-    return [part for part in PARTS if isinstance(getattr(*slot(model, part)), PeftModel)]
+    return [part for part in PARTS if _is_peft(getattr(*slot(model, part)))]
 
 
 def has_lora(model: VisionLanguageModel) -> bool:
@@ -194,6 +197,8 @@ def load_weights(model: VisionLanguageModel, directory: Path, weights_name: str)
     model.load_state_dict({live[k]: v for k, v in base.items()}, strict=False)
     for part in lora_parts(model):
         path = Path(directory) / ADAPTER_DIRS[part] / "adapter_model.safetensors"
+        from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(getattr(*slot(model, part)), _load_safetensors(path))
         if result.unexpected_keys:
             raise CheckpointError(
@@ -250,5 +255,20 @@ def _leaf_linear_names(module: nn.Module) -> set[str]:
     return {
         name.rsplit(".", 1)[-1]
         for name, sub in module.named_modules()
-        if isinstance(sub, (nn.Linear, Conv1D))
+        if isinstance(sub, _linear_types())
     }
+
+
+def _is_peft(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft wrapper (checked without importing peft when it is not)."""
+    if "peft" not in sys.modules:
+        return False
+    from peft import PeftModel
+
+    return isinstance(module, PeftModel)
+
+
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
