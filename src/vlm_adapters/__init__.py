@@ -12,7 +12,8 @@ from vlm_adapters.config import (
     read_yaml,
 )
 from vlm_adapters.hookspecs import hookimpl
-from vlm_adapters.model import VisionLanguageModel, VLMOutput
+from vlm_adapters.errors import VLMError
+from vlm_adapters.model import VisionLanguageModel, VLMOutput, load
 from vlm_adapters.plugins import list_components
 from vlm_adapters.registry import ComponentConfig, ComponentSpec
 
@@ -45,10 +46,12 @@ __all__ = [
     "ComponentSpec",
     "ConfigError",
     "ModelConfig",
+    "VLMError",
     "VLMOutput",
     "VisionLanguageModel",
     "build_vlm",
     "hookimpl",
     "list_components",
+    "load",
     "load_config",
 ]
