@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ class Connector(nn.Module, ABC):
         return self.cfg.model_dump()
 
 
+Activation = Literal["gelu", "relu", "silu", "tanh"]
+"""The activations an MLP connector may use (LLaVA's projector supports the same)."""
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "relu": nn.ReLU,

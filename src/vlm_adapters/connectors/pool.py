@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from vlm_adapters.connectors.base import Connector, ConnectorConfig, mlp
+from vlm_adapters.connectors.base import Activation, Connector, ConnectorConfig, mlp
 
 
 class PoolConfig(ConnectorConfig):
@@ -18,9 +18,7 @@ class PoolConfig(ConnectorConfig):
     mode: Literal["avg", "pixel_shuffle"] = Field("avg", description="How neighbours are merged.")
     factor: int = Field(2, ge=1, description="Grid stride: N tokens become N / factor**2.")
     depth: int = Field(2, ge=1, description="Depth of the projection MLP.")
-    activation: Literal["gelu", "relu", "silu", "tanh"] = Field(
-        "gelu", description="MLP activation."
-    )
+    activation: Activation = Field("gelu", description="MLP activation.")
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         side = _grid_side(num_input_tokens)

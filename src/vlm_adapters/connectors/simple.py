@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
-from vlm_adapters.connectors.base import Connector, ConnectorConfig, mlp
-
-Activation = Literal["gelu", "relu", "silu", "tanh"]
+from vlm_adapters.connectors.base import Activation, Connector, ConnectorConfig, mlp
 
 
 class LinearConfig(ConnectorConfig):

@@ -20,6 +20,7 @@ from vlm_adapters.errors import CheckpointError, ConfigError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.model import hf_llava, io
 from vlm_adapters.plugins import get_registry
+from vlm_adapters.registry import KINDS
 from vlm_adapters.vision import VisionBackbone
 
 
@@ -72,7 +73,7 @@ class VisionLanguageModel(nn.Module):
             out_dim=llm.hidden_size,
             num_input_tokens=vision.num_patches,
         )
-        types = {k: getattr(config, k).type for k in ("vision", "connector", "llm")}
+        types = {k: getattr(config, k).type for k in KINDS}
         return cls(vision, connector, llm, types)
 
     @property

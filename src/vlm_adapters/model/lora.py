@@ -24,6 +24,7 @@ from torch import nn
 
 from vlm_adapters._io import safetensors_problem
 from vlm_adapters.errors import CheckpointError, ConfigError
+from vlm_adapters.model.files import WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
@@ -173,7 +174,7 @@ def load_lora(model: VisionLanguageModel, directory: Path, config: dict[str, Any
                 f"{directory}/config.json: invalid {CONFIG_KEYS[part]} settings ({error})"
             ) from None
         apply_lora(model, settings, part)
-    load_weights(model, directory, "model.safetensors")
+    load_weights(model, directory, WEIGHTS_NAME)
     for name, param in model.named_parameters():
         if ".lora_" in name:
             param.requires_grad_(False)

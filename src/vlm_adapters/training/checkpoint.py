@@ -28,6 +28,7 @@ from vlm_adapters._io import (
     temp_name,
 )
 from vlm_adapters.errors import CheckpointError
+from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.model.lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -74,7 +75,7 @@ def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any)
         raise CheckpointError(f"{directory}: {problem}; pick another checkpoint or --resume auto")
     state = json.loads((directory / STATE_FILE).read_text())
     try:
-        load_weights(model, directory / MODEL_DIR, "model.safetensors")
+        load_weights(model, directory / MODEL_DIR, WEIGHTS_NAME)
         tensors = load_file(str(directory / OPTIMIZER_FILE))
         optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer_groups"]))
         scheduler.load_state_dict(state["scheduler"])
@@ -103,7 +104,7 @@ def checkpoint_problem(directory: Path) -> str | None:
         return f"unreadable JSON ({error})"
     if not isinstance(state, dict) or not {"position", "rng", "scheduler"} <= set(state):
         return f"{STATE_FILE} is incomplete"
-    weights = [model_dir / "model.safetensors", directory / OPTIMIZER_FILE]
+    weights = [model_dir / WEIGHTS_NAME, directory / OPTIMIZER_FILE]
     for part, key in CONFIG_KEYS.items():
         if isinstance(config, dict) and key in config:
             weights.append(model_dir / ADAPTER_DIRS[part] / "adapter_model.safetensors")

@@ -10,6 +10,7 @@ from torch import nn
 
 from vlm_adapters.errors import ConfigError
 from vlm_adapters.model.lora import LoraSettings, Part, apply_lora, lora_settings, slot
+from vlm_adapters.registry import KINDS
 from vlm_adapters.training.artifact import load_connector
 from vlm_adapters.training.config import (
     STAGES,
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
 
 logger = logging.getLogger("vlm_adapters.training")
-PARTS = ("vision", "connector", "llm")
+PARTS = KINDS
 
 
 def configure_stage(model: Any, stage: str, settings: AlignStage | FinetuneStage) -> None:

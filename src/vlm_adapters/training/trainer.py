@@ -41,6 +41,7 @@ from vlm_adapters.errors import (
     OutputError,
     TrainingError,
 )
+from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
 from vlm_adapters.training.artifact import save_connector
 from vlm_adapters.training.checkpoint import (
@@ -607,7 +608,7 @@ def _finished(stage_dir: Path) -> bool:
     """A stage is done when its final model (and, for align, the connector) is complete."""
     from vlm_adapters._io import safetensors_problem
 
-    done = safetensors_problem(stage_dir / "final" / "model.safetensors") is None
+    done = safetensors_problem(stage_dir / "final" / WEIGHTS_NAME) is None
     if stage_dir.name == "align":
         done = done and (stage_dir / "connector" / CONNECTOR_CONFIG).is_file()
     return done
@@ -631,4 +632,4 @@ def _load_final(model: Any, final: Path, needed: bool) -> None:
     if needed:
         from vlm_adapters.model.lora import load_weights
 
-        load_weights(model, final, "model.safetensors")
+        load_weights(model, final, WEIGHTS_NAME)
