@@ -1,7 +1,8 @@
-"""`vlm-adapters list`: the table, `--json`, `--kind`, and the installed console script."""
+"""`vlm-adapters list`: the table, `--json`, `--kind`, `--plugins`, and the console script."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vlm_adapters import plugins
 from vlm_adapters.cli import main
 
 
@@ -41,6 +43,57 @@ def test_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     mlp = next(line for line in lines if line.split()[:2] == ["connector", "mlp"])
     assert mlp.split()[2] == "vlm-adapters"
     assert any(line.split()[:3] == ["vision", "open_clip", "vlm-adapters"] for line in lines)
+
+
+def test_list_table_ends_with_the_plugin_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    components, packages = capsys.readouterr().out.split("\nplugin packages:\n")
+    assert "connector  mlp" in components
+    first = packages.splitlines()[0].split()
+    assert first[:3] == ["vlm-adapters", importlib.metadata.version("vlm-adapters"), "loaded"]
+
+
+def test_list_plugins_json(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _json_rows(capsys, "--plugins")
+    keys = {"package", "version", "status", "reason", "entry_points", "components"}
+    assert rows and all(set(row) == keys for row in rows)
+    assert all(row["status"] in plugins.STATUSES for row in rows)
+    builtin = rows[0]
+    assert builtin["package"] == "vlm-adapters" and builtin["status"] == "loaded"
+    assert "connector:mlp" in builtin["components"] and builtin["entry_points"] == []
+    for dist in ("vlm-adapters-convnext", "vlm-adapters-cabstractor"):  # installed with the repo
+        row = next((r for r in rows if r["package"] == dist), None)
+        if row is not None:
+            assert row["version"] == importlib.metadata.version(dist)
+            assert (row["status"], row["reason"]) == ("loaded", "")
+
+
+def test_list_plugins_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["vlm-adapters", importlib.metadata.version("vlm-adapters"),
+                                    "loaded"]  # fmt: skip
+    assert not any(line.startswith("connector ") for line in lines)  # packages only
+
+
+def test_list_plugins_when_disabled(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(plugins.DISABLE_ENV, "1")
+    plugins.reset()
+    try:
+        statuses = {r["package"]: r["status"] for r in _json_rows(capsys, "--plugins")}
+    finally:
+        monkeypatch.undo()
+        plugins.reset()
+    assert statuses.pop("vlm-adapters") == "loaded"
+    assert set(statuses.values()) <= {"disabled"}  # installed plugins are listed, not loaded
+
+
+def test_list_plugins_and_kind_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["list", "--plugins", "--kind", "llm"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_console_script() -> None:

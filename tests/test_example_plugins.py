@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 import vlm_adapters
+from vlm_adapters import plugins
 from vlm_adapters.cli import main
 from vlm_adapters.testing import check_vlm, tiny_llm_config
 
@@ -79,3 +81,34 @@ def test_both_plugins_compose_with_a_builtin_llm_from_yaml(tmp_path: Path, token
     saved = model.checkpoint_config()["providers"]
     assert saved == {"vision": "vlm-adapters-convnext", "connector": "vlm-adapters-cabstractor",
                      "llm": "vlm-adapters"}  # fmt: skip
+
+
+@needs_plugins
+def test_loaded_as_compatible_plugin_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--plugins", "--json"]) == 0
+    rows = {r["package"]: r for r in json.loads(capsys.readouterr().out)}
+    for dist, (kind, name) in DISTS.items():
+        assert rows[dist]["status"] == "loaded", rows[dist]["reason"]
+        assert rows[dist]["version"] == importlib.metadata.version(dist)
+        assert rows[dist]["components"] == [f"{kind}:{name}"]
+        assert plugins.incompatibility(importlib.metadata.distribution(dist)) == ""
+
+
+@needs_plugins
+def test_smoke_run_trains_both_plugins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_convnext = [
+        "vision.model=convnext_atto",
+        "vision.pretrained=false",
+        "vision.image_size=64",
+        "vision.stage=-2",  # a 4x4 grid
+        "vision.model_kwargs={depths: [1, 1, 1, 1], dims: [8, 16, 24, 32]}",
+    ]
+    out = tmp_path / "smoke"
+    args = ["--vision", "convnext", "--connector", "cabstractor", "connector.num_queries=4"]
+    assert main(["smoke", str(out), *args, *tiny_convnext]) == 0
+    command = shlex.split(capsys.readouterr().out.splitlines()[-1].split(": ", 1)[1])
+    assert command[:2] == ["vlm-adapters", "train"]
+    assert main(command[1:]) == 0
+    saved = json.loads((out / "run" / "finetune" / "final" / "config.json").read_text())
+    providers = {k: saved["providers"][k] for k in ("vision", "connector")}
+    assert providers == {"vision": "vlm-adapters-convnext", "connector": "vlm-adapters-cabstractor"}

@@ -13,21 +13,61 @@ from torch import nn
 import vlm_adapters
 from vlm_adapters import ComponentConfig, ComponentSpec, hookimpl
 from vlm_adapters.connectors import Connector, ConnectorConfig
-from vlm_adapters.plugins import collect_registry, new_plugin_manager, register
+from vlm_adapters.plugins import (
+    BUILTIN_PROVIDER,
+    collect_registry,
+    get_registry,
+    new_plugin_manager,
+    register,
+)
 from vlm_adapters.testing import (
+    ConformanceWarning,
     check_connector,
     check_llm_backend,
     check_vision_backbone,
     registered,
+    tiny_connector_config,
     tiny_llm_config,
+    tiny_model_config,
+    tiny_section,
     tiny_vision_config,
 )
-from vlm_adapters.vision import ImageTransform, VisionBackbone
+from vlm_adapters.vision import ImageTransform, VisionBackbone, VisionConfig
 
 
 def _section(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     config = dict(config)
     return config.pop("type"), config
+
+
+BUILTINS = [(s.kind, s.name) for s in get_registry().specs() if s.provider == BUILTIN_PROVIDER]
+CHECKS = {"vision": check_vision_backbone, "connector": check_connector, "llm": check_llm_backend}
+
+
+def test_the_builtins_are_found_in_the_registry() -> None:
+    assert {("vision", "hf"), ("connector", "pool"), ("llm", "hf")} <= set(BUILTINS)
+    assert len(BUILTINS) >= 10
+
+
+@pytest.mark.parametrize(("kind", "name"), BUILTINS, ids=[f"{k}-{n}" for k, n in BUILTINS])
+def test_every_builtin_passes_its_conformance_check(kind: str, name: str, tokenizer_dir: str):
+    """Parametrized from the registry: a new built-in fails here until it has a tiny config
+    (in vlm_adapters/testing/tiny.py) and passes the checks plugins must pass."""
+    try:
+        section = tiny_section(kind, name, tokenizer_dir)
+    except KeyError as exc:
+        pytest.fail(f"built-in {kind} {name!r} has no tiny config in vlm_adapters.testing: {exc}")
+    assert section["type"] == name
+    CHECKS[kind](*_section(section))
+
+
+def test_a_component_without_a_tiny_config_is_named(tokenizer_dir: str) -> None:
+    with pytest.raises(KeyError, match="no tiny connector config for 'brand_new'; choose one"):
+        tiny_section("connector", "brand_new", tokenizer_dir)
+    with pytest.raises(KeyError, match="no tiny vision config for 'brand_new'"):
+        tiny_section("vision", "brand_new", tokenizer_dir)
+    with pytest.raises(KeyError, match="no tiny LLM config for 'brand_new'"):
+        tiny_section("llm", "brand_new", tokenizer_dir)
 
 
 def test_builtins_pass(tokenizer_dir: str) -> None:
@@ -114,7 +154,17 @@ def test_registered_is_temporary(tokenizer_dir: str) -> None:
 # ------------------------------------------------------------------------ broken vision
 
 
-class PatchConfig(ComponentConfig):
+class PatchConfig(VisionConfig):
+    cast: bool = True
+    probed: tuple[int, int] | None = (16, 8)
+
+    def probe(self) -> tuple[int, int] | None:
+        return self.probed
+
+
+class PlainConfig(ComponentConfig):
+    """Not a VisionConfig: no pre-build probe."""
+
     cast: bool = True
 
 
@@ -145,6 +195,24 @@ def test_broken_vision_fails_clearly() -> None:
             check_vision_backbone(spec, {"cast": False})
         with pytest.raises(AssertionError, match="must not build an autograd graph"):
             check_vision_backbone(graph)
+
+
+def test_vision_probe_must_predict_the_built_sizes() -> None:
+    spec = ComponentSpec("vision", "patches", Patches, PatchConfig, "test backbone")
+    with registered(spec):
+        assert check_vision_backbone(spec, {"probed": None}).num_patches == 16  # cannot tell
+        with pytest.raises(AssertionError, match=r"config.probe\(\) = \(9, 8\) but the built "
+                           r"backbone has \(num_patches, hidden_size\) = \(16, 8\)"):  # fmt: skip
+            check_vision_backbone(spec, {"probed": (9, 8)})
+
+
+def test_a_vision_config_that_is_not_a_vision_config_is_told_so() -> None:
+    spec = ComponentSpec("vision", "plain", Patches, PlainConfig, "test backbone")
+    with registered(spec), pytest.warns(ConformanceWarning) as record:
+        check_vision_backbone(spec)
+    message = str(record[0].message)
+    assert message.startswith("vision 'plain': its config class PlainConfig is not a ")
+    assert "vlm_adapters.vision.VisionConfig; subclass it and implement probe()" in message
 
 
 def test_broken_llm_fails_clearly(tokenizer_dir: str) -> None:
@@ -188,6 +256,23 @@ def test_every_register_hook_reaches_the_registry_with_its_provider() -> None:
                        ("llm", "hook_llm")]:  # fmt: skip
         assert registry.get(kind, name).provider == "my-dist"
     assert registry.get("connector", "mlp").provider == "vlm-adapters"
+
+
+def test_plain_helpers_accept_what_their_fixture_accepts(
+    vlm_tiny_model_config: Any, vlm_tiny_tokenizer: str
+) -> None:
+    pool = {"type": "pool", "factor": 4}
+    vision = {"type": "hf", "config": {"model_type": "clip_vision_model", "hidden_size": 8}}
+    llm = {"type": "mine", "tokenizer": vlm_tiny_tokenizer}
+    for sections in [{}, {"connector": pool}, {"vision": vision, "llm": llm},
+                     {"vision": "hf_siglip", "connector": "qformer", "llm": "qwen2"}]:  # fmt: skip
+        assert tiny_model_config(vlm_tiny_tokenizer, **sections) == vlm_tiny_model_config(
+            **sections
+        )
+    assert tiny_model_config(vlm_tiny_tokenizer, connector=pool)["connector"] == pool
+    assert tiny_connector_config(pool) == pool and tiny_connector_config(pool) is not pool
+    assert tiny_vision_config(vision) == vision and tiny_llm_config(llm, "ignored") == llm
+    assert tiny_llm_config("hf", vlm_tiny_tokenizer) == tiny_llm_config("llama", vlm_tiny_tokenizer)
 
 
 def test_pytest_plugin_is_registered_and_its_fixtures_work(

@@ -11,8 +11,8 @@ from vlm_adapters.config import (
     model_config_from_dict,
     read_yaml,
 )
-from vlm_adapters.hookspecs import hookimpl
 from vlm_adapters.errors import VLMError
+from vlm_adapters.hookspecs import hookimpl
 from vlm_adapters.model import VisionLanguageModel, VLMOutput, load
 from vlm_adapters.plugins import list_components
 from vlm_adapters.registry import ComponentConfig, ComponentSpec

@@ -3,6 +3,11 @@
 A plugin is any module or object with functions decorated by :data:`vlm_adapters.hookimpl`.
 Built-in components are provided by plugins that use exactly these hooks; third-party
 packages announce theirs through the ``vlm_adapters`` entry-point group.
+
+Each ``register_*`` hook is called once, when the registry is first built. A third-party
+plugin whose hook raises, or returns anything but specs of the hook's kind, is skipped with a
+:class:`vlm_adapters.plugins.PluginLoadWarning` naming its package (and ``vlm-adapters list``
+shows it as ``failed``); the other plugins still register.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ COMMANDS = (
     "import",
     "merge",
     "new-plugin",
+    "smoke",
 )
 MODULES = {"import": "import_hf"}  # `import` is a Python keyword
 

@@ -15,7 +15,7 @@ from vlm_adapters.chat.templates import TEMPLATES
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
 from vlm_adapters.model import lora
-from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry
+from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry, why_unavailable
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
@@ -167,21 +167,28 @@ def _asks_for_remote_code(value: Any, where: str = "") -> str | None:
 
 
 def _require_components(data: dict[str, Any]) -> None:
-    """Name the plugin package to install when a checkpoint's component is missing."""
+    """Name every component of the checkpoint that is missing here, with the package it comes
+    from and why it is missing (not installed, failed to load, disabled, incompatible)."""
     registry = get_registry()
+    missing: list[str] = []
+    to_install: dict[str, None] = {}  # packages, in order, once each
     for kind in PARTS:
-        name = data[kind]["type"]
-        try:
-            registry.get(kind, name)
-        except ComponentError:
-            provider = data.get("providers", {}).get(kind, "unknown")
-            if provider == BUILTIN_PROVIDER:
-                raise ComponentError(
-                    f"this checkpoint needs the {kind} component {name!r}, which this version "
-                    f"of vlm-adapters does not have; it may come from a newer version"
-                ) from None
-            raise ComponentError(
-                f"this checkpoint needs the {kind} component {name!r}, which its config.json "
-                f"says comes from the package {provider!r}; it is not installed: if you trust "
-                f"it, run `pip install {provider}`"
-            ) from None
+        name, provider = data[kind]["type"], data.get("providers", {}).get(kind, "unknown")
+        if name in registry.names(kind):
+            continue
+        what = f"the {kind} component {name!r}, which"
+        if provider == BUILTIN_PROVIDER:
+            newer = "it may come from a newer version"
+            missing.append(f"{what} this version of vlm-adapters does not have; {newer}")
+            continue
+        reason = why_unavailable(provider)
+        if reason is None:
+            to_install[provider] = None
+        source = f"its config.json says comes from the package {provider!r}"
+        missing.append(f"{what} {source}; {reason or 'it is not installed'}")
+    if missing:
+        count = "" if len(missing) == 1 else f"{len(missing)} components: "
+        them = "it" if len(to_install) == 1 else "them"
+        advice = f": if you trust {them}, run `pip install {' '.join(to_install)}`"
+        message = f"this checkpoint needs {count}" + "; ".join(missing)
+        raise ComponentError(message + (advice if to_install else ""))

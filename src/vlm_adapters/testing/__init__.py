@@ -1,6 +1,7 @@
 """Helpers for testing vlm-adapters and its plugins: tiny offline configs, conformance checks."""
 
 from vlm_adapters.testing.checks import (
+    ConformanceWarning,
     check_connector,
     check_llm_backend,
     check_vision_backbone,
@@ -12,9 +13,11 @@ from vlm_adapters.testing.tiny import (
     LLM_FAMILIES,
     NUM_PATCHES,
     VISION_VARIANTS,
+    SectionLike,
     tiny_connector_config,
     tiny_llm_config,
     tiny_model_config,
+    tiny_section,
     tiny_tokenizer,
     tiny_vision_config,
 )
@@ -24,6 +27,8 @@ __all__ = [
     "LLM_FAMILIES",
     "NUM_PATCHES",
     "VISION_VARIANTS",
+    "ConformanceWarning",
+    "SectionLike",
     "check_connector",
     "check_llm_backend",
     "check_vision_backbone",
@@ -32,6 +37,7 @@ __all__ = [
     "tiny_connector_config",
     "tiny_llm_config",
     "tiny_model_config",
+    "tiny_section",
     "tiny_tokenizer",
     "tiny_vision_config",
 ]

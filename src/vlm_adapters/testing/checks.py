@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,14 @@ from vlm_adapters.connectors import Connector
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import ComponentConfig, ComponentSpec
-from vlm_adapters.vision import ImageTransform, VisionBackbone
+from vlm_adapters.vision import ImageTransform, VisionBackbone, VisionConfig
 
 SpecOrName = ComponentSpec | str
 ConfigLike = ComponentConfig | dict[str, Any] | None
+
+
+class ConformanceWarning(UserWarning):
+    """A component works but misses something the protocol asks for (see the message)."""
 
 
 def check_connector(
@@ -69,7 +74,12 @@ def check_connector(
 def check_vision_backbone(
     spec_or_name: SpecOrName, config: ConfigLike = None, *, batch_size: int = 2
 ) -> VisionBackbone:
-    """Check a vision backbone: preprocess PIL images, ``[B,3,H,W] -> [B, num_patches, D]``."""
+    """Check a vision backbone: preprocess PIL images, ``[B,3,H,W] -> [B, num_patches, D]``.
+
+    Its config's ``probe()`` (:class:`vlm_adapters.vision.VisionConfig`) must predict
+    ``(num_patches, hidden_size)`` when it returns a value; a config class that is not a
+    ``VisionConfig`` gets a :class:`ConformanceWarning`.
+    """
     spec, cfg = _resolve("vision", spec_or_name, config)
     backbone = _build(spec, spec.factory, cfg, VisionBackbone)
     for attr, kind in (("hidden_size", int), ("num_patches", int), ("transform", ImageTransform)):
@@ -77,6 +87,7 @@ def check_vision_backbone(
             isinstance(getattr(backbone, attr, None), kind),
             f"{_label(spec)}: set `self.{attr}` ({kind.__name__}) in __init__",
         )
+    _check_probe(spec, cfg, backbone)
     pixels = _check_preprocess(spec, backbone, batch_size)
     expected = (batch_size, backbone.num_patches, backbone.hidden_size)
     _check_output(spec, backbone, pixels, expected)
@@ -388,6 +399,31 @@ def _expect_same(
         same,
         f"{_label(spec)}: outputs differ {when}; rebuild_kwargs() must describe the "
         "architecture completely",
+    )
+
+
+def _check_probe(spec: ComponentSpec, cfg: Any, backbone: VisionBackbone) -> None:
+    """``VisionConfig.probe()``, when it answers, predicts the built backbone's sizes."""
+    if not isinstance(cfg, VisionConfig):
+        warnings.warn(
+            f"{_label(spec)}: its config class {type(cfg).__name__} is not a "
+            "vlm_adapters.vision.VisionConfig; subclass it and implement probe() so that bad "
+            "combinations (a pool factor that does not divide the patch grid, visual tokens "
+            "beyond the LLM's context) fail while the config is read, naming file and key",
+            ConformanceWarning,
+            stacklevel=3,
+        )
+        return
+    try:
+        probed = cfg.probe()
+    except Exception as exc:  # reported as a conformance failure with context
+        raise AssertionError(f"{_label(spec)}: config.probe() failed: {exc}") from exc
+    built = (backbone.num_patches, backbone.hidden_size)
+    _expect(
+        probed is None or tuple(probed) == built,
+        f"{_label(spec)}: config.probe() = {probed} but the built backbone has (num_patches, "
+        f"hidden_size) = {built}; probe() must predict them from the config alone (or return "
+        "None when it cannot)",
     )
 
 

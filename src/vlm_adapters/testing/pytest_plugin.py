@@ -29,20 +29,14 @@ def vlm_tiny_model_config(vlm_tiny_tokenizer: str) -> Callable[..., dict[str, An
     ``vlm_tiny_model_config(connector={"type": "mine", "width": 8})`` keeps the tiny
     vision backbone and LLM and swaps in your connector section.
     """
-    from vlm_adapters.testing import tiny_connector_config, tiny_llm_config, tiny_vision_config
+    from vlm_adapters.testing import tiny_model_config
 
     def make(
         vision: str | dict[str, Any] = "hf",
         connector: str | dict[str, Any] = "mlp",
         llm: str | dict[str, Any] = "llama",
     ) -> dict[str, Any]:
-        return {
-            "vision": vision if isinstance(vision, dict) else tiny_vision_config(vision),
-            "connector": (
-                connector if isinstance(connector, dict) else tiny_connector_config(connector)
-            ),
-            "llm": llm if isinstance(llm, dict) else tiny_llm_config(llm, vlm_tiny_tokenizer),
-        }
+        return tiny_model_config(vlm_tiny_tokenizer, vision, connector, llm)
 
     return make
 

@@ -114,15 +114,27 @@ def tiny_tokenizer(directory: str | Path) -> str:
     return str(directory)
 
 
-def tiny_llm_config(family: str, tokenizer_dir: str) -> dict[str, Any]:
-    """An ``llm`` section: a 2-layer, 32-wide causal LM of ``family`` with random weights."""
+SectionLike = str | dict[str, Any]
+"""A built-in tiny name, or a whole section dict (any component's, e.g. a plugin's)."""
+
+
+def tiny_llm_config(family: SectionLike, tokenizer_dir: str) -> dict[str, Any]:
+    """An ``llm`` section: a 2-layer, 32-wide causal LM of ``family`` (one of
+    :data:`LLM_FAMILIES`, or ``hf``, the built-in type, for llama) with random weights; a dict
+    is taken as the section itself and returned as a copy."""
+    if isinstance(family, dict):
+        return copy.deepcopy(family)
+    family = "llama" if family == "hf" else family
     if family not in _LLM_CONFIGS:
-        raise KeyError(f"no tiny LLM config for {family!r}; choose one of {LLM_FAMILIES}")
+        raise KeyError(f"no tiny LLM config for {family!r}; choose one of {LLM_FAMILIES} or hf")
     return {"type": "hf", "tokenizer": tokenizer_dir, "config": dict(_LLM_CONFIGS[family])}
 
 
-def tiny_vision_config(name: str) -> dict[str, Any]:
-    """A ``vision`` section for a built-in type or variant (see :data:`VISION_VARIANTS`)."""
+def tiny_vision_config(name: SectionLike) -> dict[str, Any]:
+    """A ``vision`` section for a built-in type or variant (see :data:`VISION_VARIANTS`); a
+    dict is taken as the section itself and returned as a copy."""
+    if isinstance(name, dict):
+        return copy.deepcopy(name)
     if name == "fused":
         members = [tiny_vision_config("hf_siglip"), tiny_vision_config("hf_dinov2")]
         return {"type": "fused", "backbones": members}
@@ -131,17 +143,32 @@ def tiny_vision_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(_VISION_CONFIGS[name])
 
 
-def tiny_connector_config(name: str) -> dict[str, Any]:
-    """A ``connector`` section for a built-in connector, sized for :data:`NUM_PATCHES` tokens."""
+def tiny_connector_config(name: SectionLike) -> dict[str, Any]:
+    """A ``connector`` section for a built-in connector, sized for :data:`NUM_PATCHES` tokens; a
+    dict is taken as the section itself and returned as a copy."""
+    if isinstance(name, dict):
+        return copy.deepcopy(name)
     if name not in _CONNECTOR_CONFIGS:
-        raise KeyError(f"no tiny connector config for {name!r}; choose one of {_CONNECTOR_CONFIGS}")
+        choices = tuple(_CONNECTOR_CONFIGS)
+        raise KeyError(f"no tiny connector config for {name!r}; choose one of {choices}")
     return dict(_CONNECTOR_CONFIGS[name])
 
 
+def tiny_section(kind: str, name: SectionLike, tokenizer_dir: str) -> dict[str, Any]:
+    """The tiny section of ``kind`` (``vision``, ``connector`` or ``llm``) for ``name``."""
+    if kind == "llm":
+        return tiny_llm_config(name, tokenizer_dir)
+    return {"vision": tiny_vision_config, "connector": tiny_connector_config}[kind](name)
+
+
 def tiny_model_config(
-    tokenizer_dir: str, vision: str = "hf", connector: str = "mlp", llm: str = "llama"
+    tokenizer_dir: str,
+    vision: SectionLike = "hf",
+    connector: SectionLike = "mlp",
+    llm: SectionLike = "llama",
 ) -> dict[str, Any]:
-    """A whole model config from the tiny sections above."""
+    """A whole model config: each section a built-in tiny name or a section dict (a plugin's
+    component, say), exactly like the ``vlm_tiny_model_config`` fixture."""
     return {
         "vision": tiny_vision_config(vision),
         "connector": tiny_connector_config(connector),

@@ -14,12 +14,20 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from vlm_adapters import ComponentConfig
-from vlm_adapters.vision import ImageTransform, VisionBackbone, check_timm_model_kwargs
+from vlm_adapters.vision import (
+    ImageTransform,
+    VisionBackbone,
+    VisionConfig,
+    check_timm_model_kwargs,
+)
 
 
-class ConvNeXtConfig(ComponentConfig):
-    """Options of the ``convnext`` vision backbone."""
+class ConvNeXtConfig(VisionConfig):
+    """Options of the ``convnext`` vision backbone.
+
+    Its patch grid depends on the timm model's stage strides, known only once it is built, so
+    ``probe()`` keeps the default (None): the token budget is checked after building.
+    """
 
     model: str = Field(
         "convnext_base.fb_in22k_ft_in1k",
