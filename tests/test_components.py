@@ -161,6 +161,147 @@ def test_preprocess_normalises_with_the_backbone_mean_and_std() -> None:
     assert torch.allclose(pixels[0, 1], torch.tensor(-1.0))
 
 
+def _photo_like(size: tuple[int, int] = (53, 37)) -> list[Image.Image]:
+    """Non-square images in several modes: every one needs resizing, where rounding differs."""
+    noise = Image.effect_noise(size, 60)
+    return [noise.convert("RGB"), noise, noise.convert("RGBA"), noise.convert("P")]
+
+
+@pytest.mark.parametrize(
+    ("vision", "kind", "size", "crop"),
+    [
+        ("hf", "CLIPImageProcessor", {"shortest_edge": 32}, {"height": 32, "width": 32}),
+        ("hf_siglip", "SiglipImageProcessor", {"height": 32, "width": 32}, None),
+        ("hf_dinov2", "BitImageProcessor", {"shortest_edge": 36}, {"height": 32, "width": 32}),
+    ],
+)
+def test_hf_preprocessing_is_the_towers_image_processor(
+    vision: str, kind: str, size: dict, crop: dict | None
+) -> None:
+    from transformers import AutoImageProcessor
+
+    from vlm_adapters.vision.hf import ProcessorTransform, processor_config
+
+    backbone = get_registry().create("vision", tiny_vision_config(vision))
+    processor = backbone.image_processor
+    config = processor_config(processor)
+    assert isinstance(backbone.transform, ProcessorTransform)
+    assert type(processor).__name__ == kind and config["size"] == size
+    assert (config["crop_size"] if config.get("do_center_crop") else None) == crop
+    assert backbone.transform.crop == (crop is not None)
+    images = _photo_like()
+    expected = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(backbone.preprocess(images), expected)
+    assert torch.equal(backbone.transform(images[0]), expected[0])
+    # what AutoImageProcessor reads back from its saved config gives the same pixels
+    again = AutoImageProcessor.from_pretrained(_saved(processor))
+    assert torch.equal(again(images=images, return_tensors="pt")["pixel_values"], expected)
+
+
+def _saved(processor) -> str:
+    import tempfile
+
+    directory = tempfile.mkdtemp()
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_hf_preprocessing_overrides_reach_the_image_processor() -> None:
+    from vlm_adapters.vision.hf import processor_config
+
+    overrides = {"image_size": 48, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]}
+    clip = {**tiny_vision_config("hf"), **overrides}
+    clip["config"] = {**clip["config"], "image_size": 48}
+    backbone = get_registry().create("vision", clip)
+    config = processor_config(backbone.image_processor)
+    assert config["crop_size"] == {"height": 48, "width": 48}
+    assert config["size"] == {"shortest_edge": 48}
+    assert config["image_mean"] == [0.1, 0.2, 0.3] and config["image_std"] == [0.3, 0.2, 0.1]
+    assert backbone.transform.mean == (0.1, 0.2, 0.3) and backbone.num_patches == 36
+    assert backbone.preprocess(_photo_like()).shape == (4, 3, 48, 48)
+
+
+def test_hf_inline_image_processor_round_trips_through_rebuild_kwargs() -> None:
+    """A non-standard processor (resize 40 before the 32 crop, bilinear) is stored in full; the
+    standard one is not (size, mean and std rebuild it)."""
+    custom = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": 40},
+        "crop_size": {"height": 32, "width": 32},
+        "do_center_crop": True,
+        "resample": 2,
+    }
+    spec = {**tiny_vision_config("hf"), "image_processor": custom}
+    backbone = get_registry().create("vision", spec)
+    assert (backbone.transform.resize, backbone.transform.interpolation) == (40, "bilinear")
+    kwargs = backbone.rebuild_kwargs()
+    assert kwargs["image_processor"]["size"] == {"shortest_edge": 40}
+    assert "image_mean" not in kwargs and "image_size" not in kwargs
+    rebuilt = get_registry().create("vision", {"type": "hf", **kwargs})
+    assert rebuilt.transform == backbone.transform
+    images = _photo_like()
+    assert torch.equal(rebuilt.preprocess(images), backbone.preprocess(images))
+    standard = get_registry().create("vision", tiny_vision_config("hf"))
+    assert "image_processor" not in standard.rebuild_kwargs()
+    assert standard.transform != backbone.transform
+
+
+def test_hf_checkpoint_image_processor_is_used_and_stored(tmp_path) -> None:
+    """A local checkpoint's own preprocessor_config.json is the preprocessing; the rebuild
+    kwargs carry it, so the checkpoint directory is not needed to rebuild."""
+    import shutil
+
+    from transformers import CLIPImageProcessor
+
+    source = get_registry().create("vision", tiny_vision_config("hf"))
+    source.tower.save_pretrained(tmp_path / "tower")
+    own = CLIPImageProcessor(
+        size={"shortest_edge": 44}, crop_size=32, image_mean=[0.5, 0.4, 0.3], resample=2
+    )
+    own.save_pretrained(tmp_path / "tower")
+    backbone = get_registry().create("vision", {"type": "hf", "model": str(tmp_path / "tower")})
+    images = _photo_like()
+    expected = own(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(backbone.preprocess(images), expected)
+    kwargs = backbone.rebuild_kwargs()
+    shutil.rmtree(tmp_path / "tower")
+    assert "model" not in kwargs
+    rebuilt = get_registry().create("vision", {"type": "hf", **kwargs})
+    assert torch.equal(rebuilt.preprocess(images), expected)
+
+
+def test_hf_image_processor_must_give_squares() -> None:
+    from vlm_adapters.errors import ConfigError
+
+    spec = {
+        **tiny_vision_config("hf_siglip"),
+        "image_processor": {
+            "image_processor_type": "SiglipImageProcessor",
+            "size": {"height": 32, "width": 48},
+        },
+    }
+    with pytest.raises(ConfigError, match="not a fixed square"):
+        get_registry().create("vision", spec)
+
+
+def test_hf_inline_image_processor_may_not_name_code() -> None:
+    processor = {"image_processor_type": "X", "auto_map": {"AutoImageProcessor": "x.X"}}
+    with pytest.raises(ValueError, match="may not name code"):
+        get_registry().create("vision", {**tiny_vision_config("hf"), "image_processor": processor})
+
+
+def test_fused_preprocessing_is_the_first_members_without_normalisation() -> None:
+    fused = get_registry().create("vision", tiny_vision_config("fused"))
+    first = fused.members[0]
+    images = _photo_like()
+    mean = torch.tensor(first.transform.mean).view(1, 3, 1, 1)
+    std = torch.tensor(first.transform.std).view(1, 3, 1, 1)
+    assert fused.transform.mean == (0.0, 0.0, 0.0) and fused.transform.std == (1.0, 1.0, 1.0)
+    torch.testing.assert_close(
+        (fused.preprocess(images) - mean) / std, first.preprocess(images), rtol=0, atol=1e-5
+    )
+
+
 # --- connectors ------------------------------------------------------------------------------
 
 

@@ -23,12 +23,11 @@ from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
 from vlm_adapters.llm.hf import HFLLM
 from vlm_adapters.model.hf_llava import META_NAME
-from vlm_adapters.vision.hf import HFVisionBackbone
+from vlm_adapters.vision.hf import HFVisionBackbone, ProcessorTransform
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
 
-_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL resampling codes
 _HINT = "the vlm-adapters format (`model.save_pretrained(dir)`) holds any composition"
 
 
@@ -80,8 +79,11 @@ def _vision_reason(vision: nn.Module) -> str | None:
             f"the vision tower puts {vision.num_prefix} prefix tokens (CLS + registers) before "
             "the patches, and LLaVA's feature selection can drop only one"
         )
-    if vision.transform.interpolation not in _RESAMPLE:
-        return f"the image transform's {vision.transform.interpolation!r} resizing has no match"
+    if not isinstance(vision.transform, ProcessorTransform):
+        return (
+            f"its preprocessing is a {type(vision.transform).__name__}, not a transformers "
+            "image processor that the LLaVA processor could hold"
+        )
     return None
 
 
@@ -223,21 +225,9 @@ def _processor(model: VisionLanguageModel, template: str) -> Any:
 
 
 def _image_processor(vision: HFVisionBackbone) -> Any:
-    """CLIP-style (resize shortest side, centre crop) or SigLIP-style (resize) preprocessing."""
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
-    t = vision.transform
-    common = {
-        "image_mean": list(t.mean),
-        "image_std": list(t.std),
-        "resample": _RESAMPLE[t.interpolation],
-        "do_convert_rgb": True,
-    }
-    square = {"height": t.crop_size, "width": t.crop_size}
-    if not t.crop:
-        return SiglipImageProcessor(size=square, **common)
-    size = {"shortest_edge": t.resize or t.crop_size}
-    return CLIPImageProcessor(size=size, crop_size=square, do_center_crop=True, **common)
+    """The tower's own image processor, the one our preprocessing runs (a copy): so transformers'
+    pixels are ours exactly (CLIP-style crop, SigLIP-style resize, DINOv2's, a checkpoint's)."""
+    return copy.deepcopy(vision.image_processor)
 
 
 def from_hf_llava(path: str | Path, template: str | None = None) -> VisionLanguageModel:

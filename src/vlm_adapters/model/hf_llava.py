@@ -13,7 +13,7 @@ from torch import nn
 from vlm_adapters._transformers import load_or_explain
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES
 from vlm_adapters.errors import ExportError
-from vlm_adapters.vision.hf import HFVisionBackbone
+from vlm_adapters.vision.hf import HFVisionBackbone, processor_config
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
@@ -73,13 +73,11 @@ def _check_is_llava(source: str) -> None:
 def _model_config(llava: nn.Module, processor: Any, path: str) -> dict[str, Any]:
     config = llava.config
     dtype = str(llava.dtype).removeprefix("torch.")
-    vision = {
+    vision = {  # the checkpoint's image processor is our preprocessing, as it stands
         "type": "hf",
         "config": _plain(config.vision_config),
         "feature_layer": config.vision_feature_layer,
-        "image_size": _crop_size(processor.image_processor),
-        "image_mean": list(processor.image_processor.image_mean),
-        "image_std": list(processor.image_processor.image_std),
+        "image_processor": processor_config(processor.image_processor),
         "dtype": dtype,
     }
     tokenizer = processor.tokenizer
@@ -98,11 +96,6 @@ def _plain(config: Any) -> dict[str, Any]:
     data = config.to_dict()
     data.pop("dtype", None)
     return data
-
-
-def _crop_size(image_processor: Any) -> int:
-    size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
-    return int(size["height"])
 
 
 def _connector_section(config: Any) -> dict[str, Any]:

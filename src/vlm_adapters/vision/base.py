@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ class ImageTransform:
 
     With ``crop=False`` the image is resized straight to ``crop_size`` (SigLIP style);
     otherwise its shortest side is resized to ``resize`` and the centre is cropped.
+    Transformers towers use a subclass that runs the tower's own image processor instead
+    (:class:`vlm_adapters.vision.hf.ProcessorTransform`), with these fields describing it.
     """
 
     crop_size: int
@@ -49,6 +51,10 @@ class ImageTransform:
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Stack several images into ``[B, 3, H, W]``."""
         return torch.stack([self(image) for image in images])
+
+    def with_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
+        """The same resizing and cropping, normalised with ``mean`` and ``std`` instead."""
+        return replace(self, mean=tuple(mean), std=tuple(std))
 
 
 def select_layers(

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vlm_adapters.plugins import get_registry
-from vlm_adapters.vision.base import ImageTransform, VisionBackbone, VisionConfig
+from vlm_adapters.vision.base import VisionBackbone, VisionConfig
 
 
 class FusedVisionConfig(VisionConfig):
@@ -55,9 +55,7 @@ class FusedBackbone(VisionBackbone):
         self.specs = specs
         self.num_patches = members[0].num_patches
         self.hidden_size = sum(m.hidden_size for m in members)
-        self.transform = ImageTransform(
-            first.crop_size, first.resize, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), first.crop
-        )
+        self.transform = first.with_normalisation((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # [0, 1]
         for i, member in enumerate(members):
             t = member.transform
             self.register_buffer(
