@@ -12,6 +12,7 @@ from torch import nn
 
 from vlm_adapters._transformers import load_or_explain
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES
+from vlm_adapters.connectors.base import ACTIVATIONS
 from vlm_adapters.errors import ExportError
 from vlm_adapters.vision.hf import HFVisionBackbone, processor_config
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 META_NAME = "vlm_adapters.json"
 """Written beside an export: the chat template name and package versions."""
-PROJECTOR_ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+PROJECTOR_ACTIVATIONS = tuple(ACTIVATIONS)
+"""LLaVA projector activations that have an ``mlp`` connector counterpart."""
 
 
 def load(

@@ -15,16 +15,14 @@ from vlm_adapters.chat.templates import TEMPLATES
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
 from vlm_adapters.model import lora
+from vlm_adapters.model.files import CONFIG_NAME, FORMAT, TOKENIZER_DIR, WEIGHTS_NAME
 from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry, why_unavailable
+from vlm_adapters.registry import KINDS
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-FORMAT = "vlm-adapters"
-PARTS = ("vision", "connector", "llm")
+PARTS = KINDS
 
 
 def save(

@@ -56,6 +56,7 @@ _RUNTIME_KEYS = frozenset(
         "return_dict",
         "image_mean",
         "image_std",
+        "image_processor",
     }
 )
 
