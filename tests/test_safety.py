@@ -172,7 +172,7 @@ def _umask() -> int:
     return mask
 
 
-def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 600) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -186,6 +186,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_the_first_is_unharmed(tmp_p
     first = subprocess.Popen([*script, str(out), *args], stdout=subprocess.DEVNULL)
     alone = subprocess.Popen([*script, str(reference), *args], stdout=subprocess.DEVNULL)
     _wait_for(out / "run.lock", first)
+    assert (out / "run.lock").exists() and first.poll() is None, "the first run is not running"
     assert main(["train", str(config), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "in use by another run" in err and f"pid {first.pid}" in err
