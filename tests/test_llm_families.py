@@ -379,12 +379,12 @@ def test_exact_head_with_lora_and_gradient_checkpointing(
     from vlm_adapters.model.lora import LoraSettings, apply_lora
 
     model = _build(model_type, tokenizer_dir)
-    # peft refuses LoRA on Mamba's out_proj / conv1d, which "all-linear" selects
-    targets = ["q_proj", "v_proj"] if model_type == "falcon_h1" else "all-linear"
-    with _quiet():
-        apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets))
+    with _quiet():  # "all-linear" leaves out what peft refuses (Mamba's out_proj, conv1d)
+        apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
         model.llm.enable_gradient_checkpointing()
     assert isinstance(model.llm.model, PeftModel)
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert not [n for n in adapted if n.endswith((".out_proj", ".conv1d")) and "mamba" in n]
     with torch.no_grad():  # LoRA B starts at zero: make the adapters change the output
         for name, param in model.named_parameters():
             if ".lora_B" in name:
@@ -423,3 +423,13 @@ def test_head_runs_alone_on_any_shape(tokenizer_dir: str, model_type: str) -> No
     torch.testing.assert_close(rows, grid.reshape(6, -1), rtol=0, atol=ATOL)
     rows.sum().backward()
     assert hidden.grad is not None and bool(hidden.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("model_type", ["granite", "cohere", "gemma2", "falcon_h1"])
+def test_export_refuses_an_llm_that_post_processes_its_head(
+    tokenizer_dir: str, model_type: str
+) -> None:
+    from vlm_adapters.export import check_exportable
+
+    model = _build(model_type, tokenizer_dir)
+    assert "post-processes its head output" in (check_exportable(model) or "")

@@ -118,9 +118,21 @@ def _llm_reason(llm: nn.Module) -> str | None:
         return f"transformers' AutoModel cannot rebuild the decoder of {config.model_type!r}"
     if getattr(llm.transformers_model.get_output_embeddings(), "bias", None) is not None:
         return "the LLM's output head has a bias, which LLaVA's lm_head lacks"
-    if getattr(config, "final_logit_softcapping", None):
-        return "the LLM soft-caps its logits, which LLaVA does not"
+    if _head_post_processes(llm):
+        return (
+            f"the {config.model_type!r} LLM post-processes its head output (logit scaling, "
+            "soft-capping or a head transform), which LLaVA's plain lm_head does not"
+        )
     return None
+
+
+def _head_post_processes(llm: HFLLM) -> bool:
+    """Whether the LLM's logits differ from its bare output embeddings (checked on a probe)."""
+    head = llm.transformers_model.get_output_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, llm.hidden_size, generator=generator).to(head.weight)  # [K, H]
+    with torch.no_grad():
+        return not torch.allclose(llm.logits(hidden), head(hidden), rtol=1e-5, atol=1e-6)
 
 
 def _llava_config(model: VisionLanguageModel) -> Any:

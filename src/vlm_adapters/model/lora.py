@@ -70,11 +70,10 @@ def target_module_names(module: nn.Module, settings: LoraSettings) -> list[str]:
     """Full names, inside ``module``, of the layers ``settings`` selects (never the output head)."""
     head = _output_head(module)
     wanted = settings.target_modules
-    # nn.MultiheadAttention reads its out_proj weight directly: a LoRA there would be ignored
-    fused_attention = {n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    skipped = _direct_weight_readers(module)
     names = []
     for name, sub in module.named_modules():
-        if not name or sub is head or name.rpartition(".")[0] in fused_attention:
+        if not name or sub is head or name in skipped:
             continue
         if wanted == "all-linear":
             hit = isinstance(sub, _linear_types())
@@ -88,6 +87,21 @@ def target_module_names(module: nn.Module, settings: LoraSettings) -> list[str]:
             f"{sorted(_leaf_linear_names(module))[:8]}"
         )
     return names
+
+
+def _direct_weight_readers(module: nn.Module) -> set[str]:
+    """Layers whose weight their parent reads directly, so a LoRA on them would be ignored
+    (or is refused by peft): nn.MultiheadAttention's ``out_proj``, and a Mamba mixer's
+    ``out_proj`` and ``conv1d`` (a mixer is a module with both ``in_proj`` and ``conv1d``)."""
+    found = set()
+    for name, sub in module.named_modules():
+        children = dict(sub.named_children())
+        prefix = f"{name}." if name else ""
+        if isinstance(sub, nn.MultiheadAttention):
+            found |= {prefix + child for child in children}
+        elif "in_proj" in children and "conv1d" in children:
+            found |= {prefix + child for child in ("out_proj", "conv1d") if child in children}
+    return found
 
 
 def apply_lora(model: VisionLanguageModel, settings: LoraSettings, part: Part = "llm") -> None:
