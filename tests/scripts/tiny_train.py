@@ -1,8 +1,9 @@
 """A tiny training setup for the training tests, and a script that trains it.
 
 Usage: python tiny_train.py CONFIG OUT [--resume auto] [--world N] [--fresh-connector]
-[--kill-in MODULE:FUNCTION] [KEY=VALUE ...] (run under torchrun for several processes; --world
-checks the process count; --kill-in SIGKILLs the run right after that function ran).
+[--kill-in MODULE:FUNCTION] [--in-order] [KEY=VALUE ...] (run under torchrun for several
+processes; --world checks the process count; --kill-in SIGKILLs the run right after that
+function ran; --in-order takes the samples in data-file order).
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def kill_inside(module: str, name: str) -> None:
     setattr(owner, name, killed)
 
 
+def in_file_order() -> None:
+    """Make every epoch yield the samples in data-file order (to place samples on ranks)."""
+    from vlm_adapters.data import LengthGroupedSampler
+
+    LengthGroupedSampler.__iter__ = lambda self: iter(range(len(self.lengths)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
@@ -80,12 +88,15 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--fresh-connector", action="store_true")
     parser.add_argument("--kill-in", help="MODULE:FUNCTION to SIGKILL this process in")
+    parser.add_argument("--in-order", action="store_true", help="batches in data-file order")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     from accelerate import PartialState
 
     if args.kill_in:
         kill_inside(*args.kill_in.split(":"))
+    if args.in_order:
+        in_file_order()
 
     from vlm_adapters.training import train
 

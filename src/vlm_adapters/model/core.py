@@ -112,6 +112,8 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is None or len(pixel_values) == 0:
             if slots:
                 raise ValueError(f"input has {slots} image placeholder tokens but no pixel_values")
+            if self.training and torch.is_grad_enabled():
+                embeds = embeds + 0.0 * self.encode_images(self._blank_image()).sum()
             return embeds
         visual = self.encode_images(pixel_values)  # [I, M, H]
         if slots != visual.shape[0] * visual.shape[1]:
@@ -120,6 +122,15 @@ class VisionLanguageModel(nn.Module):
                 f"{visual.shape[0]} images x {visual.shape[1]} tokens"
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+
+    def _blank_image(self) -> torch.Tensor:
+        """One black image ``[1, 3, H, W]``: a text-only training batch still runs the vision
+        tower and connector (zero-weighted), so their parameters are in the graph on every
+        process (DDP/FSDP collectives stay in step; an align stage can step on text)."""
+        from PIL import Image
+
+        pixels = self.vision.preprocess([Image.new("RGB", (8, 8))])
+        return pixels.to(next(self.vision.parameters()).device)
 
     def forward(
         self,

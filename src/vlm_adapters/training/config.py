@@ -120,12 +120,22 @@ class RunConfig(_Strict):
     """Seed, precision, checkpointing and logging."""
 
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast precision (master weights stay in their dtype)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (LLM, and the tower if it trains)."
+    )
     save_every: int = Field(0, ge=0, description="Optimizer steps; 0 = end of stage only.")
     keep_last: int = Field(2, gt=0, description="Intermediate checkpoints kept per stage.")
     log_every: int = Field(10, gt=0)
     trackers: list[str] = Field(default_factory=list, description="accelerate trackers.")
+
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class TrainConfig(BaseModel):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
@@ -82,22 +83,67 @@ class StageSummary:
     final_dir: str
 
 
-class Trainer:
-    """Trains one stage of an already built `VisionLanguageModel` and writes ``out/<stage>/``."""
+def make_accelerator(config: TrainConfig, out: str | Path) -> Accelerator:
+    """The run's one Accelerator: its precision, trackers and launch (single, DDP, FSDP,
+    DeepSpeed, from ``accelerate launch``); every stage of the run uses it.
 
-    def __init__(self, model: Any, config: TrainConfig, stage: str, out: str | Path) -> None:
+    In a single process, accelerate's process-wide state is reset first, so several runs in
+    one Python session may use different precisions (accelerate would refuse the change).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        cpu=cpu_only_launch(),
+        mixed_precision=config.run.mixed_precision,
+        log_with=config.run.trackers or None,
+        project_dir=str(out),
+    )
+    _warn_if_engine_fell_back(accelerator)
+    return accelerator
+
+
+def _warn_if_engine_fell_back(accelerator: Accelerator) -> None:
+    """One warning line when the launch asked for FSDP or DeepSpeed but got something else."""
+    asked = [
+        name
+        for name, variable in (
+            ("FSDP", "ACCELERATE_USE_FSDP"),
+            ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+        )
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes")
+    ]
+    got = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    for name in asked:
+        if name.upper() not in got.upper():
+            logger.warning(
+                "%s was asked for but this run uses %s (accelerate maps CPU runs to plain DDP); "
+                "parameters are not sharded",
+                name,
+                got,
+            )
+
+
+class Trainer:
+    """Trains one stage of an already built `VisionLanguageModel` and writes ``out/<stage>/``.
+
+    ``accelerator`` is the run's (see :func:`make_accelerator`); one is made when not given.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: TrainConfig,
+        stage: str,
+        out: str | Path,
+        accelerator: Accelerator | None = None,
+    ) -> None:
         self.model = model
         self.config = config
         self.stage = stage
         self.settings = config.stage(stage)
         self.dir = Path(out) / stage
-        self.accelerator = Accelerator(
-            cpu=cpu_only_launch(),
-            gradient_accumulation_steps=self.settings.grad_accum,
-            mixed_precision=config.run.mixed_precision,
-            log_with=config.run.trackers or None,
-            project_dir=str(out),
-        )
+        self.accelerator = accelerator or make_accelerator(config, out)
+        self.accelerator.gradient_accumulation_steps = self.settings.grad_accum
         self.skips = SkipCounter()
         self._fallback: dict[str, Any] | None = None  # last non-empty micro-batch
         self.skipped: dict[int, Skipped] = {}  # every distinct sample skipped so far
@@ -153,10 +199,13 @@ class Trainer:
     def _setup_model(self) -> None:
         configure_stage(self.model, self.stage, self.settings)
         self.model.template = self.config.dataset(self.stage).template  # saved for inference
+        vision_trains = any(p.requires_grad for p in self.model.vision.parameters())
         if self.config.run.gradient_checkpointing:
             self.model.llm.enable_gradient_checkpointing()
+            if vision_trains:
+                self.model.vision.enable_gradient_checkpointing()
         self.model.train()
-        if not any(p.requires_grad for p in self.model.vision.parameters()):
+        if not vision_trains:
             self.model.vision.eval()
         if self.is_main:
             logger.info(describe_trainable(self.model, self.stage))
@@ -474,7 +523,6 @@ def train(
     unless `fresh_connector` (or a `model` is passed). `model` defaults to one built from the
     config; the same model object carries each stage's weights into the next.
     """
-    from accelerate import PartialState
 
     from vlm_adapters import build_vlm
 
@@ -485,10 +533,10 @@ def train(
     with naming_file(config.where):
         for name, source in datasets.items():
             _check_dataset(name, source)
-    state = PartialState(cpu=cpu_only_launch())
-    with locked_run_dir(out, overwrite=overwrite, state=state):
+    accelerator = make_accelerator(config, out)
+    with locked_run_dir(out, overwrite=overwrite, state=accelerator.state):
         plan = on_main(
-            state,
+            accelerator.state,
             lambda: _prepare_run(out, config, names, resume, overwrite, allow_config_change),
         )
         built_here = model is None
@@ -504,7 +552,8 @@ def train(
             if plan[name] == "done":
                 _load_final(model, out / name / "final", needed=name != names[-1])
                 continue
-            summaries[name] = Trainer(model, config, name, out).fit(resume=plan[name])
+            trainer = Trainer(model, config, name, out, accelerator)
+            summaries[name] = trainer.fit(resume=plan[name])
     return summaries
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from vlm_adapters.errors import ConfigError
 from vlm_adapters.registry import ComponentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,6 +107,26 @@ class VisionBackbone(nn.Module, ABC):
             with torch.no_grad():
                 return self.features(pixel_values)
         return self.features(pixel_values)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the tower's activations in backward (when it trains). The default finds
+        transformers' ``gradient_checkpointing_enable`` or timm/open_clip's
+        ``set_grad_checkpointing`` on the modules below; override it for anything else."""
+        for module in self.modules():
+            if module is self:
+                continue
+            if callable(getattr(module, "gradient_checkpointing_enable", None)):
+                module.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+                return
+            if callable(getattr(module, "set_grad_checkpointing", None)):
+                module.set_grad_checkpointing(True)
+                return
+        raise ConfigError(
+            f"run.gradient_checkpointing: the {type(self).__name__} vision backbone does not "
+            "support it; turn it off or keep the vision tower frozen"
+        )
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images (any mode) -> ``[B, 3, H, W]`` pixel values for this backbone."""
