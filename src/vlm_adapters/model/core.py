@@ -139,14 +139,18 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Loss (head applied only at supervised positions) when ``labels`` are given, else logits.
 
         ``num_items_in_batch`` divides the summed loss instead of this batch's token count, so
-        gradient accumulation and data parallelism weight every token equally.
+        gradient accumulation and data parallelism weight every token equally. Packed rows
+        (:mod:`vlm_adapters.data.packing`) pass ``position_ids`` restarting at every sample and
+        no ``attention_mask``: attention then stays inside each sample.
         """
         embeds = self.embed(input_ids, pixel_values)
-        hidden = self.llm.body(embeds, attention_mask)  # [B, T, H]
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        hidden = self.llm.body(embeds, attention_mask, **extra)  # [B, T, H]
         if labels is None:
             return VLMOutput(logits=self.llm.logits(hidden))
         targets = labels[:, 1:]  # [B, T-1]
