@@ -23,6 +23,7 @@ from vlm_adapters.chat.templates import (
     normalize_turns,
     with_image_markers,
 )
+from vlm_adapters.data.feature_cache import FeatureCache
 from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
 from vlm_adapters.data.processor import VLMProcessor, pad_batch, pad_rows
 
@@ -156,6 +157,7 @@ class LlavaDataset(Dataset):
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         source: str | Path = "",
         positions: Sequence[int] | None = None,
+        feature_cache: FeatureCache | None = None,
     ) -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
@@ -170,6 +172,8 @@ class LlavaDataset(Dataset):
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = max_image_pixels
         self.source = str(source)
+        self.feature_cache = feature_cache
+        self._keys: dict[Path, str] = {}
         self.positions = list(positions) if positions is not None else list(range(len(records)))
 
     def __len__(self) -> int:
@@ -256,8 +260,23 @@ class LlavaDataset(Dataset):
             "id": name,
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
-            "pixel_values": self._pixels(paths),
+            **self._images(paths),
         }
+
+    def _images(self, paths: list[Path]) -> dict[str, torch.Tensor | None]:
+        """``pixel_values`` ``[I, 3, H, W]``, or ``image_features`` ``[I, N, D]`` read from the
+        feature cache (an entry that cannot be trusted makes the sample a bad one)."""
+        if self.feature_cache is None or not paths:
+            return {"pixel_values": self._pixels(paths)}
+        features = []
+        for path in paths:
+            key = self._keys.get(path) or self._keys.setdefault(path, self.feature_cache.key(path))
+            entry = self.feature_cache.read(key)
+            if entry is None:
+                problem = self.feature_cache.problem(key)
+                raise _BadSample("feature cache entry unusable", f"{path}: {problem}")
+            features.append(entry)
+        return {"pixel_values": None, "image_features": torch.stack(features)}
 
     def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
         if self.max_length is not None and len(input_ids) > self.max_length:
@@ -317,7 +336,9 @@ class DataCollator:
         side = self.padding_side
         ids = [item["input_ids"] for item in kept]
         images = [item["pixel_values"] for item in kept if item.get("pixel_values") is not None]
+        features = [f for item in kept if (f := item.get("image_features")) is not None]
         return {
+            **({"image_features": torch.cat(features)} if features else {}),
             **pad_batch(ids, self.pad_token_id, side),
             "labels": pad_rows([item["labels"] for item in kept], IGNORE_INDEX, side),
             "pixel_values": torch.cat(images) if images else None,

@@ -55,13 +55,14 @@ class PackingCollator:
     def __call__(self, items: Sequence[Mapping[str, Any] | Skipped]) -> dict[str, Any]:
         kept = [item for item in items if not isinstance(item, Skipped)]
         rows = pack_rows([len(item["input_ids"]) for item in kept], self.max_length)
-        ids, labels, positions, images = [], [], [], []
+        ids, labels, positions, images, features = [], [], [], [], []
         for row in rows:
             samples = [kept[i] for i in row]
             ids.append(torch.cat([s["input_ids"] for s in samples]))
             labels.append(torch.cat([_own_labels(s["labels"]) for s in samples]))
             positions.append(torch.cat([torch.arange(len(s["input_ids"])) for s in samples]))
             images += [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+            features += [f for s in samples if (f := s.get("image_features")) is not None]
         width = max((len(row) for row in ids), default=0)
         return {
             "input_ids": pad_rows(ids, self.pad_token_id),
@@ -69,6 +70,7 @@ class PackingCollator:
             "labels": pad_rows(labels, IGNORE_INDEX),
             "position_ids": _pad_positions(positions, width),
             "pixel_values": torch.cat(images) if images else None,
+            **({"image_features": torch.cat(features)} if features else {}),
             "skipped": [item for item in items if isinstance(item, Skipped)],
             "num_samples": len(kept),
         }

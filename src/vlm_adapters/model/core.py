@@ -99,23 +99,34 @@ class VisionLanguageModel(nn.Module):
             template,
         )
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[I, 3, H, W]`` -> visual tokens ``[I, M, H_llm]``."""
-        features = self.vision(pixel_values)  # [I, N, Dv]
+    def encode_images(
+        self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[I, 3, H, W]`` pixels (or the vision features ``[I, N, Dv]`` a feature cache
+        holds) -> visual tokens ``[I, M, H_llm]``."""
+        if features is None:
+            features = self.vision(pixel_values)  # [I, N, Dv]
         return self.connector(features.to(_dtype(self.connector, features.dtype)))  # [I, M, H]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Text embeddings with visual tokens written into the placeholder positions."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings with visual tokens written into the placeholder positions, from
+        ``pixel_values`` or from cached vision ``image_features``."""
         is_image = input_ids == self.image_token_id  # [B, T]
         embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))  # [B, T, H]
         slots = int(is_image.sum())
-        if pixel_values is None or len(pixel_values) == 0:
+        images = pixel_values if image_features is None else image_features
+        if images is None or len(images) == 0:
             if slots:
                 raise ValueError(f"input has {slots} image placeholder tokens but no pixel_values")
             if self.training and torch.is_grad_enabled():
                 embeds = embeds + 0.0 * self.encode_images(self._blank_image()).sum()
             return embeds
-        visual = self.encode_images(pixel_values)  # [I, M, H]
+        visual = self.encode_images(pixel_values, image_features)  # [I, M, H]
         if slots != visual.shape[0] * visual.shape[1]:
             raise ValueError(
                 f"image features and image tokens do not match: {slots} placeholder tokens for "
@@ -140,15 +151,17 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Loss (head applied only at supervised positions) when ``labels`` are given, else logits.
 
         ``num_items_in_batch`` divides the summed loss instead of this batch's token count, so
         gradient accumulation and data parallelism weight every token equally. Packed rows
         (:mod:`vlm_adapters.data.packing`) pass ``position_ids`` restarting at every sample and
-        no ``attention_mask``: attention then stays inside each sample.
+        no ``attention_mask``: attention then stays inside each sample. ``image_features``
+        (``[I, N, Dv]``, from a feature cache of the frozen tower) replaces ``pixel_values``.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_features)
         extra = {} if position_ids is None else {"position_ids": position_ids}
         hidden = self.llm.body(embeds, attention_mask, **extra)  # [B, T, H]
         if labels is None:

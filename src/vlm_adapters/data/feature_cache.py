@@ -1,0 +1,184 @@
+"""A cache of frozen vision features: computed once per image, then read memory-mapped.
+
+An entry is keyed by the SHA-256 of the image file's bytes and of a *namespace* that covers
+everything else the features depend on: the backbone's preprocessing settings, a hash of its
+weights and its rebuild options (feature layers included). Changing any of them changes every
+key, so stale entries are never read; changing one image's bytes changes only its own key.
+
+Each entry is one safetensors file (``features`` ``[N, D]``) under a two-level fan-out
+(``ab/abcdef....safetensors``), written to a temporary name and renamed into place, so
+several processes (DDP ranks) can fill one directory at once. An entry that is missing,
+truncated, corrupt or of the wrong shape is recomputed and reported, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from vlm_adapters._io import remove_stale_temps, safetensors_problem, temp_name
+from vlm_adapters.data.images import open_image
+
+logger = logging.getLogger("vlm_adapters.data")
+SUFFIX = ".safetensors"
+
+
+@dataclass
+class FillReport:
+    """What :meth:`FeatureCache.fill` did."""
+
+    computed: int = 0
+    reused: int = 0
+    replaced: list[str] | None = None
+    """Entries that were present but broken (corrupt, truncated, other shape), recomputed."""
+
+    def __str__(self) -> str:
+        broken = len(self.replaced or [])
+        return f"{self.computed} computed ({broken} replaced broken entries), {self.reused} reused"
+
+
+class FeatureCache:
+    """Features of one frozen vision backbone, on disk.
+
+    ``namespace`` identifies the backbone (see :func:`backbone_namespace`); ``shape`` is the
+    ``(N, D)`` every entry must have.
+    """
+
+    def __init__(self, directory: str | Path, namespace: str, shape: tuple[int, int]) -> None:
+        self.directory = Path(directory)
+        self.namespace = namespace
+        self.shape = tuple(shape)
+
+    @classmethod
+    def for_backbone(cls, directory: str | Path, vision: torch.nn.Module) -> FeatureCache:
+        """The cache of ``vision`` (a frozen :class:`~vlm_adapters.vision.VisionBackbone`)."""
+        return cls(directory, backbone_namespace(vision), (vision.num_patches, vision.hidden_size))
+
+    def key(self, image: str | Path) -> str:
+        """The entry key of the image file ``image``."""
+        digest = hashlib.sha256(self.namespace.encode())
+        with open(image, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}{SUFFIX}"
+
+    def problem(self, key: str) -> str | None:
+        """Why the entry ``key`` cannot be used (missing, broken, other shape), or None."""
+        path = self.path(key)
+        if not path.is_file():
+            return "missing"
+        broken = safetensors_problem(path)
+        if broken:
+            return broken
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shape = tuple(handle.get_slice("features").get_shape())
+        except (SafetensorError, KeyError, OSError) as error:
+            return f"{path}: unreadable ({error})"
+        if shape != self.shape:
+            return f"{path}: shape {shape}, expected {self.shape}"
+        return None
+
+    def read(self, key: str) -> torch.Tensor | None:
+        """The features ``[N, D]`` of ``key`` (memory-mapped), or None when the entry cannot be
+        trusted (the caller recomputes it)."""
+        if self.problem(key) is not None:
+            return None
+        return load_file(str(self.path(key)))["features"]
+
+    def write(self, key: str, features: torch.Tensor) -> None:
+        """Store ``features`` under ``key`` atomically (safe with concurrent writers)."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(temp_name(path.name, "tmp"))
+        try:
+            save_file({"features": features.detach().cpu().contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def fill(
+        self,
+        images: Iterable[str | Path],
+        encode: Callable[[list[Path]], torch.Tensor],
+        *,
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> FillReport:
+        """Compute the entries of ``images`` that are missing or broken, ``batch_size`` images
+        at a time with ``encode`` (image paths -> ``[I, N, D]``); report what it did."""
+        report = FillReport(replaced=[])
+        todo: list[tuple[Path, str]] = []
+        for image in dict.fromkeys(Path(i) for i in images):
+            key = self.key(image)
+            problem = self.problem(key)
+            if problem is None:
+                report.reused += 1
+                if progress:
+                    progress(1)
+                continue
+            if problem != "missing":
+                logger.warning("feature cache: recomputing %s: %s", image, problem)
+                report.replaced.append(str(image))
+            todo.append((image, key))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            features = encode([image for image, _ in chunk])  # [I, N, D]
+            for (_, key), row in zip(chunk, features):
+                self.write(key, row)
+            report.computed += len(chunk)
+            if progress:
+                progress(len(chunk))
+        return report
+
+    def size_on_disk(self) -> int:
+        """Bytes used by the entries."""
+        return sum(p.stat().st_size for p in self.directory.glob(f"*/*{SUFFIX}"))
+
+    def clean(self) -> None:
+        """Remove temporary files that dead writers left behind."""
+        for folder in self.directory.glob("*/"):
+            remove_stale_temps(folder)
+
+
+def backbone_namespace(vision: torch.nn.Module) -> str:
+    """What a backbone's features depend on besides the image: its preprocessing, its rebuild
+    options (feature layers included) and its weights, as one digest."""
+    digest = hashlib.sha256()
+    transform = vision.transform
+    processor = getattr(transform, "processor_config", None)
+    options = {
+        "transform": repr(transform),
+        "processor": processor() if callable(processor) else None,
+        "rebuild": vision.rebuild_kwargs(),
+    }
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vision.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def image_encoder(vision: torch.nn.Module, max_pixels: int) -> Callable[[list[Path]], Any]:
+    """Paths -> ``[I, N, D]`` features with ``vision`` (its preprocessing, no gradients)."""
+
+    @torch.no_grad()
+    def encode(paths: Sequence[Path]) -> torch.Tensor:
+        pixels = vision.preprocess([open_image(path, max_pixels) for path in paths])
+        device = next(vision.parameters()).device
+        return vision(pixels.to(device)).float()
+
+    return encode
