@@ -75,8 +75,14 @@ def test_load_json_and_jsonl(tmp_path):
     records = [_sample("a", "x.png", "<image>\nhow many?", "two")]
     (tmp_path / "d.json").write_text(json.dumps(records))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records * 2) + "\n\n")
-    assert load_records(tmp_path / "d.json") == records
-    assert load_records(tmp_path / "d.jsonl") == records * 2
+    assert list(load_records(tmp_path / "d.json")) == records
+    assert list(load_records(tmp_path / "d.jsonl")) == records * 2
+    spaced = "[\n  " + ",\n  ".join(json.dumps(r, indent=2) for r in records * 3) + "\n]\n"
+    (tmp_path / "spaced.json").write_text(spaced)
+    loaded = load_records(tmp_path / "spaced.json")
+    assert len(loaded) == 3 and loaded[-1] == records[0] and list(loaded) == records * 3
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    assert len(load_records(tmp_path / "empty.json")) == 0
 
 
 def test_load_missing_file(tmp_path):

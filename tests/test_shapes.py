@@ -41,7 +41,7 @@ def test_same_seed_same_data_other_seed_other_data(shapes, tmp_path):
 
 
 def test_eval_images_are_never_training_images(shapes):
-    train = {r["image"] for r in load_records(shapes.align) + load_records(shapes.finetune)}
+    train = {r["image"] for r in [*load_records(shapes.align), *load_records(shapes.finetune)]}
     evaluation = {r["image"] for r in load_records(shapes.eval)}
     assert len(train) == 40 and len(evaluation) == 36
     assert not train & evaluation
@@ -106,7 +106,11 @@ def test_vocabulary_covers_all_text_and_the_data_loads(shapes):
     tok = build_word_tokenizer(
         [*shapes_vocabulary(), *template_vocabulary()], [*TEMPLATE_SPECIAL_TOKENS, "<image>"]
     )
-    records = load_records(shapes.align) + load_records(shapes.finetune) + load_records(shapes.eval)
+    records = [
+        *load_records(shapes.align),
+        *load_records(shapes.finetune),
+        *load_records(shapes.eval),
+    ]
     text = " ".join(turn["value"] for r in records for turn in r["conversations"])
     assert tok.unk_token_id not in tok(text.replace("<image>", " "))["input_ids"]
     dataset = LlavaDataset(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,39 +61,95 @@ class _BadSample(DataError):
         self.reason, self.detail = reason, detail
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Samples of a LLaVA JSON file (a list) or JSONL file (`.jsonl`, one sample per line)."""
+class Records(Sequence[dict[str, Any]]):
+    """The samples of one LLaVA data file, each decoded when it is used.
+
+    The file's text stays in memory with the offsets of its records, so a 665K-sample
+    instruction mix costs its size plus two integers a sample, not millions of Python objects;
+    every record was checked to be a JSON object with ``conversations`` when the file was read.
+    """
+
+    def __init__(self, text: str, starts: array, ends: array) -> None:
+        self.text, self.starts, self.ends = text, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return json.loads(self.text[self.starts[index] : self.ends[index]])
+
+
+def load_records(path: str | Path) -> Records:
+    """Samples of a LLaVA JSON file (a list) or JSONL file (`.jsonl`, one sample per line);
+    a malformed file is a DataError naming the line, or the sample without `conversations`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found; check the path in your data config")
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = [(line, _parse_line(path, line, raw)) for line, raw in _lines(text)]
-    else:
-        records = [(None, record) for record in _parse_json(path, text)]
-    for index, (line, record) in enumerate(records):
-        if not isinstance(record, dict) or "conversations" not in record:
-            where = f"{path}:{line}" if line else f"{path}: sample {index}"
-            raise DataError(
-                f"{where} has no 'conversations' field; each sample needs "
-                "'conversations': a list of {'from': ..., 'value': ...} turns"
-            )
-    return [record for _, record in records]
+    starts, ends = array("q"), array("q")
+    spans = _jsonl_spans(path, text) if path.suffix == ".jsonl" else _array_spans(path, text)
+    for start, end in spans:
+        starts.append(start)
+        ends.append(end)
+    return Records(text, starts, ends)
 
 
-def _lines(text: str) -> Iterator[tuple[int, str]]:
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if raw.strip():
-            yield number, raw
-
-
-def _parse_line(path: Path, line: int, raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as error:
+def _checked(path: Path, record: Any, where: str) -> None:
+    if not isinstance(record, dict) or "conversations" not in record:
         raise DataError(
-            f"{path}:{line}: malformed JSON line ({error.msg}); fix or remove that line"
-        ) from None
+            f"{path}{where} has no 'conversations' field; each sample needs "
+            "'conversations': a list of {'from': ..., 'value': ...} turns"
+        )
+
+
+def _jsonl_spans(path: Path, text: str) -> Iterator[tuple[int, int]]:
+    start = 0
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        end = start + len(line)
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: malformed JSON line ({error.msg}); fix or remove that line"
+                ) from None
+            _checked(path, record, f":{number}")
+            yield start, end
+        start = end
+
+
+def _array_spans(path: Path, text: str) -> Iterator[tuple[int, int]]:
+    """Offsets of the elements of a top-level JSON list, each decoded once to check it."""
+    decoder = json.JSONDecoder()
+    index = _skip(text, 0)
+    if text[index : index + 1] != "[":
+        _parse_json(path, text)  # raises the precise error
+    index = _skip(text, index + 1)
+    count = 0
+    while index < len(text) and text[index] != "]":
+        try:
+            record, end = decoder.raw_decode(text, index)
+        except json.JSONDecodeError:
+            _parse_json(path, text)  # raises the precise error (line and message)
+            raise
+        _checked(path, record, f": sample {count}")
+        yield index, end
+        count += 1
+        index = _skip(text, end)
+        if text[index : index + 1] == ",":
+            index = _skip(text, index + 1)
+        elif text[index : index + 1] != "]":
+            _parse_json(path, text)
+    if index >= len(text) or _skip(text, index + 1) != len(text):
+        _parse_json(path, text)
+
+
+def _skip(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
 
 
 def _parse_json(path: Path, text: str) -> list[Any]:
@@ -174,6 +231,8 @@ class LlavaDataset(Dataset):
         self.source = str(source)
         self.feature_cache = feature_cache
         self._keys: dict[Path, str] = {}
+        self._files: dict[str, Path] = {}  # image path in a record -> checked file
+        self._lengths: array | None = None
         self.positions = list(positions) if positions is not None else list(range(len(records)))
 
     def __len__(self) -> int:
@@ -204,12 +263,14 @@ class LlavaDataset(Dataset):
         samples that pass and the Skipped ones (with "error", the first problem raises)."""
         results = [self._guarded(i, self._check) for i in range(len(self))]
         skipped = [r for r in results if isinstance(r, Skipped)]
-        kept = [p for p, r in zip(self.positions, results) if not isinstance(r, Skipped)]
+        kept = [(p, r) for p, r in zip(self.positions, results) if not isinstance(r, Skipped)]
         subset = copy.copy(self)
-        subset.positions = kept
+        subset.positions = [p for p, _ in kept]
+        subset._lengths = array("q", (length for _, length in kept))
         return subset, skipped
 
-    def _check(self, record: Mapping[str, Any], name: str) -> None:
+    def _check(self, record: Mapping[str, Any], name: str) -> int:
+        """Raise for a bad sample; return its length estimate (one decode serves both)."""
         paths = self._image_files(record)
         turns = with_image_markers(_turns(record), len(paths))
         markers = sum(str(turn.get("value", "")).count(IMAGE_MARKER) for turn in turns)
@@ -217,22 +278,30 @@ class LlavaDataset(Dataset):
             raise _BadSample(
                 "image marker mismatch", f"{markers} {IMAGE_MARKER} markers but {len(paths)} images"
             )
+        return self._estimate(record)
 
     def _image_files(self, record: Mapping[str, Any]) -> list[Path]:
-        files = []
-        for relative in image_paths(record):
+        return [self._image_file(relative) for relative in image_paths(record)]
+
+    def _image_file(self, relative: str) -> Path:
+        """The checked file of ``relative`` (inside image_root, present), remembered: an
+        instruction mix reuses a few hundred thousand images over many samples."""
+        if relative not in self._files:
             try:
                 path = confined_path(self.image_root, relative)
             except ImageProblem as problem:
                 raise _BadSample(problem.reason, problem.detail) from None
             if not path.is_file():
                 raise _BadSample("image missing", str(path))
-            files.append(path)
-        return files
+            self._files[relative] = path
+        return self._files[relative]
 
     @property
     def lengths(self) -> list[int]:
-        """Estimated token counts without tokenizing; negative for text-only samples."""
+        """Estimated token counts without tokenizing; negative for text-only samples (known
+        from :meth:`precheck` when it ran)."""
+        if self._lengths is not None:
+            return list(self._lengths)
         return [self._estimate(self.records[p]) for p in self.positions]
 
     def _estimate(self, record: Mapping[str, Any]) -> int:
