@@ -50,12 +50,12 @@ def to_hf_llava(
     processor's and tokenizer's Jinja chat template. LoRA adapters are merged into ``model``
     in place first. ``overwrite`` and ``protect`` work as in ``save_pretrained``.
     """
-    from vlm_adapters.model.lora import has_lora, merge_lora
+    from vlm_adapters.model.lora import has_lora, is_quantized, merge_lora
 
     reason = check_exportable(model)
     if reason:
         raise ExportError(f"cannot export to the transformers LLaVA format: {reason}; {_HINT}")
-    if has_lora(model):
+    if has_lora(model) or is_quantized(model):
         merge_lora(model)
     template = template or model.template or DEFAULT_TEMPLATE
     with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:

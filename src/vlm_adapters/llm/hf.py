@@ -1,11 +1,19 @@
-"""``hf``: any transformers ``AutoModelForCausalLM`` and its tokenizer."""
+"""``hf``: any transformers ``AutoModelForCausalLM`` and its tokenizer, optionally quantized to
+4 or 8 bits by bitsandbytes (QLoRA)."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import logging
+import sys
+import warnings
+from importlib import metadata
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from packaging.version import Version
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
 from vlm_adapters._transformers import (
     check_attn_implementation,
@@ -13,7 +21,99 @@ from vlm_adapters._transformers import (
     inline_config,
     load_or_explain,
 )
+from vlm_adapters.errors import ConfigError
 from vlm_adapters.llm.base import LLMBackend, LLMConfig, _max_positions
+
+BITSANDBYTES_MIN_VERSION = "0.46.1"
+"""The oldest bitsandbytes transformers quantizes with (its own minimum)."""
+_FOUR_BIT_ONLY = ("quant_type", "double_quant", "compute_dtype")
+_QUANTIZED_CONFIG_KEY = "quantization_config"
+
+
+class QuantizationSettings(BaseModel):
+    """bitsandbytes quantization of the LLM's linear layers (QLoRA: 4-bit NF4 with double
+    quantization, LoRA adapters on top). The output head and embeddings stay unquantized.
+
+    Plain values only: nothing here names a file, a repository or code, so the settings a
+    checkpoint records are safe to rebuild from.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] = Field(description="4 (QLoRA, NF4/FP4 blocks) or 8 (LLM.int8()).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="4-bit: quantize the block scales too.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="4-bit: dtype of the matmuls; default: the LLM's `dtype`."
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> QuantizationSettings:
+        if self.bits == 8:
+            set_here = sorted(set(_FOUR_BIT_ONLY) & self.model_fields_set)
+            if set_here:
+                raise ValueError(f"{', '.join(set_here)} apply to bits: 4 only; remove them")
+        problem = bitsandbytes_problem()
+        if problem:  # the registry reports it as a one-line ConfigError naming the key
+            raise ValueError(problem)
+        return self
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings a checkpoint records: every field that applies to ``bits``."""
+        skip = set(_FOUR_BIT_ONLY) if self.bits == 8 else set()
+        return self.model_dump(exclude=skip, exclude_none=True)
+
+    def bnb_config(self, dtype: torch.dtype) -> Any:
+        """The transformers ``BitsAndBytesConfig``; ``dtype`` is the LLM's (the default
+        compute dtype)."""
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        compute = getattr(torch, self.compute_dtype) if self.compute_dtype else dtype
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+
+
+@functools.cache
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot quantize on this machine (one line, with the fix), or None."""
+    fix = "run `pip install 'vlm-adapters[qlora]'` or remove llm.quantization"
+    try:
+        version = metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        return f"needs bitsandbytes, which is not installed; {fix}"
+    if Version(version) < Version(BITSANDBYTES_MIN_VERSION):
+        return (
+            f"needs bitsandbytes >= {BITSANDBYTES_MIN_VERSION}, found {version}; run "
+            "`pip install -U bitsandbytes` or remove llm.quantization"
+        )
+    try:
+        from bitsandbytes import cextension
+    except Exception as error:  # a broken install fails in many ways; report the first line
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return f"bitsandbytes {version} fails to load ({type(error).__name__}: {first}); {fix}"
+    native = type(getattr(cextension, "lib", None)).__name__
+    if torch.cuda.is_available() and native == "ErrorHandlerMockBNBNativeLibrary":
+        return (
+            f"bitsandbytes {version} has no library for this CUDA/ROCm version; install a build "
+            "that matches your torch (see the bitsandbytes installation guide) or remove "
+            "llm.quantization"
+        )
+    return None
+
+
+def _no_kernels_advice(record: logging.LogRecord) -> bool:
+    """Drop bitsandbytes' import-time advice to `pip install kernels` (a package that downloads
+    and runs code from the hub); its own CPU kernels work without it."""
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernels_advice)
 
 
 class HFLLMConfig(LLMConfig):
@@ -30,9 +130,25 @@ class HFLLMConfig(LLMConfig):
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint.")
     image_token: str = Field("<image>", description="Placeholder token added to the tokenizer.")
     pad_token: str = Field("<pad>", description="Pad token added when the tokenizer has none.")
+    quantization: QuantizationSettings | None = Field(
+        None,
+        description="Load the linear layers in 4 or 8 bits with bitsandbytes (QLoRA), e.g. "
+        "{bits: 4}; needs the `qlora` extra (see Training > QLoRA). With an inline `config` the "
+        "random weights are quantized (how checkpoints of quantized models rebuild).",
+    )
 
     _inline = field_validator("config")(check_inline_config)
     _attn = field_validator("attn_implementation")(check_attn_implementation)
+
+    @field_validator("config")
+    @classmethod
+    def _not_quantized(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        if config is not None and _QUANTIZED_CONFIG_KEY in config:
+            raise ValueError(
+                f"an inline config may not carry `{_QUANTIZED_CONFIG_KEY}`; set "
+                "llm.quantization (e.g. {bits: 4}) instead"
+            )
+        return config
 
     def sources(self) -> dict[str, Any]:
         """The hub id / path of the weights and of the tokenizer, when set."""
@@ -60,10 +176,23 @@ class HFLLMConfig(LLMConfig):
         )
 
     def probe(self) -> tuple[int, int | None]:
-        """``(hidden_size, max_positions)`` from the config alone."""
+        """``(hidden_size, max_positions)`` from the config alone; a checkpoint stored
+        already quantized is refused here (we quantize full-precision weights ourselves)."""
         config = self.hf_config()
+        stored = getattr(config, _QUANTIZED_CONFIG_KEY, None)
+        if stored:
+            method = stored.get("quant_method") if isinstance(stored, dict) else stored
+            raise ConfigError(
+                f"llm.model: {self.model!r} is stored quantized ({method}); point llm.model at "
+                "its full-precision checkpoint and set llm.quantization (e.g. {bits: 4})"
+            )
         text = config.get_text_config()
         return text.hidden_size, _max_positions(text)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype of the unquantized weights (float32 when ``dtype`` is unset)."""
+        return getattr(torch, self.dtype) if self.dtype else torch.float32
 
 
 class HFLLM(LLMBackend):
@@ -74,6 +203,7 @@ class HFLLM(LLMBackend):
         self.cfg = cfg
         self.tokenizer = _load_tokenizer(cfg)
         self.model = _load_model(cfg)
+        _keep_portable_layout(self.model)
         self.image_token_id = _add_special_tokens(self.tokenizer, self.model, cfg)
 
     @property
@@ -81,12 +211,37 @@ class HFLLM(LLMBackend):
         """The wrapped ``AutoModelForCausalLM`` model, for interop (export to transformers)."""
         return self.model
 
+    @property
+    def is_quantized(self) -> bool:
+        """Whether bitsandbytes layers hold (some of) the weights."""
+        return bool(quantized_layers(self.causal_lm))
+
     def rebuild_kwargs(self) -> dict[str, Any]:
         exclude = {"model", "revision", "tokenizer", "trust_remote_code"}
         kwargs = self.cfg.model_dump(exclude=exclude, exclude_none=True)
+        if self.cfg.quantization is not None:
+            kwargs["quantization"] = self.cfg.quantization.recorded()
         config = self.model.config.to_dict()
         config.pop("dtype", None)
+        config.pop(_QUANTIZED_CONFIG_KEY, None)  # recorded as our own `quantization`
         return {**kwargs, "config": config}
+
+    def dequantize(self) -> None:
+        """Replace every bitsandbytes layer by a plain linear layer holding its dequantized
+        weight, in ``dtype``; afterwards the backend is an ordinary unquantized one (its
+        checkpoints record no ``quantization``). Merging adapters first (see
+        :func:`vlm_adapters.model.lora.merge_lora`) keeps them exact."""
+        model = self.causal_lm
+        for name, layer in quantized_layers(model).items():
+            model.set_submodule(name, plain_linear(layer, dequantized_weight(layer)))
+        self.cfg = self.cfg.model_copy(update={"quantization": None})
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:  # transformers' own flags and config entry
+            quantizer.remove_quantization_config(model)
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(model, flag, False):
+                setattr(model, flag, False)
+        model.to(self.cfg.torch_dtype)  # undo k-bit training's float32 upcast
 
 
 def _load_tokenizer(cfg: HFLLMConfig) -> Any:
@@ -103,18 +258,31 @@ def _load_tokenizer(cfg: HFLLMConfig) -> Any:
 
 
 def _load_model(cfg: HFLLMConfig) -> Any:
+    """The causal LM; quantized layers land on the current CUDA device (CPU without one)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, cfg.dtype) if cfg.dtype else torch.float32}
+    kwargs: dict[str, Any] = {"dtype": cfg.torch_dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    quantized = {}
+    if cfg.quantization is not None:
+        quantized["quantization_config"] = cfg.quantization.bnb_config(cfg.torch_dtype)
     if cfg.model is None:
-        return AutoModelForCausalLM.from_config(cfg.hf_config(), **kwargs)
+        model = AutoModelForCausalLM.from_config(cfg.hf_config(), **kwargs)
+        if not quantized:
+            return model
+        return type(model).from_pretrained(  # the random weights, quantized as from a checkpoint
+            None, config=model.config, state_dict=model.state_dict(), **kwargs, **quantized
+        )
     return load_or_explain(
         "llm.model",
         cfg.model,
         lambda: AutoModelForCausalLM.from_pretrained(
-            cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+            cfg.model,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
+            **quantized,
         ),
     )
 
@@ -133,3 +301,56 @@ def _add_special_tokens(tokenizer: Any, model: Any, cfg: HFLLMConfig) -> int:
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return tokenizer.convert_tokens_to_ids(cfg.image_token)
+
+
+def _keep_portable_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes' CPU inference kernel from repacking 4-bit weights on the first
+    forward in eval mode: the repacking rounds the block scales to bf16 (eval results would
+    differ from training's and from a reloaded checkpoint's), and a repacked layer fails to
+    train afterwards. CUDA is unaffected."""
+    for layer in quantized_layers(model).values():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+
+
+def quantized_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The bitsandbytes 4-/8-bit linear layers inside ``module``, by name (none when
+    bitsandbytes was never imported)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return {}
+
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return {name: m for name, m in module.named_modules() if isinstance(m, kinds)}
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The float weight ``[out, in]`` a bitsandbytes layer computes with (4-bit: in the dtype
+    it was quantized from; 8-bit: float32)."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    state = getattr(layer.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        layer.state_dict()  # bitsandbytes restores its portable layout while saving
+    return dequantize_bnb_weight(layer.weight, getattr(layer, "state", None))
+
+
+def plain_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` with ``weight`` and ``layer``'s bias, on ``weight``'s device."""
+    out_features, in_features = weight.shape
+    bias = getattr(layer, "bias", None)
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return linear
+
+
+def warn_dequantizing(what: str) -> None:
+    """The one warning dequantizing gives: the result is not the quantized model's maths."""
+    warnings.warn(
+        f"{what}: dequantizing the bitsandbytes layers; the result holds the float weights the "
+        "quantized layers computed with (plus any merged adapters), in the LLM's dtype",
+        UserWarning,
+        stacklevel=3,
+    )

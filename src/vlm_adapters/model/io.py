@@ -36,7 +36,7 @@ def save(
     with atomic_dir(directory, overwrite=overwrite, protect=protect) as tmp:
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         (tmp / CONFIG_NAME).write_text(json.dumps(checkpoint_config(model), indent=2))
-        if lora.has_lora(model):
+        if lora.has_lora(model) or lora.is_quantized(model):
             lora.save_lora(model, tmp, WEIGHTS_NAME)
         else:
             save_model(model, str(tmp / WEIGHTS_NAME))
@@ -77,7 +77,7 @@ def load(
         raise CheckpointError(f"{problem}; the checkpoint is incomplete or corrupt")
     model = cls.from_config(config)
     try:
-        if any(key in data for key in lora.CONFIG_KEYS.values()):
+        if lora.is_quantized(model) or any(key in data for key in lora.CONFIG_KEYS.values()):
             lora.load_lora(model, directory, data)
         else:
             load_model(model, str(weights), strict=True)

@@ -190,7 +190,22 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
     context = llm_context(model)
     if context is not None:
         check_max_length(config, context)
+    check_quantized_llm(config)
     return config
+
+
+def check_quantized_llm(config: TrainConfig) -> None:
+    """A 4-/8-bit LLM (``llm.quantization``) trains through LoRA only: its weights are
+    frozen integers."""
+    quantization = getattr(config.model.llm.params, "quantization", None)
+    if quantization is None or "finetune" not in config.recipe:
+        return
+    if config.stages.finetune.train_llm == "full":
+        prefix = f"{config.where}: " if config.where else ""
+        raise ConfigError(
+            f"{prefix}stages.finetune.train_llm: full cannot train a {quantization.bits}-bit "
+            "LLM (llm.quantization); use lora (QLoRA) or frozen, or remove llm.quantization"
+        )
 
 
 def check_max_length(config: TrainConfig, context: int) -> None:

@@ -36,6 +36,11 @@ def configure_stage(model: Any, stage: str, settings: AlignStage | FinetuneStage
     if stage == "align":
         return
     if settings.train_llm == "full":
+        if getattr(model.llm, "is_quantized", False):
+            raise ConfigError(
+                "stages.finetune.train_llm: full cannot train a 4-/8-bit LLM "
+                "(llm.quantization); use train_llm: lora (QLoRA) or frozen"
+            )
         model.llm.requires_grad_(True)
     elif settings.train_llm == "lora":
         ensure_lora(model, settings.lora)  # applies LoRA, or re-enables a loaded adapter
