@@ -30,3 +30,25 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert max_weight_diff(tmp_path / "two" / final, tmp_path / "one" / final) < 1e-5
     metrics = (tmp_path / "two" / "finetune" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2  # 8 samples / global batch 4
+
+
+def test_a_killed_two_process_run_resumes_to_bitwise_the_same_weights(tmp_path):
+    """DDP writes unsharded checkpoints from the main process: SIGKILL process 0 right after
+    the step-2 checkpoint, ``--resume auto``, and the final weights equal an uninterrupted
+    two-process run's bit for bit."""
+    config = write_tiny_config(tmp_path, num_train=12)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = [*torchrun, str(SCRIPTS / "tiny_train.py"), str(config)]
+    args = ["--world", "2", "--stage", "finetune", "--fresh-connector", "stages.finetune.epochs=2"]
+    args += ["stages.finetune.batch_size=2", "run.save_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kill = ["--kill-in", "vlm_adapters.training.trainer:prune_checkpoints", "--kill-rank", "0"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run([*script, str(reference), *args], check=True, env=env, timeout=300)
+    crashed = subprocess.run([*script, str(killed), *args, *kill], env=env, timeout=300)
+    assert crashed.returncode != 0
+    assert [p.name for p in (killed / "finetune" / "checkpoints").iterdir()] == ["step-000002"]
+    resumed = [*script, str(killed), *args, "--resume", "auto"]
+    subprocess.run(resumed, check=True, env=env, timeout=300)
+    final = "finetune/final"
+    assert max_weight_diff(killed / final, reference / final) == 0.0

@@ -1,15 +1,23 @@
 """A tiny training setup for the training tests, and a script that trains it.
 
 Usage: python tiny_train.py CONFIG OUT [--resume auto] [--world N] [--fresh-connector]
-[--kill-in MODULE:FUNCTION] [--in-order] [KEY=VALUE ...] (run under torchrun for several
-processes; --world checks the process count; --kill-in SIGKILLs the run right after that
-function ran; --in-order takes the samples in data-file order).
+[--kill-in MODULE:FUNCTION[:N] [--kill-rank R]] [--fail-in MODULE:FUNCTION [--fail-rank R]]
+[--in-order] [--record-sharding FILE]
+[KEY=VALUE ...] (run under torchrun for several processes; --world checks the process count;
+--kill-in SIGKILLs the run right after that function returned from its N-th call (default 1),
+in process R only with --kill-rank; --fail-in makes that function raise OSError instead;
+--in-order takes the samples in data-file order;
+--record-sharding writes FILE.<stage>.<rank>.json from inside each stage's first step: each
+parameter's and gradient's class and sizes, and the FSDP units). Set
+VLM_ADAPTERS_FULLY_SHARD=1 to shard with fully_shard instead of DDP.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -47,6 +55,29 @@ def write_tiny_config(root: Path, num_train: int = 16, run: dict | None = None) 
     return path
 
 
+TEXT_ONLY = [
+    {"from": "human", "value": "what colour is the circle ?"},
+    {"from": "gpt", "value": "red"},
+]
+
+
+def with_text_only(root: Path, config: Path, pattern: str, stage: str = "finetune") -> Path:
+    """Rewrite ``stage``'s data file as ``pattern`` ("t" text-only, "i" image samples, in
+    file order) and point the config at it."""
+    data = yaml.safe_load(config.read_text())
+    source = Path(data["data"][stage]["path"])
+    images = iter(json.loads(source.read_text()))
+    records = [
+        {"id": f"t{n}", "conversations": TEXT_ONLY} if kind == "t" else next(images)
+        for n, kind in enumerate(pattern)
+    ]
+    path = root / f"{stage}-{pattern}.json"
+    path.write_text(json.dumps(records))
+    data["data"][stage]["path"] = str(path)
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
 def max_weight_diff(a: Path, b: Path) -> float:
     """Largest absolute difference between two saved models' weights."""
     from safetensors.torch import load_file
@@ -56,20 +87,73 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
 
 
-def kill_inside(module: str, name: str) -> None:
-    """Make ``module.name`` do its work, then SIGKILL the process before it returns."""
+def kill_inside(module: str, name: str, call: str = "1", rank: int | None = None) -> None:
+    """Make ``module.name`` do its work, then, on its `call`-th call, SIGKILL the process (only
+    process `rank` when given) before it returns."""
     import importlib
-    import os
     import signal
 
     owner = importlib.import_module(module)
     original = getattr(owner, name)
+    if rank is not None and int(os.environ.get("RANK", "0")) != rank:
+        return
+    calls = []
 
     def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        original(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
+        result = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == int(call):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
 
     setattr(owner, name, killed)
+
+
+def fail_inside(module: str, name: str, rank: int | None = None) -> None:
+    """Make ``module.name`` raise OSError instead of doing its work (in process `rank` only
+    when given)."""
+    import importlib
+
+    if rank is not None and int(os.environ.get("RANK", "0")) != rank:
+        return
+
+    def failed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(f"injected failure in {name}")
+
+    setattr(importlib.import_module(module), name, failed)
+
+
+def record_sharding(path: str) -> None:
+    """In each stage's first optimizer step (after backward, before clipping) write to
+    ``path.<stage>.<rank>.json`` each parameter's class, local and global size and gradient
+    class, and the names of the modules that are FSDP units."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from vlm_adapters.training.trainer import Trainer
+
+    original = Trainer._clip
+
+    def local(tensor):  # noqa: ANN001, ANN202
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    def clip(self):  # noqa: ANN001, ANN202
+        out = Path(f"{path}.{self.stage}.{os.environ.get('RANK', '0')}.json")
+        if not out.exists():
+            params = {
+                name: {
+                    "class": type(p).__name__,
+                    "local": local(p).numel(),
+                    "numel": p.numel(),
+                    "grad": type(p.grad).__name__ if p.grad is not None else None,
+                }
+                for name, p in self.wrapped.named_parameters()
+            }
+            units = [n for n, m in self.wrapped.named_modules() if isinstance(m, FSDPModule)]
+            out.write_text(json.dumps({"params": params, "units": units}))
+        return original(self)
+
+    Trainer._clip = clip
 
 
 def in_file_order() -> None:
@@ -88,18 +172,28 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--fresh-connector", action="store_true")
     parser.add_argument("--kill-in", help="MODULE:FUNCTION to SIGKILL this process in")
+    parser.add_argument("--kill-rank", type=int, help="only this process is killed")
+    parser.add_argument("--fail-in", help="MODULE:FUNCTION that raises OSError instead")
+    parser.add_argument("--fail-rank", type=int, help="only this process fails")
+    parser.add_argument("--record-sharding", help="file prefix for what the first step sees")
     parser.add_argument("--in-order", action="store_true", help="batches in data-file order")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     from accelerate import PartialState
 
     if args.kill_in:
-        kill_inside(*args.kill_in.split(":"))
+        kill_inside(*args.kill_in.split(":"), rank=args.kill_rank)
+    if args.fail_in:
+        fail_inside(*args.fail_in.split(":"), rank=args.fail_rank)
+    if args.record_sharding:
+        record_sharding(args.record_sharding)
     if args.in_order:
         in_file_order()
 
     from vlm_adapters.training import train
 
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("vlm_adapters").setLevel(logging.INFO)
     summary = train(
         args.config,
         args.stage,

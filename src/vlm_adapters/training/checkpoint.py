@@ -1,8 +1,11 @@
 """Complete, atomic, resumable checkpoints: weights, optimizer, scheduler, RNG, data position.
 
-Layout of ``<stage>/checkpoints/step-000123/``: ``model/`` (``save_pretrained``),
-``optimizer.safetensors`` (the optimizer's tensors, flattened) and ``trainer_state.json``
-(position, scheduler, optimizer param groups, RNG states). Everything is safetensors or JSON.
+Layout of ``<stage>/checkpoints/step-000123/`` of an unsharded run (one process, DDP; written
+by the main process): ``model/`` (``save_pretrained``), ``optimizer.safetensors`` (the
+optimizer's tensors, flattened) and ``trainer_state.json`` (position, scheduler, optimizer
+param groups, RNG states). A sharded (FSDP2) run writes its own layout (see
+`vlm_adapters.training.sharded_checkpoint`); both are verified here. Everything is
+safetensors or JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ logger = logging.getLogger("vlm_adapters.training")
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+SHARDED = "sharded"
+"""``trainer_state.json``'s ``format`` in a sharded checkpoint (absent in an unsharded one)."""
+SHARDS_DIR = "shards"
+_RANK_FILE = re.compile(r"^rng-rank-(\d{5})\.json$")
+_SHARD_FILE = re.compile(rf"^{SHARDS_DIR}/[A-Za-z0-9_.-]+\.safetensors$")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -74,6 +82,11 @@ def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any)
     if problem:
         raise CheckpointError(f"{directory}: {problem}; pick another checkpoint or --resume auto")
     state = json.loads((directory / STATE_FILE).read_text())
+    if state.get("format") == SHARDED:
+        raise CheckpointError(
+            f"{directory}: written by a sharded (FSDP2) run of {state['world_size']} processes; "
+            "resume it with the launch that wrote it"
+        )
     try:
         load_weights(model, directory / MODEL_DIR, WEIGHTS_NAME)
         tensors = load_file(str(directory / OPTIMIZER_FILE))
@@ -93,17 +106,24 @@ def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any)
 
 def checkpoint_problem(directory: Path) -> str | None:
     """Why ``directory`` is not a complete, readable checkpoint (checked from file sizes,
-    safetensors headers and JSON, without loading tensors), or None."""
-    model_dir = directory / MODEL_DIR
+    safetensors headers and JSON, without loading tensors), or None. Sharded checkpoints
+    have every process's part checked."""
     try:
-        config = json.loads((model_dir / "config.json").read_text())
         state = json.loads((directory / STATE_FILE).read_text())
+        if isinstance(state, dict) and state.get("format") == SHARDED:
+            return _sharded_problem(directory, state)
+        config = json.loads((directory / MODEL_DIR / "config.json").read_text())
     except FileNotFoundError as error:
         return f"{Path(error.filename).name} is missing"
     except (OSError, ValueError) as error:
         return f"unreadable JSON ({error})"
     if not isinstance(state, dict) or not {"position", "rng", "scheduler"} <= set(state):
         return f"{STATE_FILE} is incomplete"
+    return _unsharded_problem(directory, config)
+
+
+def _unsharded_problem(directory: Path, config: Any) -> str | None:
+    model_dir = directory / MODEL_DIR
     weights = [model_dir / WEIGHTS_NAME, directory / OPTIMIZER_FILE]
     for part, key in CONFIG_KEYS.items():
         if isinstance(config, dict) and key in config:
@@ -113,6 +133,52 @@ def checkpoint_problem(directory: Path) -> str | None:
         if problem:
             return problem.replace(f"{directory}/", "")
     return None
+
+
+def _sharded_problem(directory: Path, state: dict[str, Any]) -> str | None:
+    """Every part listed in ``trainer_state.json`` is there, complete, and no process's part
+    is missing from the list; ``shards/`` holds nothing else."""
+    parts, world = state.get("files"), state.get("world_size")
+    keys = {"position", "scheduler", "optimizer_groups"}
+    if not (isinstance(parts, dict) and isinstance(world, int) and keys <= set(state)):
+        return f"{STATE_FILE} is incomplete"
+    if any(not _SHARD_FILE.match(n) and not _RANK_FILE.match(n) for n in parts):
+        return f"{STATE_FILE} names a file that is not a checkpoint part"
+    try:
+        owners = {name: int(info["rank"]) for name, info in parts.items()}
+    except (KeyError, TypeError, ValueError):
+        return f"{STATE_FILE} is incomplete"
+    for rank in range(world):
+        if rank_file(rank) not in owners or rank not in owners.values():
+            return f"the part of process {rank} is missing from {STATE_FILE}"
+    for name, info in sorted(parts.items()):
+        problem = _part_problem(directory / name, info)
+        if problem:
+            return f"{name} (the part of process {owners[name]}) {problem}"
+    listed = {name.split("/", 1)[1] for name in parts if _SHARD_FILE.match(name)}
+    extra = sorted({p.name for p in (directory / SHARDS_DIR).iterdir()} - listed)
+    return f"{SHARDS_DIR}/{extra[0]} is not a part of this checkpoint" if extra else None
+
+
+def _part_problem(path: Path, info: dict[str, Any]) -> str | None:
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != info.get("bytes"):
+        return f"has {size} bytes where {STATE_FILE} says {info.get('bytes')}; it is truncated"
+    if path.suffix == ".safetensors":
+        problem = safetensors_problem(path)
+        return problem.replace(f"{path} ", "") if problem else None
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"is not valid JSON ({error})"
+    return None
+
+
+def rank_file(rank: int) -> str:
+    """The name of process ``rank``'s random states in a sharded checkpoint."""
+    return f"rng-rank-{rank:05d}.json"
 
 
 def list_checkpoints(checkpoints: Path) -> list[Path]:
@@ -181,14 +247,17 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) 
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU) RNG states as JSON-able data."""
+    """Python, numpy and torch (CPU, and CUDA when present) RNG states as JSON-able data."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    state = {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -198,3 +267,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))

@@ -131,7 +131,6 @@ class RunConfig(_Strict):
     log_every: int = Field(10, gt=0)
     trackers: list[str] = Field(default_factory=list, description="accelerate trackers.")
 
-
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:

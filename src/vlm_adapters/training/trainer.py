@@ -1,8 +1,9 @@
 """The training loop on accelerate: one stage (`Trainer`) or a whole recipe (`train`).
 
-The same code runs single-process, DDP, FSDP or DeepSpeed (``accelerate launch``). Every
-optimizer step divides the summed token loss by the supervised tokens of the whole global batch
-(all processes, all accumulated micro-batches), so any split of a global batch trains the same.
+The same code runs single-process, DDP, FSDP2 or DeepSpeed (``accelerate launch``; FSDP2 also
+with ``fully_shard`` applied here, see `vlm_adapters.training.sharding`). Every optimizer step
+divides the summed token loss by the supervised tokens of the whole global batch (all
+processes, all accumulated micro-batches), so any split of a global batch trains the same.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -65,6 +66,20 @@ from vlm_adapters.training.recipes import (
     stages_to_run,
 )
 from vlm_adapters.training.rundir import CONFIG_NAME, check_resume_config, locked_run_dir, on_main
+from vlm_adapters.training.sharded_checkpoint import (
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
+from vlm_adapters.training.sharding import (
+    block_modules,
+    configure_fsdp_plugin,
+    fill,
+    full_state_dict,
+    no_gradient_sync,
+    shard_model,
+    skeleton,
+    wants_fully_shard,
+)
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -103,7 +118,8 @@ def make_accelerator(config: TrainConfig, out: str | Path) -> Accelerator:
 
 
 def _warn_if_engine_fell_back(accelerator: Accelerator) -> None:
-    """One warning line when the launch asked for FSDP or DeepSpeed but got something else."""
+    """One warning line when the launch asked for FSDP or DeepSpeed but got something else
+    (not when this run shards with ``fully_shard`` itself: `wants_fully_shard`)."""
     asked = [
         name
         for name, variable in (
@@ -111,6 +127,7 @@ def _warn_if_engine_fell_back(accelerator: Accelerator) -> None:
             ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
         )
         if os.environ.get(variable, "").lower() in ("1", "true", "yes")
+        and not (name == "FSDP" and wants_fully_shard())
     ]
     got = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     for name in asked:
@@ -127,6 +144,8 @@ class Trainer:
     """Trains one stage of an already built `VisionLanguageModel` and writes ``out/<stage>/``.
 
     ``accelerator`` is the run's (see :func:`make_accelerator`); one is made when not given.
+    Under FSDP2 and DeepSpeed the model is sharded in place; after `fit`, `trained_model`
+    gives it back as a plain module.
     """
 
     def __init__(
@@ -149,6 +168,15 @@ class Trainer:
         self.skipped: dict[int, Skipped] = {}  # every distinct sample skipped so far
         self.num_samples = 0
         self._steps_done = 0  # optimizer steps before the one being taken
+        kind = self.accelerator.distributed_type
+        self.deepspeed = kind == DistributedType.DEEPSPEED
+        engines = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.shard_here = wants_fully_shard() and kind not in engines
+        """Shard with `shard_model` (``fully_shard``) instead of DDP (accelerate maps FSDP on
+        CPU to DDP; this is how the CPU tests run FSDP2)."""
+        self.sharded = self.shard_here or self.accelerator.is_fsdp2
+        """Parameters are DTensors: checkpoints are sharded, the final model is gathered."""
+        self._skeleton: Any = None  # plain copy (meta weights) of a model the engine changes
 
     @property
     def is_main(self) -> bool:
@@ -166,18 +194,22 @@ class Trainer:
         batches = math.ceil(len(loader) / self.accelerator.num_processes)
         steps_per_epoch = math.ceil(batches / self.settings.grad_accum)
         total = steps_per_epoch * self.settings.epochs
-        optimizer = torch.optim.AdamW(param_groups(self.model, self.settings))
-        scheduler = get_scheduler(
+        model = self._engine_model()
+        optimizer = torch.optim.AdamW(param_groups(model, self.settings))
+        self.scheduler = get_scheduler(
             self.settings.scheduler,
             optimizer,
             num_warmup_steps=round(self.settings.warmup_ratio * total),
             num_training_steps=total,
         )
-        position = self._resume(resume, optimizer, scheduler)
-        self.wrapped, self.optimizer, loader = self.accelerator.prepare(
-            self.model, optimizer, loader
-        )
-        self.scheduler = scheduler
+        if self.shard_here:  # accelerate would wrap it in DDP
+            self.wrapped = model
+            self.optimizer, loader = self.accelerator.prepare(optimizer, loader)
+        else:
+            self.wrapped, self.optimizer, loader = self.accelerator.prepare(
+                model, optimizer, loader
+            )
+        position = self._resume(resume)
         loss = self._epochs(loader, position, total)
         if position.step == 0:
             raise TrainingError(
@@ -209,6 +241,29 @@ class Trainer:
             self.model.vision.eval()
         if self.is_main:
             logger.info(describe_trainable(self.model, self.stage))
+
+    def _engine_model(self) -> Any:
+        """The model to build the optimizer on: sharded here (`shard_model`) when this run
+        shards it itself; a plain copy is kept first when an engine changes it in place."""
+        if self.deepspeed and self.config.run.save_every:
+            raise ConfigError(
+                "run.save_every: intermediate checkpoints are not written under DeepSpeed (its "
+                "optimizer state is partitioned); set run.save_every=0, or use FSDP2"
+            )
+        if self.sharded or self.deepspeed:
+            self._skeleton = skeleton(self.model)
+        if self.accelerator.is_fsdp2:
+            configure_fsdp_plugin(self.accelerator, self.model)
+        if self.deepspeed:
+            plugin = self.accelerator.state.deepspeed_plugin
+            plugin.deepspeed_config["gradient_clipping"] = self.settings.max_grad_norm or 0.0
+        if self.is_main and self.sharded:
+            blocks = sorted({type(m).__name__ for m in block_modules(self.model)})
+            units = ", ".join(f"every {name}" for name in blocks)
+            logger.info("%s: FSDP2 units: %s, and the root (the rest)", self.stage, units)
+        if not self.shard_here:
+            return self.model
+        return shard_model(self.model.to(self.accelerator.device))
 
     def _loader(self) -> DataLoader:
         """Batches in an order fixed by (seed, epoch) and by the global batch size only."""
@@ -284,15 +339,24 @@ class Trainer:
         s = self.settings
         return s.batch_size * s.grad_accum * self.accelerator.num_processes
 
-    def _resume(self, resume: str | Path | None, optimizer: Any, scheduler: Any) -> Position:
-        """Load a checkpoint (path or "auto" = newest complete one) or start fresh."""
-        path = latest_checkpoint(self.dir / "checkpoints") if resume == "auto" else resume
+    def _resume(self, resume: str | Path | None) -> Position:
+        """Load a checkpoint (path or "auto" = newest complete one, as the main process sees
+        it) or start fresh."""
+        checkpoints, state = self.dir / "checkpoints", self.accelerator.state
+        path = resume
+        if resume == "auto":
+            path = on_main(state, lambda: latest_checkpoint(checkpoints))
         metrics = self.dir / "metrics.jsonl"
         if path is None:
             if self.is_main and metrics.exists():
                 metrics.unlink()
             return Position(seed=self.config.run.seed)
-        position = load_checkpoint(Path(path), self.model, optimizer, scheduler)
+        if self.sharded:
+            position = load_sharded_checkpoint(
+                Path(path), self.wrapped, self.optimizer, self.scheduler, state
+            )
+        else:
+            position = load_checkpoint(Path(path), self.model, self.optimizer, self.scheduler)
         if self.is_main:
             prune_checkpoints(self.dir / "checkpoints", self.config.run.keep_last)
         if self.is_main:
@@ -390,8 +454,7 @@ class Trainer:
             batch, scale = self._fallback, 0.0  # keep collective ops in step with other ranks
         self._fallback = batch
         self.accelerator.sync_gradients = last
-        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
-        with sync:
+        with self._sync(last), self._autocast():
             out = self.wrapped(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -402,26 +465,45 @@ class Trainer:
             self.accelerator.backward(out.loss * scale)
         return float(out.loss.detach()) * denom * scale
 
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Gradients are reduced across processes on the window's last micro-batch only."""
+        if last:
+            return contextlib.nullcontext()
+        if self.shard_here:
+            return no_gradient_sync(self.wrapped)
+        return self.accelerator.no_sync(self.wrapped)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Mixed precision for a model accelerate did not prepare (it patches the others)."""
+        return self.accelerator.autocast() if self.shard_here else contextlib.nullcontext()
+
     def _clip(self) -> float:
-        params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        """Clip to `max_grad_norm`; returns the norm of all processes' gradients together
+        (under FSDP2 the shards' norms are combined; DeepSpeed clips in its own step)."""
+        from torch.distributed.tensor import DTensor
+
         max_norm = self.settings.max_grad_norm or math.inf
-        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        norm = self.accelerator.clip_grad_norm_(list(self.wrapped.parameters()), max_norm)
+        if norm is None:  # DeepSpeed before its first step
+            return math.nan
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def _maybe_save(self, position: Position, total: int) -> None:
         every = self.config.run.save_every
         if not every or position.step % every or position.step == total:
             return
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            checkpoints = self.dir / "checkpoints"
-            model = self.accelerator.unwrap_model(self.wrapped)
-            save_checkpoint(
-                step_dir(checkpoints, position.step),
-                model,
-                self.optimizer,
-                self.scheduler,
-                position,
+        checkpoints = self.dir / "checkpoints"
+        where = step_dir(checkpoints, position.step)
+        if self.sharded:  # every process writes its part
+            state = self.accelerator.state
+            save_sharded_checkpoint(
+                where, self.wrapped, self.optimizer, self.scheduler, position, state
             )
+        elif self.is_main:
+            model = self.accelerator.unwrap_model(self.wrapped)
+            save_checkpoint(where, model, self.optimizer, self.scheduler, position)
+        if self.is_main:
             prune_checkpoints(checkpoints, self.config.run.keep_last)
         self.accelerator.wait_for_everyone()
 
@@ -436,8 +518,8 @@ class Trainer:
 
     def _finish(self) -> None:
         self.accelerator.wait_for_everyone()
+        model = self._full_model()
         if self.is_main:
-            model = self.accelerator.unwrap_model(self.wrapped)
             if self.stage == "align":  # before final/, which marks the stage as done
                 save_connector(model, self.dir / "connector")
             model.save_pretrained(self.dir / "final")
@@ -447,6 +529,29 @@ class Trainer:
             self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         self.accelerator.free_memory()
+
+    def _full_model(self) -> Any:
+        """The trained model, whole, on the main process (gathered from the shards into the
+        plain copy under FSDP2 and DeepSpeed: every process must call this)."""
+        if self._skeleton is None:
+            return self.accelerator.unwrap_model(self.wrapped)
+        if self.sharded:
+            state = full_state_dict(self.wrapped)
+        else:
+            state = self.accelerator.get_state_dict(self.wrapped)
+        return fill(self._skeleton, state) if self.is_main else None
+
+    def trained_model(self) -> Any:
+        """After `fit`: the stage's model as a plain module on every process (for the next
+        stage). An engine that changed the model in place leaves it sharded; then this is the
+        plain copy with the stage's final weights (read from ``final/`` off the main process)."""
+        if self._skeleton is None:
+            return self.model
+        if not self.is_main:
+            from vlm_adapters.model.lora import load_weights
+
+            load_weights(fill(self._skeleton), self.dir / "final", WEIGHTS_NAME)
+        return self._skeleton
 
 
 def cpu_only_launch() -> bool:
@@ -554,6 +659,8 @@ def train(
                 continue
             trainer = Trainer(model, config, name, out, accelerator)
             summaries[name] = trainer.fit(resume=plan[name])
+            if name != names[-1]:
+                model = trainer.trained_model()
     return summaries
 
 
