@@ -173,3 +173,32 @@ def test_every_shipped_recipe_runs_two_steps_on_tiny_local_models(tmp_path, loca
         overrides += [f"llm.tokenizer={llm}"]
     summary = train(EXAMPLES / recipe, "all", tmp_path / "out", overrides=overrides)
     assert all(stage["steps"] == 2 for stage in summary.values()), summary
+
+
+def test_tower_parameters_after_the_feature_layer_are_frozen(tmp_path):
+    """CLIP's last block (features come from layer -2) and post-norm get no gradient: they are
+    frozen so that DDP, which refuses unused parameters, can train the tower."""
+    from vlm_adapters import build_vlm
+    from vlm_adapters.training.recipes import configure_stage
+
+    config = load_train_config(
+        write_tiny_config(tmp_path, num_train=4), ["stages.finetune.train_vision=full"]
+    )
+    model = build_vlm(config.model)
+    configure_stage(model, "finetune", config.stages.finetune)
+    frozen = {n for n, p in model.vision.named_parameters() if not p.requires_grad}
+    assert frozen and all(".layers.1." in n or "post_layernorm" in n for n in frozen)
+    assert any(p.requires_grad for n, p in model.vision.named_parameters() if ".layers.0." in n)
+
+
+def test_two_processes_train_the_vision_tower(tmp_path):
+    config = write_tiny_config(tmp_path, num_train=8)
+    script = [str(SCRIPTS / "tiny_train.py"), str(config)]
+    args = ["--stage", "finetune", "--fresh-connector", "stages.finetune.train_vision=full"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = [*torchrun, *script, str(tmp_path / "two"), "--world", "2", *args]
+    subprocess.run([*two, "stages.finetune.batch_size=2"], check=True, env=env, timeout=300)
+    train(config, "finetune", tmp_path / "one", overrides=args[3:], fresh_connector=True)
+    final = "finetune/final"
+    assert max_weight_diff(tmp_path / "two" / final, tmp_path / "one" / final) < 1e-5

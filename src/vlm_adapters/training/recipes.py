@@ -50,6 +50,26 @@ def configure_stage(model: Any, stage: str, settings: AlignStage | FinetuneStage
         unfreeze_last_vision_layers(model, settings.unfreeze_vision_layers)
     elif settings.train_vision == "lora":
         ensure_lora(model, settings.vision_lora, part="vision")
+    if any(p.requires_grad for p in model.vision.parameters()):
+        freeze_unreached(model.vision)
+
+
+def freeze_unreached(vision: nn.Module) -> list[str]:
+    """Freeze the trainable tower parameters its features never depend on (blocks after the
+    feature layer, a pooling head): they would get no gradient, which DDP reports as an error.
+    Found with one backward pass on a blank image; returns their names."""
+    from PIL import Image
+
+    trainable = {name: p for name, p in vision.named_parameters() if p.requires_grad}
+    device = next(iter(trainable.values())).device
+    pixels = vision.preprocess([Image.new("RGB", (8, 8))]).to(device)
+    vision(pixels).float().sum().backward()
+    unreached = [name for name, p in trainable.items() if p.grad is None]
+    for name, param in trainable.items():
+        param.grad = None
+        if name in unreached:
+            param.requires_grad_(False)
+    return unreached
 
 
 def param_groups(model: Any, settings: AlignStage | FinetuneStage) -> list[dict[str, Any]]:
