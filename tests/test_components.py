@@ -18,6 +18,7 @@ from vlm_adapters.testing import (
     tiny_model_config,
     tiny_vision_config,
 )
+from vlm_adapters.testing.tiny import tiny_tiled_config
 
 
 def builtin_names(kind: str) -> list[str]:
@@ -288,6 +289,28 @@ def test_hf_inline_image_processor_may_not_name_code() -> None:
     processor = {"image_processor_type": "X", "auto_map": {"AutoImageProcessor": "x.X"}}
     with pytest.raises(ValueError, match="may not name code"):
         get_registry().create("vision", {**tiny_vision_config("hf"), "image_processor": processor})
+
+
+@pytest.mark.parametrize("vision", VISION_CASES)
+def test_every_fixed_size_tower_tiles(tokenizer_dir: str, vision: str) -> None:
+    """AnyRes works with any registered tower: images of three aspect ratios, every tile in
+    one pass, each image's placeholders as counted, the end-of-row token trained."""
+    torch.manual_seed(0)
+    config = tiny_model_config(tokenizer_dir, tiny_tiled_config(vision), "linear")
+    model = vlm_adapters.build_vlm(config)
+    model.vision.requires_grad_(False)
+    images = [Image.new("RGB", size, "red") for size in ((90, 30), (20, 60), (9, 9))]
+    batch = model.processor(["<image> a red", "<image> <image> b"], [images[:1], images[1:]])
+    counts = [model.image_tokens((i.height, i.width)) for i in images]
+    placeholders = (batch["input_ids"] == model.image_token_id).sum(1).tolist()
+    assert placeholders == [counts[0], counts[1] + counts[2]] and len(set(counts)) == 3
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels.masked_fill(labels == model.image_token_id, -100))
+    out.loss.backward()
+    assert model.connector.image_newline.grad is not None
+    assert batch["pixel_values"].values.shape[0] == sum(
+        model.vision.layout.num_tiles(i.height, i.width) for i in images
+    )
 
 
 def test_fused_preprocessing_is_the_first_members_without_normalisation() -> None:

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from vlm_adapters.data.processor import VLMProcessor, pad_batch
+from vlm_adapters.data.processor import TokenBudgetError, VLMProcessor, pad_batch
 from vlm_adapters.errors import DataError
 from vlm_adapters.testing import IMAGE_SIZE
 from vlm_adapters.vision import ImageTransform
+from vlm_adapters.vision.base import ImageBatch, VariableTransform
 
 M = 5  # placeholder tokens per image
 
@@ -149,3 +150,58 @@ def test_training_generation_and_evaluation_share_ids_and_pixels(tmp_path, token
     assert torch.equal(evaluated["pixel_values"], prompt["pixel_values"])
     answer = trained["labels"][0, len(ids) :]
     assert model.tokenizer.decode(answer[answer != -100][:1]) == "red"
+
+
+class _ByWidth(VariableTransform):
+    """Variable-size vision in miniature: an image gives width // 10 tokens."""
+
+    max_tokens = 100
+    token_budget = 30
+
+    def num_tokens(self, size: tuple[int, int]) -> int:
+        return size[1] // 10
+
+    def __call__(self, image: Image.Image) -> ImageBatch:
+        return ImageBatch(torch.zeros(1, 3, 4, 4), ((image.height, image.width),), (1,))
+
+
+@pytest.fixture(scope="module")
+def variable(processor: VLMProcessor) -> VLMProcessor:
+    return VLMProcessor(processor.tokenizer, _ByWidth(), 100, processor.image_token_id, "llama3")
+
+
+def test_each_image_gets_as_many_placeholders_as_its_size_gives(variable: VLMProcessor) -> None:
+    turns = [
+        {"from": "human", "value": "<image> a <image> what colour is the circle ?"},
+        {"from": "gpt", "value": "red"},
+    ]
+    wide, narrow = Image.new("RGB", (120, 10)), Image.new("RGB", (40, 90))
+    encoded = variable.encode(turns, [wide, narrow])
+    assert _runs(encoded.input_ids, variable.image_token_id) == [12, 4]
+    placeholders = [i for i, t in enumerate(encoded.input_ids) if t == variable.image_token_id]
+    assert all(encoded.labels[i] == -100 for i in placeholders)
+    assert variable.encode(turns, [(10, 120), (90, 40)]) == encoded  # sizes alone suffice
+    prompt = variable.prompt(turns[:1], [wide, narrow])
+    assert encoded.input_ids[: len(prompt)] == prompt
+    batch = variable(["<image> a", "b <image> a <image>"], [wide, [narrow, wide]])
+    assert _runs(batch["input_ids"][1].tolist(), variable.image_token_id) == [4, 12]
+    assert isinstance(batch["pixel_values"], ImageBatch) and len(batch["pixel_values"]) == 3
+
+
+def test_a_sample_over_the_visual_token_budget_is_refused(variable: VLMProcessor) -> None:
+    turns = [{"from": "human", "value": "<image> <image> a"}, {"from": "gpt", "value": "b"}]
+    with pytest.raises(TokenBudgetError, match="give 32 visual tokens, over the budget of 30"):
+        variable.encode(turns, [(1, 160), (1, 160)])
+    with pytest.raises(DataError, match="pass a sample's images"):
+        variable.encode(turns, 2)  # a count is not enough to know the tokens
+
+
+def test_the_placeholder_token_in_the_text_itself_is_refused(tokenizer_dir: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<im_patch>"]})
+    patch = tokenizer.convert_tokens_to_ids("<im_patch>")
+    variable = VLMProcessor(tokenizer, _ByWidth(), 100, patch, "llama3")
+    turns = [{"from": "human", "value": "<image> a <im_patch> <image> b"}]
+    with pytest.raises(DataError, match="holds the image placeholder token itself"):
+        variable.prompt(turns, [(1, 50), (1, 70)])
+    assert _runs(variable.text("<image> a <image>", [(1, 50), (1, 70)]), patch) == [5, 7]

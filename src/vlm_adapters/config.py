@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlm_adapters.errors import ComponentError, ConfigError
 from vlm_adapters.plugins import get_registry
-from vlm_adapters.registry import KINDS, ComponentConfig, Section
+from vlm_adapters.registry import KINDS, ComponentConfig, Section, format_errors
+from vlm_adapters.vision.tiling import AnyResLayout, TilingConfig
 
 SECTIONS = KINDS
+
+
+class VisionSection(Section):
+    """The vision section: a backbone of any registered type, optionally ``tiling`` (AnyRes)."""
+
+    tiling: TilingConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        tiling = {} if self.tiling is None else {"tiling": self.tiling.model_dump()}
+        return {**super().to_dict(), **tiling}
 
 
 class ModelConfig(BaseModel):
@@ -30,8 +42,20 @@ class ModelConfig(BaseModel):
 
 
 def parse_section(kind: str, raw: Any, where: str = "") -> Section:
-    """Validate one component section (``{type: ..., **kwargs}``) against the registry."""
-    return get_registry().parse(kind, raw, where)
+    """Validate one component section (``{type: ..., **kwargs}``) against the registry; a
+    vision section may also hold ``tiling``, which any backbone takes."""
+    if kind != "vision" or not isinstance(raw, dict) or "tiling" not in raw:
+        return get_registry().parse(kind, raw, where)
+    rest = {k: v for k, v in raw.items() if k != "tiling"}
+    section = get_registry().parse(kind, rest, where)
+    if raw["tiling"] is None:
+        return section
+    try:
+        tiling = TilingConfig.model_validate(raw["tiling"])
+    except ValidationError as exc:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(prefix + format_errors(exc, "vision.tiling")) from None
+    return VisionSection(type=section.type, params=section.params, tiling=tiling)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
@@ -95,24 +119,85 @@ def model_config_from_dict(data: dict[str, Any], where: str = "") -> ModelConfig
 
 
 def check_compatibility(config: ModelConfig, where: str = "") -> None:
-    """Catch impossible combinations from the configs alone (cheap; no weights loaded)."""
+    """Catch impossible combinations from the configs alone (cheap; no weights loaded): the
+    visual tokens of the largest image must be known, fit the LLM and any tiling budget."""
     prefix = f"{where}: " if where else ""
     try:
         vision = _probe(config.vision.params)
         llm = _probe(config.llm.params)
+        if vision is None:
+            return
+        native = config.vision.params.native_resolution()
+        tiling = getattr(config.vision, "tiling", None)
+        bound = image_token_bound(vision[0], native, tiling, config.connector)
+        check_token_bound(bound, tiling, llm[1] if llm is not None else None)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
-    if vision is None:
-        return
-    num_patches, _ = vision
-    try:
-        tokens = config.connector.params.num_output_tokens(num_patches)
-    except ValueError as exc:
-        raise ConfigError(f"{prefix}connector: {exc}") from None
-    if llm is not None and llm[1] is not None and tokens >= llm[1]:
+
+
+def image_token_bound(
+    num_patches: int, native: bool, tiling: TilingConfig | None, connector: Section
+) -> int:
+    """The most visual tokens one image can give: ``num_patches`` (N per image, per tile with
+    ``tiling``, at most per image for a ``native`` resolution tower) through the connector."""
+    params = connector.params
+    if native and tiling is not None:
         raise ConfigError(
-            f"{prefix}connector: {tokens} visual tokens per image do not fit the LLM context of "
-            f"{llm[1]} positions; use a pooling/query connector or a smaller image size"
+            "vision.tiling: this tower encodes images at their own size (NaFlex) already; "
+            "tiling is for towers with a fixed input size"
+        )
+    if native and not getattr(params, "per_token", False):
+        raise ConfigError(
+            f"connector: {connector.type!r} cannot take a NaFlex tower's variable number of "
+            "patches per image; use a per-token connector (linear, mlp)"
+        )
+    if native:
+        return num_patches
+    if tiling is None:
+        try:
+            return params.num_output_tokens(num_patches)
+        except ValueError as exc:
+            raise ConfigError(f"connector: {exc}") from None
+    side = tile_token_side(num_patches, connector)
+    return AnyResLayout(tiling.resolved_grids(), 1, side).max_tokens()
+
+
+def tile_token_side(num_patches: int, connector: Section) -> int:
+    """Tokens per tile side after the connector, for AnyRes: the connector must keep the
+    tile's square patch grid (linear, mlp) or shrink it (pool)."""
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ConfigError(
+            f"vision.tiling: the tower gives {num_patches} patches per image, not a square "
+            "grid that tiles can be laid out on"
+        )
+    try:
+        tokens = connector.params.output_grid(grid, grid)
+    except ValueError as exc:
+        raise ConfigError(f"connector: {exc}") from None
+    if tokens is None:
+        raise ConfigError(
+            f"vision.tiling: the {connector.type!r} connector's tokens have no place on the "
+            "patch grid, so tiles cannot be laid out; use linear, mlp or pool"
+        )
+    return tokens[0]
+
+
+def check_token_bound(bound: int, tiling: TilingConfig | None, context: int | None) -> None:
+    """One image's worst case must fit the tiling budget per sample and the LLM context
+    (samples longer than the context are bad samples already: the budget may exceed it)."""
+    budget = tiling.max_visual_tokens if tiling is not None else None
+    if budget is not None and bound > budget:
+        raise ConfigError(
+            f"vision.tiling.max_visual_tokens: {budget} is below one image's worst case of "
+            f"{bound} visual tokens; raise it, or use fewer tiles (grids, max_tiles)"
+        )
+    if context is not None and bound >= context:
+        tiles = "" if tiling is None else " (with tiling, at most)"
+        raise ConfigError(
+            f"connector: {bound} visual tokens per image{tiles} do not fit the LLM context of "
+            f"{context} positions; use a pooling/query connector or a smaller image size"
+            + ("" if tiling is None else ", or fewer tiles (vision.tiling)")
         )
 
 

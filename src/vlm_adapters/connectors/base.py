@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -14,9 +14,18 @@ from vlm_adapters.registry import ComponentConfig
 class ConnectorConfig(ComponentConfig):
     """Base for connector kwargs; knows the output token count without building anything."""
 
+    per_token: ClassVar[bool] = False
+    """Each feature becomes one token on its own (linear, mlp): tokens keep the patch grid, and
+    a padded or variable-length feature sequence (a NaFlex tower) is safe."""
+
     def num_output_tokens(self, num_input_tokens: int) -> int:
         """M for N input tokens (N by default: linear and MLP keep every token)."""
         return num_input_tokens
+
+    def output_grid(self, rows: int, cols: int) -> tuple[int, int] | None:
+        """The token grid of a ``rows x cols`` patch grid; None when the tokens have no place
+        on the image (learned queries). AnyRes lays tile tokens out on this grid."""
+        return (rows, cols) if self.per_token else None
 
 
 class Connector(nn.Module, ABC):
@@ -40,6 +49,13 @@ class Connector(nn.Module, ABC):
     def num_output_tokens(self, num_input_tokens: int | None = None) -> int:
         """Visual tokens produced for ``num_input_tokens`` features (default: the built N)."""
         return self.cfg.num_output_tokens(num_input_tokens or self.num_input_tokens)
+
+    def add_image_newline(self) -> None:
+        """Learn ``image_newline`` ``[out_dim]``: the token AnyRes puts after every row of tile
+        tokens (LLaVA-NeXT's); it lives here so that it trains and is saved with the
+        connector."""
+        std = self.out_dim**-0.5
+        self.image_newline = nn.Parameter(torch.randn(self.out_dim) * std)
 
     @abstractmethod
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,14 @@ class PoolConfig(ConnectorConfig):
             )
         return (side // self.factor) ** 2
 
+    def output_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        if rows % self.factor or cols % self.factor:
+            raise ValueError(
+                f"pool factor {self.factor} does not divide the {rows}x{cols} patch grid; "
+                "choose a factor that divides it"
+            )
+        return rows // self.factor, cols // self.factor
+
 
 class PoolConnector(Connector):
     """``[B, N, Dv] -> [B, N / f**2, Dllm]``."""

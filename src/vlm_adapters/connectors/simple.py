@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
@@ -11,9 +13,13 @@ from vlm_adapters.connectors.base import Activation, Connector, ConnectorConfig,
 class LinearConfig(ConnectorConfig):
     """One linear projection from the vision width to the LLM width."""
 
+    per_token: ClassVar[bool] = True
+
 
 class MLPConfig(ConnectorConfig):
     """A stack of linear layers with an activation between them."""
+
+    per_token: ClassVar[bool] = True
 
     depth: int = Field(2, ge=1, description="Number of linear layers (2 = LLaVA-1.5's mlp2x).")
     activation: Activation = Field("gelu", description="Activation between layers.")

@@ -5,10 +5,12 @@ everything else the features depend on: the backbone's preprocessing settings, a
 weights and its rebuild options (feature layers included). Changing any of them changes every
 key, so stale entries are never read; changing one image's bytes changes only its own key.
 
-Each entry is one safetensors file (``features`` ``[N, D]``) under a two-level fan-out
-(``ab/abcdef....safetensors``), written to a temporary name and renamed into place, so
-several processes (DDP ranks) can fill one directory at once. An entry that is missing,
-truncated, corrupt or of the wrong shape is recomputed and reported, never trusted.
+Each entry is one safetensors file (``features`` ``[N, D]``; ``[rows, N, D]`` for
+variable-size vision: an image's AnyRes overview and tiles, or its NaFlex patch sequence)
+under a two-level fan-out (``ab/abcdef....safetensors``), written to a temporary name and
+renamed into place, so several processes (DDP ranks) can fill one directory at once. An entry
+that is missing, truncated, corrupt or of the wrong shape is recomputed and reported, never
+trusted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from vlm_adapters._io import remove_stale_temps, safetensors_problem, temp_name
 from vlm_adapters.data.images import open_image
+from vlm_adapters.vision.base import ImageBatch, VariableTransform
 
 logger = logging.getLogger("vlm_adapters.data")
 SUFFIX = ".safetensors"
@@ -51,18 +54,24 @@ class FeatureCache:
     """Features of one frozen vision backbone, on disk.
 
     ``namespace`` identifies the backbone (see :func:`backbone_namespace`); ``shape`` is the
-    ``(N, D)`` every entry must have.
+    ``(N, D)`` every entry must have; with ``rows`` (variable-size vision) an entry is
+    ``[rows, N, D]``, one row per tile (or patch sequence) of its image.
     """
 
-    def __init__(self, directory: str | Path, namespace: str, shape: tuple[int, int]) -> None:
+    def __init__(
+        self, directory: str | Path, namespace: str, shape: tuple[int, int], rows: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.namespace = namespace
         self.shape = tuple(shape)
+        self.rows = rows
 
     @classmethod
     def for_backbone(cls, directory: str | Path, vision: torch.nn.Module) -> FeatureCache:
         """The cache of ``vision`` (a frozen :class:`~vlm_adapters.vision.VisionBackbone`)."""
-        return cls(directory, backbone_namespace(vision), (vision.num_patches, vision.hidden_size))
+        shape = (vision.num_patches, vision.hidden_size)
+        rows = isinstance(vision.transform, VariableTransform)
+        return cls(directory, backbone_namespace(vision), shape, rows)
 
     def key(self, image: str | Path) -> str:
         """The entry key of the image file ``image``."""
@@ -88,13 +97,14 @@ class FeatureCache:
                 shape = tuple(handle.get_slice("features").get_shape())
         except (SafetensorError, KeyError, OSError) as error:
             return f"{path}: unreadable ({error})"
-        if shape != self.shape:
-            return f"{path}: shape {shape}, expected {self.shape}"
+        expected = f"(rows, {self.shape[0]}, {self.shape[1]})" if self.rows else str(self.shape)
+        if shape[-2:] != self.shape or len(shape) != 2 + self.rows or 0 in shape:
+            return f"{path}: shape {shape}, expected {expected}"
         return None
 
     def read(self, key: str) -> torch.Tensor | None:
-        """The features ``[N, D]`` of ``key`` (memory-mapped), or None when the entry cannot be
-        trusted (the caller recomputes it)."""
+        """The features ``[N, D]`` (``[rows, N, D]``) of ``key`` (memory-mapped), or None when
+        the entry cannot be trusted (the caller recomputes it)."""
         if self.problem(key) is not None:
             return None
         return load_file(str(self.path(key)))["features"]
@@ -113,13 +123,14 @@ class FeatureCache:
     def fill(
         self,
         images: Iterable[str | Path],
-        encode: Callable[[list[Path]], torch.Tensor],
+        encode: Callable[[list[Path]], Sequence[torch.Tensor]],
         *,
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,
     ) -> FillReport:
         """Compute the entries of ``images`` that are missing or broken, ``batch_size`` images
-        at a time with ``encode`` (image paths -> ``[I, N, D]``); report what it did."""
+        at a time with ``encode`` (image paths -> one entry per image: ``[I, N, D]``, or a list
+        of ``[rows, N, D]``); report what it did."""
         report = FillReport(replaced=[])
         todo: list[tuple[Path, str]] = []
         for image in dict.fromkeys(Path(i) for i in images):
@@ -136,7 +147,7 @@ class FeatureCache:
             todo.append((image, key))
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            features = encode([image for image, _ in chunk])  # [I, N, D]
+            features = encode([image for image, _ in chunk])  # [I, N, D] or I x [rows, N, D]
             for (_, key), row in zip(chunk, features):
                 self.write(key, row)
             report.computed += len(chunk)
@@ -173,12 +184,14 @@ def backbone_namespace(vision: torch.nn.Module) -> str:
 
 
 def image_encoder(vision: torch.nn.Module, max_pixels: int) -> Callable[[list[Path]], Any]:
-    """Paths -> ``[I, N, D]`` features with ``vision`` (its preprocessing, no gradients)."""
+    """Paths -> ``[I, N, D]`` features with ``vision`` (its preprocessing, no gradients); for
+    variable-size vision one ``[rows, N, D]`` per image, every tile encoded in one pass."""
 
     @torch.no_grad()
-    def encode(paths: Sequence[Path]) -> torch.Tensor:
+    def encode(paths: Sequence[Path]) -> torch.Tensor | Sequence[torch.Tensor]:
         pixels = vision.preprocess([open_image(path, max_pixels) for path in paths])
         device = next(vision.parameters()).device
-        return vision(pixels.to(device)).float()
+        features = vision(pixels.to(device)).float()  # [U, N, D]
+        return pixels.split(features) if isinstance(pixels, ImageBatch) else features
 
     return encode

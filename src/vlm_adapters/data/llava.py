@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,7 +27,15 @@ from vlm_adapters.chat.templates import (
 )
 from vlm_adapters.data.feature_cache import FeatureCache
 from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
-from vlm_adapters.data.processor import VLMProcessor, pad_batch, pad_rows
+from vlm_adapters.data.processor import (
+    SampleImages,
+    TokenBudgetError,
+    VLMProcessor,
+    join_images,
+    pad_batch,
+    pad_rows,
+)
+from vlm_adapters.vision.base import ImageBatch, Size
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -191,12 +200,16 @@ class LlavaDataset(Dataset):
     One policy, `on_bad_sample`, covers every unusable sample: a missing, unreadable or too
     large image, an image path that leaves `image_root`, a bad conversation (unknown role, no
     assistant turn), `<image>` markers that do not match the images, more than `max_length`
-    tokens (visual tokens are never cut: the whole sample goes), or no supervised token. With
-    "skip" the item is a `Skipped` (the collator drops and reports it); with "error" a DataError
-    names the sample and the reason. `source` (the data file) and `positions` (each item's
-    index in it) name skipped samples. :meth:`precheck` finds the problems that need no
-    decoding or tokenizing, for the whole file, up front.
+    tokens (visual tokens are never cut: the whole sample goes), more visual tokens than the
+    per-sample budget, or no supervised token. With "skip" the item is a `Skipped` (the
+    collator drops and reports it); with "error" a DataError names the sample and the reason.
+    `source` (the data file) and `positions` (each item's index in it) name skipped samples.
+    :meth:`precheck` finds the problems that need no decoding or tokenizing, for the whole
+    file, up front.
     A single-image sample without a marker gets `<image>\\n` before its first human turn.
+    With variable-size vision (an `image_transform` that counts tokens per image size: AnyRes,
+    NaFlex), each image's placeholders follow its size (read from the file's header), and
+    `num_image_tokens` is the most one image gives.
     """
 
     def __init__(
@@ -232,6 +245,7 @@ class LlavaDataset(Dataset):
         self.feature_cache = feature_cache
         self._keys: dict[Path, str] = {}
         self._files: dict[str, Path] = {}  # image path in a record -> checked file
+        self._sizes: dict[Path, Size] = {}  # checked file -> (height, width), for variable vision
         self._lengths: array | None = None
         self.positions = list(positions) if positions is not None else list(range(len(records)))
 
@@ -278,7 +292,9 @@ class LlavaDataset(Dataset):
             raise _BadSample(
                 "image marker mismatch", f"{markers} {IMAGE_MARKER} markers but {len(paths)} images"
             )
-        return self._estimate(record)
+        if not self.processor.variable:
+            return self._estimate(record)
+        return self._estimate(record, sum(self._token_counts(paths)))
 
     def _image_files(self, record: Mapping[str, Any]) -> list[Path]:
         return [self._image_file(relative) for relative in image_paths(record)]
@@ -299,24 +315,56 @@ class LlavaDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Estimated token counts without tokenizing; negative for text-only samples (known
-        from :meth:`precheck` when it ran)."""
+        from :meth:`precheck` when it ran, with the exact visual tokens of every image)."""
         if self._lengths is not None:
             return list(self._lengths)
         return [self._estimate(self.records[p]) for p in self.positions]
 
-    def _estimate(self, record: Mapping[str, Any]) -> int:
+    def _estimate(self, record: Mapping[str, Any], visual: int | None = None) -> int:
+        """Words plus ``visual`` tokens (default: ``num_image_tokens`` per marker, the most
+        for variable-size vision)."""
         turns = record.get("conversations") or []
         text = " ".join(str(turn.get("value", "")) for turn in turns if isinstance(turn, Mapping))
         num_images = text.count(IMAGE_MARKER)
         words = len(text.replace(IMAGE_MARKER, " ").split())
         if num_images == 0 and not record.get("image"):
             return -max(words, 1)
-        return words + max(num_images, 1) * self.num_image_tokens
+        return words + (max(num_images, 1) * self.num_image_tokens if visual is None else visual)
+
+    def _sample_images(self, paths: list[Path]) -> SampleImages:
+        """What the processor counts tokens from: image sizes for variable vision."""
+        return [self._size(path) for path in paths] if self.processor.variable else len(paths)
+
+    def _token_counts(self, paths: list[Path]) -> list[int]:
+        try:
+            return self.processor.token_counts(self._sample_images(paths))
+        except TokenBudgetError as error:
+            raise _BadSample("too many visual tokens", str(error)) from None
+
+    def _size(self, path: Path) -> Size:
+        """(height, width) of an image file from its header (no decoding), remembered."""
+        if path not in self._sizes:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(path) as image:
+                        height, width = image.height, image.width
+            except Image.DecompressionBombError as error:
+                raise _BadSample("image too large", f"{path}: {error}") from None
+            except (OSError, SyntaxError, ValueError) as error:
+                raise _BadSample("image unreadable", f"{path}: {error}") from None
+            if height * width > self.max_image_pixels:
+                detail = f"{path} is {width}x{height}, over data.max_image_pixels"
+                raise _BadSample("image too large", detail)
+            self._sizes[path] = (height, width)
+        return self._sizes[path]
 
     def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
         paths = self._image_files(record)
+        turns = _turns(record)
+        self._token_counts(paths)  # the per-sample budget, as its own reason
         try:
-            encoded = self.processor.encode(_turns(record), len(paths))
+            encoded = self.processor.encode(turns, self._sample_images(paths))
         except DataError as error:
             raise _BadSample("bad conversation", str(error)) from None
         if encoded.num_images != len(paths):
@@ -332,9 +380,11 @@ class LlavaDataset(Dataset):
             **self._images(paths),
         }
 
-    def _images(self, paths: list[Path]) -> dict[str, torch.Tensor | None]:
+    def _images(self, paths: list[Path]) -> dict[str, torch.Tensor | ImageBatch | None]:
         """``pixel_values`` ``[I, 3, H, W]``, or ``image_features`` ``[I, N, D]`` read from the
-        feature cache (an entry that cannot be trusted makes the sample a bad one)."""
+        feature cache (an entry that cannot be trusted makes the sample a bad one); an
+        :class:`ImageBatch` of either for variable-size vision (one cache entry per image,
+        ``[tiles, N, D]``)."""
         if self.feature_cache is None or not paths:
             return {"pixel_values": self._pixels(paths)}
         features = []
@@ -345,7 +395,12 @@ class LlavaDataset(Dataset):
                 problem = self.feature_cache.problem(key)
                 raise _BadSample("feature cache entry unusable", f"{path}: {problem}")
             features.append(entry)
-        return {"pixel_values": None, "image_features": torch.stack(features)}
+        if not self.processor.variable:
+            return {"pixel_values": None, "image_features": torch.stack(features)}
+        sizes = tuple(self._size(path) for path in paths)
+        rows = tuple(len(entry) for entry in features)
+        batch = ImageBatch(torch.cat(features), sizes, rows)
+        return {"pixel_values": None, "image_features": batch}
 
     def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
         if self.max_length is not None and len(input_ids) > self.max_length:
@@ -353,14 +408,14 @@ class LlavaDataset(Dataset):
         if all(label == IGNORE_INDEX for label in labels):
             raise _BadSample("no supervised tokens", "no assistant answer gets a label")
 
-    def _pixels(self, paths: list[Path]) -> torch.Tensor | None:
+    def _pixels(self, paths: list[Path]) -> torch.Tensor | ImageBatch | None:
         if not paths:
             return None
         try:
             images = [open_image(path, self.max_image_pixels) for path in paths]
         except ImageProblem as problem:
             raise _BadSample(problem.reason, problem.detail) from None
-        return self.processor.images(images)  # [num_images, 3, H, W]
+        return self.processor.images(images)  # [num_images, 3, H, W] or an ImageBatch
 
 
 def _turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -382,9 +437,10 @@ class DataCollator:
     """Pad a list of dataset items into a batch; `Skipped` items are dropped and listed.
 
     Returns `input_ids`, `attention_mask` and `labels` (padded with -100) as [B, T] tensors,
-    `pixel_values` (every image of the batch, in sample order, [num_images, 3, H, W]) or None,
-    and `skipped` (the dropped items). When every item was skipped, B is 0: the tensors have
-    shape [0, 0]; count the skips and do not step on such a batch.
+    `pixel_values` (every image of the batch, in sample order, [num_images, 3, H, W], or one
+    `ImageBatch` for variable-size vision) or None, and `skipped` (the dropped items). When
+    every item was skipped, B is 0: the tensors have shape [0, 0]; count the skips and do not
+    step on such a batch.
     """
 
     pad_token_id: int
@@ -407,10 +463,10 @@ class DataCollator:
         images = [item["pixel_values"] for item in kept if item.get("pixel_values") is not None]
         features = [f for item in kept if (f := item.get("image_features")) is not None]
         return {
-            **({"image_features": torch.cat(features)} if features else {}),
+            **({"image_features": join_images(features)} if features else {}),
             **pad_batch(ids, self.pad_token_id, side),
             "labels": pad_rows([item["labels"] for item in kept], IGNORE_INDEX, side),
-            "pixel_values": torch.cat(images) if images else None,
+            "pixel_values": join_images(images),
             "skipped": skipped,
         }
 

@@ -19,7 +19,7 @@ from torch.utils.data import Sampler
 
 from vlm_adapters.chat.templates import IGNORE_INDEX
 from vlm_adapters.data.llava import Skipped
-from vlm_adapters.data.processor import pad_rows
+from vlm_adapters.data.processor import join_images, pad_rows
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -44,7 +44,8 @@ def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
 class PackingCollator:
     """Pack dataset items into rows: ``input_ids``, ``labels`` and ``position_ids`` ``[R, L]``,
     ``attention_mask`` None (the mask comes from the position ids), ``pixel_values`` in the
-    order of the placeholder runs, ``skipped`` items listed, ``num_samples`` packed.
+    order of the placeholder runs (an ``ImageBatch`` for variable-size vision, whose images
+    keep their own token counts), ``skipped`` items listed, ``num_samples`` packed.
 
     Trailing padding gets position ids from 0 (a block of its own) and labels -100.
     """
@@ -69,8 +70,8 @@ class PackingCollator:
             "attention_mask": None,
             "labels": pad_rows(labels, IGNORE_INDEX),
             "position_ids": _pad_positions(positions, width),
-            "pixel_values": torch.cat(images) if images else None,
-            **({"image_features": torch.cat(features)} if features else {}),
+            "pixel_values": join_images(images),
+            **({"image_features": join_images(features)} if features else {}),
             "skipped": [item for item in items if isinstance(item, Skipped)],
             "num_samples": len(kept),
         }

@@ -2,8 +2,10 @@
 
 Training (the dataset), generation and evaluation all go through :class:`VLMProcessor`, so the
 ids a model sees when it answers are exactly a prefix of the ids it was trained on, and its
-pixels are the same tensors. Every ``<image>`` marker becomes ``num_image_tokens`` placeholder
-ids, so lengths are known before the model runs.
+pixels are the same tensors. Every ``<image>`` marker becomes as many placeholder ids as the
+image gives visual tokens: ``num_image_tokens`` for a fixed-size tower, or the count its
+size gives with variable-size vision (AnyRes tiling, a NaFlex tower), so lengths are known
+before the model runs.
 """
 
 from __future__ import annotations
@@ -24,17 +26,27 @@ from vlm_adapters.chat.templates import (
     with_image_markers,
 )
 from vlm_adapters.errors import DataError
+from vlm_adapters.vision.base import ImageBatch, Size, VariableTransform
 
 Turns = Sequence[Mapping[str, Any]]
 ImageInput = Image.Image | Sequence[Image.Image] | None
 """One entry per sample: an image, a list of images, or None."""
+SampleImages = int | Sequence[Image.Image | Size]
+"""A sample's images (or their (height, width) sizes); their number is enough for a
+fixed-size tower."""
+
+
+class TokenBudgetError(DataError):
+    """A sample's images give more visual tokens than the per-sample budget allows."""
 
 
 class VLMProcessor:
     """Turns conversations (or raw text) and images into ids, labels and pixel values.
 
     ``template`` renders conversations (default: vicuna_v1, LLaVA-1.5's); ``transform`` is the
-    vision backbone's preprocessing (PIL image in any mode -> ``[3, H, W]``).
+    vision backbone's preprocessing (PIL image in any mode -> ``[3, H, W]``, or an
+    :class:`ImageBatch` with a :class:`VariableTransform`, which also counts each image's
+    visual tokens from its size; ``num_image_tokens`` is then the most one image gives).
     """
 
     def __init__(
@@ -51,56 +63,114 @@ class VLMProcessor:
         self.image_token_id = image_token_id
         self.template = template
 
+    # visual tokens
+
+    @property
+    def variable(self) -> bool:
+        """Whether images give different numbers of visual tokens (AnyRes, NaFlex)."""
+        return isinstance(self.transform, VariableTransform)
+
+    def image_tokens(self, image: Image.Image | Size) -> int:
+        """Visual tokens (placeholders) of one image, from its size alone."""
+        if not isinstance(self.transform, VariableTransform):
+            return self.num_image_tokens
+        size = (image.height, image.width) if isinstance(image, Image.Image) else image
+        return self.transform.num_tokens((int(size[0]), int(size[1])))
+
+    def token_counts(self, images: SampleImages) -> list[int]:
+        """Visual tokens of each image of one sample; a TokenBudgetError when together they
+        exceed the per-sample budget (``vision.tiling.max_visual_tokens``)."""
+        if isinstance(images, int):
+            if self.variable:
+                raise DataError("pass a sample's images (or their sizes) to count their tokens")
+            return [self.num_image_tokens] * images
+        counts = [self.image_tokens(image) for image in images]
+        budget = getattr(self.transform, "token_budget", None)
+        if budget is not None and sum(counts) > budget:
+            raise TokenBudgetError(
+                f"{len(counts)} image(s) give {sum(counts)} visual tokens, over the budget of "
+                f"{budget} per sample (vision.tiling.max_visual_tokens)"
+            )
+        return counts
+
     # one sample
 
-    def encode(self, turns: Turns, num_images: int) -> Encoded:
+    def encode(self, turns: Turns, images: SampleImages) -> Encoded:
         """Training ids and labels (answers and their end of turn supervised).
 
         A single image without a marker gets ``<image>\\n`` before the first human turn.
         """
-        return encode_conversation(
+        counts = self.token_counts(images)
+        encoded = encode_conversation(
             self.tokenizer,
             self.template,
-            with_image_markers(turns, num_images),
+            with_image_markers(turns, len(counts)),
             image_token_id=self.image_token_id,
-            num_image_tokens=self.num_image_tokens,
+            num_image_tokens=_run_length(counts, self.num_image_tokens),
         )
+        return self._expanded(encoded, counts)
 
-    def prompt(self, turns: Turns, num_images: int) -> list[int]:
+    def prompt(self, turns: Turns, images: SampleImages) -> list[int]:
         """Generation ids: ``turns`` (ending with a human turn) then the assistant prefix; a
         prefix of :meth:`encode`'s ids for the same conversation with its answer."""
-        turns = with_image_markers(turns, num_images)
+        counts = self.token_counts(images)
+        turns = with_image_markers(turns, len(counts))
         markers = sum(str(turn["value"]).count(IMAGE_MARKER) for turn in turns)
-        if markers != num_images:
+        if markers != len(counts):
             raise DataError(
-                f"{markers} {IMAGE_MARKER} marker(s) but {num_images} image(s); put one "
+                f"{markers} {IMAGE_MARKER} marker(s) but {len(counts)} image(s); put one "
                 f"{IMAGE_MARKER} in the text for each image"
             )
-        return encode_prompt(
+        encoded = encode_prompt(
             self.tokenizer,
             self.template,
             turns,
             image_token_id=self.image_token_id,
-            num_image_tokens=self.num_image_tokens,
+            num_image_tokens=_run_length(counts, self.num_image_tokens),
         )
+        placed = Encoded(input_ids=encoded, labels=encoded, num_images=len(counts))  # no labels
+        return self._expanded(placed, counts).input_ids
 
-    def text(self, text: str) -> list[int]:
-        """Raw text (no chat template) with each marker expanded; BOS when the tokenizer adds
-        one by itself."""
+    def text(self, text: str, images: SampleImages | None = None) -> list[int]:
+        """Raw text (no chat template) with each marker expanded (for ``images``; a fixed-size
+        tower needs none); BOS when the tokenizer adds one by itself."""
+        pieces = text.split(IMAGE_MARKER)
+        counts = self.token_counts(len(pieces) - 1 if images is None else images)
+        if len(counts) != len(pieces) - 1:
+            raise DataError(f"{len(pieces) - 1} {IMAGE_MARKER} marker(s) but {len(counts)} images")
         bos = self.tokenizer.bos_token_id
         ids = [bos] if bos is not None and self.tokenizer("a").input_ids[:1] == [bos] else []
-        for i, piece in enumerate(text.split(IMAGE_MARKER)):
+        for i, piece in enumerate(pieces):
             if i:
-                ids += [self.image_token_id] * self.num_image_tokens
+                ids += [self.image_token_id] * counts[i - 1]
             if piece:
                 ids += self.tokenizer(piece, add_special_tokens=False).input_ids
         return ids
 
-    def images(self, images: Sequence[Image.Image]) -> torch.Tensor | None:
-        """PIL images (any mode) -> ``[I, 3, H, W]`` float32, or None for no images."""
+    def images(self, images: Sequence[Image.Image]) -> torch.Tensor | ImageBatch | None:
+        """PIL images (any mode) -> ``[I, 3, H, W]`` float32 (an :class:`ImageBatch` with a
+        variable transform), or None for no images."""
         if not images:
             return None
+        if isinstance(self.transform, VariableTransform):
+            return self.transform.batch(images)
         return torch.stack([self.transform(image) for image in images]).float()
+
+    def _expanded(self, encoded: Encoded, counts: list[int]) -> Encoded:
+        """``encoded`` with image i's placeholder run made ``counts[i]`` long (runs of one
+        placeholder were encoded when the counts differ)."""
+        if len(set(counts)) <= 1 or encoded.num_images != len(counts):
+            return encoded  # one length for every run already (or a mismatch the caller sees)
+        if encoded.input_ids.count(self.image_token_id) != len(counts):
+            raise DataError("the text holds the image placeholder token itself; remove it")
+        ids: list[int] = []
+        labels: list[int] = []
+        runs = iter(counts)
+        for token, label in zip(encoded.input_ids, encoded.labels):
+            repeat = next(runs) if token == self.image_token_id else 1
+            ids += [token] * repeat
+            labels += [label] * repeat
+        return Encoded(input_ids=ids, labels=labels, num_images=encoded.num_images)
 
     # batches
 
@@ -113,7 +183,7 @@ class VLMProcessor:
         rows = []
         for index, (turns, imgs) in enumerate(zip(conversations, per_sample)):
             try:
-                rows.append(self.prompt(turns, len(imgs)))
+                rows.append(self.prompt(turns, imgs))
             except DataError as error:
                 raise DataError(f"conversation {index}: {error}") from None
         flat = [image for imgs in per_sample for image in imgs]
@@ -134,9 +204,31 @@ class VLMProcessor:
                     f"prompt {i}: {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} image(s); "
                     f"put one {IMAGE_MARKER} in the text for each image"
                 )
-        batch = pad_batch([self.text(t) for t in texts], self.tokenizer.pad_token_id, padding_side)
+        rows = [self.text(text, imgs) for text, imgs in zip(texts, per_sample)]
+        batch = pad_batch(rows, self.tokenizer.pad_token_id, padding_side)
         flat = [image for imgs in per_sample for image in imgs]
         return {**batch, "pixel_values": self.images(flat)}
+
+
+def _run_length(counts: list[int], default: int) -> int:
+    """One placeholder run length for every image when they all have it, else 1 (to expand)."""
+    if not counts:
+        return default
+    return counts[0] if len(set(counts)) == 1 else 1
+
+
+def join_images(
+    parts: Sequence[torch.Tensor | ImageBatch],
+) -> torch.Tensor | ImageBatch | None:
+    """Samples' images as one batch, in order: ``[I, ...]`` tensors concatenated, or one
+    :class:`ImageBatch`; None for none."""
+    if not parts:
+        return None
+    if all(isinstance(part, ImageBatch) for part in parts):
+        return ImageBatch.cat(parts)  # type: ignore[arg-type]
+    if any(isinstance(part, ImageBatch) for part in parts):
+        raise DataError("cannot batch fixed-size pixels with variable-size images")
+    return torch.cat(parts)  # type: ignore[arg-type]
 
 
 def images_per_sample(count: int, images: Sequence[ImageInput] | None) -> list[list[Image.Image]]:

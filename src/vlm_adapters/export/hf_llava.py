@@ -1,9 +1,13 @@
-"""transformers' LLaVA format (``LlavaForConditionalGeneration`` + ``LlavaProcessor``), out and in.
+"""transformers' LLaVA format (``LlavaForConditionalGeneration`` + ``LlavaProcessor``), out and in;
+with AnyRes tiling (``vision.tiling``), LLaVA-NeXT's (``LlavaNextForConditionalGeneration`` +
+``LlavaNextProcessor``).
 
 A model exports when transformers' class can compute exactly what it computes: a transformers
-vision tower with at most one prefix token (CLS) to drop, a ``linear`` connector or a depth-2
-``mlp`` whose inner width is the LLM width, and a causal LM whose decoder transformers'
-``AutoModel`` builds, with a bias-free output head and no logit soft-capping.
+vision tower with a fixed input size and at most one prefix token (CLS) to drop, a ``linear``
+connector or a depth-2 ``mlp`` whose inner width is the LLM width, and a causal LM whose
+decoder transformers' ``AutoModel`` builds, with a bias-free output head and no logit
+soft-capping. A tiled model's tile grids become ``image_grid_pinpoints`` (grids times the
+tower's input size) and the connector's ``image_newline`` LLaVA-NeXT's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
 from vlm_adapters.llm.hf import HFLLM
 from vlm_adapters.model.hf_llava import META_NAME
-from vlm_adapters.vision.hf import HFVisionBackbone, ProcessorTransform
+from vlm_adapters.vision.hf import HFVisionBackbone, NaFlexTransform, ProcessorTransform
+from vlm_adapters.vision.tiling import AnyResBackbone
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
@@ -32,8 +37,16 @@ _HINT = "the vlm-adapters format (`model.save_pretrained(dir)`) holds any compos
 
 
 def check_exportable(model: VisionLanguageModel) -> str | None:
-    """Why ``model`` cannot be written as a transformers LLaVA checkpoint, or None if it can."""
-    return _vision_reason(model.vision) or _connector_reason(model) or _llm_reason(model.llm)
+    """Why ``model`` cannot be written as a transformers LLaVA (LLaVA-NeXT when tiled)
+    checkpoint, or None if it can."""
+    vision = model.vision
+    tiling = _tiling_reason(vision) if isinstance(vision, AnyResBackbone) else None
+    return (
+        tiling
+        or _vision_reason(_tower(model))
+        or _connector_reason(model)
+        or _llm_reason(model.llm)
+    )
 
 
 def to_hf_llava(
@@ -68,11 +81,33 @@ def to_hf_llava(
     return Path(out_dir)
 
 
+def _tower(model: VisionLanguageModel) -> nn.Module:
+    """The vision backbone that runs the tower (under AnyRes tiling, the tiled one)."""
+    vision = model.vision
+    return vision.backbone if isinstance(vision, AnyResBackbone) else vision
+
+
+def _tiling_reason(vision: AnyResBackbone) -> str | None:
+    tower = getattr(vision.backbone, "tower", None)
+    size = getattr(getattr(tower, "config", None), "image_size", None)
+    if size is not None and size != vision.layout.tile:
+        return (
+            f"its tiles are {vision.layout.tile} pixels but the tower's config says image_size "
+            f"{size}, which LLaVA-NeXT takes as the tile size"
+        )
+    return None
+
+
 def _vision_reason(vision: nn.Module) -> str | None:
     if not isinstance(vision, HFVisionBackbone):
         return (
             f"the vision backbone is a {type(vision).__name__}, not a transformers vision model; "
             "LLaVA needs a tower such as CLIP or SigLIP (vision type `hf`)"
+        )
+    if isinstance(vision.transform, NaFlexTransform):
+        return (
+            "its NaFlex tower (SigLIP2) needs each image's patch grid, which transformers' LLaVA "
+            "classes do not give their vision tower"
         )
     if vision.num_prefix > 1:
         return (
@@ -136,24 +171,29 @@ def _head_post_processes(llm: HFLLM) -> bool:
 
 
 def _llava_config(model: VisionLanguageModel) -> Any:
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, LlavaNextConfig
 
-    vision, connector = model.vision, model.connector
+    vision, connector = _tower(model), model.connector
     two_layers = isinstance(connector, MLPConnector) and connector.cfg.depth == 2
     text_config = model.llm.transformers_model.config.to_dict()
     text_config["tie_word_embeddings"] = _tied(model.llm.transformers_model)
-    return LlavaConfig(
-        vision_config=vision.tower.config.to_dict(),
-        text_config=text_config,
-        image_token_index=model.image_token_id,
-        image_seq_length=model.num_image_tokens,
-        projector_hidden_act=connector.cfg.activation if two_layers else "linear",
-        vision_feature_select_strategy="default" if vision.num_prefix else "full",
-        vision_feature_layer=_negative_layers(vision),
-        multimodal_projector_bias=True,
-        tie_word_embeddings=text_config["tie_word_embeddings"],
-        dtype=vision.dtype,
-    )
+    common = {
+        "vision_config": vision.tower.config.to_dict(),
+        "text_config": text_config,
+        "image_token_index": model.image_token_id,
+        "projector_hidden_act": connector.cfg.activation if two_layers else "linear",
+        "vision_feature_select_strategy": "default" if vision.num_prefix else "full",
+        "vision_feature_layer": _negative_layers(vision),
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": text_config["tie_word_embeddings"],
+        "dtype": vision.dtype,
+    }
+    if not isinstance(model.vision, AnyResBackbone):
+        return LlavaConfig(**common, image_seq_length=model.num_image_tokens)
+    layout = model.vision.layout
+    pinpoints = [[r * layout.tile, c * layout.tile] for r, c in layout.grids]
+    tile_tokens = connector.num_output_tokens(vision.num_patches)
+    return LlavaNextConfig(**common, image_grid_pinpoints=pinpoints, image_seq_length=tile_tokens)
 
 
 def _negative_layers(vision: HFVisionBackbone) -> int | list[int]:
@@ -167,13 +207,18 @@ def _negative_layers(vision: HFVisionBackbone) -> int | list[int]:
 
 
 def _llava_model(model: VisionLanguageModel) -> nn.Module:
-    """A ``LlavaForConditionalGeneration`` whose parameters are ``model``'s (no copy)."""
-    from transformers import LlavaForConditionalGeneration
+    """A ``LlavaForConditionalGeneration`` (``LlavaNext...``) whose parameters are ``model``'s
+    (no copy)."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+    tiled = isinstance(model.vision, AnyResBackbone)
+    kind = LlavaNextForConditionalGeneration if tiled else LlavaForConditionalGeneration
     with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(_llava_config(model))
+        llava = kind(_llava_config(model))
     llm = model.llm.transformers_model
-    llava.model.vision_tower.load_state_dict(model.vision.tower.state_dict(), assign=True)
+    llava.model.vision_tower.load_state_dict(_tower(model).tower.state_dict(), assign=True)
+    if tiled:
+        llava.model.image_newline = nn.Parameter(model.connector.image_newline.detach())
     llava.model.language_model.load_state_dict(llm.get_decoder().state_dict(), assign=True)
     head = llm.get_output_embeddings().state_dict()
     if not _tied(llm):  # LLaVA ties only `embed_tokens`: store a separate copy otherwise
@@ -220,25 +265,31 @@ def _projector_state(connector: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _processor(model: VisionLanguageModel, template: str) -> Any:
-    """A ``LlavaProcessor`` that expands ``<image>`` to exactly ``model.num_image_tokens``."""
-    from transformers import LlavaProcessor
+    """A ``LlavaProcessor`` (``LlavaNextProcessor``) that expands ``<image>`` to exactly the
+    visual tokens our processor counts for the image."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
     tokenizer = copy.deepcopy(model.tokenizer)
     tokenizer.chat_template = chat_template_jinja(template, tokenizer)
-    return LlavaProcessor(
+    vision = _tower(model)
+    kind = LlavaNextProcessor if isinstance(model.vision, AnyResBackbone) else LlavaProcessor
+    return kind(
         image_processor=_image_processor(model.vision),
         tokenizer=tokenizer,
-        patch_size=model.vision.tower.config.patch_size,
-        vision_feature_select_strategy="default" if model.vision.num_prefix else "full",
+        patch_size=vision.tower.config.patch_size,
+        vision_feature_select_strategy="default" if vision.num_prefix else "full",
         chat_template=tokenizer.chat_template,
         image_token=model.llm.image_token,
-        num_additional_image_tokens=model.vision.num_prefix,
+        num_additional_image_tokens=vision.num_prefix,
     )
 
 
-def _image_processor(vision: HFVisionBackbone) -> Any:
-    """The tower's own image processor, the one our preprocessing runs (a copy): so transformers'
-    pixels are ours exactly (CLIP-style crop, SigLIP-style resize, DINOv2's, a checkpoint's)."""
+def _image_processor(vision: nn.Module) -> Any:
+    """The image processor our preprocessing runs (a copy): the tower's own, so transformers'
+    pixels are ours exactly (CLIP-style crop, SigLIP-style resize, DINOv2's, a checkpoint's),
+    or the ``LlavaNextImageProcessor`` that tiles with its settings."""
+    if isinstance(vision, AnyResBackbone):
+        return copy.deepcopy(vision.transform.processor)
     return copy.deepcopy(vision.image_processor)
 
 

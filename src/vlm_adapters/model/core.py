@@ -13,15 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, IGNORE_INDEX
-from vlm_adapters.config import ModelConfig, model_config_from_dict
+from vlm_adapters.config import (
+    ModelConfig,
+    Section,
+    check_token_bound,
+    image_token_bound,
+    model_config_from_dict,
+    tile_token_side,
+)
 from vlm_adapters.connectors import Connector
 from vlm_adapters.data.processor import ImageInput, Turns, VLMProcessor
 from vlm_adapters.errors import CheckpointError, ConfigError
 from vlm_adapters.llm import LLMBackend
-from vlm_adapters.model import hf_llava, io
+from vlm_adapters.model import hf_llava, hf_llava_next, io
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS
 from vlm_adapters.vision import VisionBackbone
+from vlm_adapters.vision.base import ImageBatch, Size, VariableTransform
+from vlm_adapters.vision.tiling import AnyResBackbone, TilingConfig
+
+Images = torch.Tensor | ImageBatch
+"""Pixel values ``[I, 3, H, W]``, or an :class:`ImageBatch` for variable-size vision."""
 
 
 @dataclass
@@ -34,7 +46,12 @@ class VLMOutput:
 
 
 class VisionLanguageModel(nn.Module):
-    """A LLaVA-style model composed of any registered vision backbone, connector and LLM."""
+    """A LLaVA-style model composed of any registered vision backbone, connector and LLM.
+
+    ``num_image_tokens`` is the visual tokens of one image: all of them for a fixed-size
+    tower, the most one image can give for variable-size vision (AnyRes tiling, a NaFlex
+    tower), where :meth:`image_tokens` gives an image's exact count from its size.
+    """
 
     def __init__(
         self,
@@ -49,14 +66,9 @@ class VisionLanguageModel(nn.Module):
         self.llm = llm
         self.component_types = component_types or {}
         self.template: str | None = None  # chat template the model was trained with
-        self.num_image_tokens = connector.num_output_tokens(vision.num_patches)
-        context = llm.max_positions
-        if context is not None and self.num_image_tokens >= context:  # for towers without probe
-            raise ConfigError(
-                f"connector: {self.num_image_tokens} visual tokens per image do not fit the LLM "
-                f"context of {context} positions; use a pooling/query connector or a smaller "
-                "image size"
-            )
+        self.num_image_tokens = _image_tokens(vision, connector, self.component_types)
+        tiling = vision.tiling if isinstance(vision, AnyResBackbone) else None
+        check_token_bound(self.num_image_tokens, tiling, llm.max_positions)  # towers w/o probe
 
     @classmethod
     def from_config(cls, config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
@@ -73,6 +85,9 @@ class VisionLanguageModel(nn.Module):
             out_dim=llm.hidden_size,
             num_input_tokens=vision.num_patches,
         )
+        tiling = getattr(config.vision, "tiling", None)
+        if tiling is not None:
+            vision = _tiled(vision, connector, config.connector, tiling)
         types = {k: getattr(config, k).type for k in KINDS}
         return cls(vision, connector, llm, types)
 
@@ -99,20 +114,37 @@ class VisionLanguageModel(nn.Module):
             template,
         )
 
+    def image_tokens(self, size: Size) -> int:
+        """Visual tokens (placeholders) of an image of ``size`` (height, width)."""
+        return self.processor.image_tokens(size)
+
     def encode_images(
-        self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
+        self, pixel_values: Images | None = None, features: Images | None = None
     ) -> torch.Tensor:
-        """``[I, 3, H, W]`` pixels (or the vision features ``[I, N, Dv]`` a feature cache
-        holds) -> visual tokens ``[I, M, H_llm]``."""
+        """Vision input rows ``[U, 3, H, W]`` (one per image, or per AnyRes tile), or the vision
+        features ``[U, N, Dv]`` a feature cache holds -> visual tokens per row ``[U, M, H]``."""
         if features is None:
-            features = self.vision(pixel_values)  # [I, N, Dv]
-        return self.connector(features.to(_dtype(self.connector, features.dtype)))  # [I, M, H]
+            features = self.vision(pixel_values)  # [U, N, Dv]
+        elif isinstance(features, ImageBatch):
+            features = features.values
+        return self.connector(features.to(_dtype(self.connector, features.dtype)))  # [U, M, H]
+
+    def visual_tokens(
+        self, pixel_values: Images | None = None, features: Images | None = None
+    ) -> torch.Tensor:
+        """Every image's visual tokens, image after image ``[K, H]``: the rows' tokens laid
+        out by the backbone (AnyRes: on the tile grid, unpadded, rows ended by the connector's
+        ``image_newline``; NaFlex: without the padding)."""
+        rows = self.encode_images(pixel_values, features)  # [U, M, H]
+        images = pixel_values if features is None else features
+        newline = getattr(self.connector, "image_newline", None)
+        return self.vision.arrange(rows, images, newline)  # [K, H]
 
     def embed(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        image_features: torch.Tensor | None = None,
+        pixel_values: Images | None,
+        image_features: Images | None = None,
     ) -> torch.Tensor:
         """Text embeddings with visual tokens written into the placeholder positions, from
         ``pixel_values`` or from cached vision ``image_features``."""
@@ -124,17 +156,17 @@ class VisionLanguageModel(nn.Module):
             if slots:
                 raise ValueError(f"input has {slots} image placeholder tokens but no pixel_values")
             if self.training and torch.is_grad_enabled():
-                embeds = embeds + 0.0 * self.encode_images(self._blank_image()).sum()
+                embeds = embeds + 0.0 * self.visual_tokens(self._blank_image()).sum()
             return embeds
-        visual = self.encode_images(pixel_values, image_features)  # [I, M, H]
-        if slots != visual.shape[0] * visual.shape[1]:
+        visual = self.visual_tokens(pixel_values, image_features)  # [K, H]
+        if slots != visual.shape[0]:
             raise ValueError(
                 f"image features and image tokens do not match: {slots} placeholder tokens for "
-                f"{visual.shape[0]} images x {visual.shape[1]} tokens"
+                f"{len(images)} images giving {visual.shape[0]} visual tokens"
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
 
-    def _blank_image(self) -> torch.Tensor:
+    def _blank_image(self) -> Images:
         """One black image ``[1, 3, H, W]``: a text-only training batch still runs the vision
         tower and connector (zero-weighted), so their parameters are in the graph on every
         process (DDP/FSDP collectives stay in step; an align stage can step on text)."""
@@ -147,11 +179,11 @@ class VisionLanguageModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: Images | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: Images | None = None,
     ) -> VLMOutput:
         """Loss (head applied only at supervised positions) when ``labels`` are given, else logits.
 
@@ -160,6 +192,7 @@ class VisionLanguageModel(nn.Module):
         (:mod:`vlm_adapters.data.packing`) pass ``position_ids`` restarting at every sample and
         no ``attention_mask``: attention then stays inside each sample. ``image_features``
         (``[I, N, Dv]``, from a feature cache of the frozen tower) replaces ``pixel_values``.
+        Variable-size vision (AnyRes, NaFlex) takes and caches :class:`ImageBatch` instead.
         """
         embeds = self.embed(input_ids, pixel_values, image_features)
         extra = {} if position_ids is None else {"position_ids": position_ids}
@@ -179,7 +212,7 @@ class VisionLanguageModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: Images | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """New token ids ``[B, new]`` for left-padded prompts (KV cache on by default)."""
@@ -250,12 +283,38 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_hf_llava(cls, path: str | Path, template: str | None = None) -> VisionLanguageModel:
-        """Load a transformers LLaVA checkpoint (directory or hub id) as a trainable model.
+        """Load a transformers LLaVA or LLaVA-NeXT checkpoint (directory or hub id) as a
+        trainable model; anything it cannot represent exactly is refused with the reason.
 
         ``template`` (default: the one recorded by the export, else vicuna_v1) is the chat
         template the model is used with from then on. Only safetensors weights are read.
         """
+        if hf_llava.check_source(str(path)) == "llava_next":
+            return hf_llava_next.load(cls, path, template)
         return hf_llava.load(cls, path, template)
+
+
+def _image_tokens(vision: VisionBackbone, connector: Connector, types: dict[str, str]) -> int:
+    """The visual tokens of one image (the most, for variable-size vision)."""
+    if isinstance(vision, AnyResBackbone):
+        return vision.transform.max_tokens
+    native = isinstance(vision.transform, VariableTransform)  # a NaFlex tower
+    section = Section(type=types.get("connector", type(connector).__name__), params=connector.cfg)
+    return image_token_bound(vision.num_patches, native, None, section)
+
+
+def _tiled(
+    vision: VisionBackbone, connector: Connector, section: Section, tiling: TilingConfig
+) -> AnyResBackbone:
+    """``vision`` run on AnyRes tiles; the connector learns the end-of-row token."""
+    if isinstance(vision.transform, VariableTransform):
+        raise ConfigError(
+            "vision.tiling: this tower encodes images at their own size (NaFlex) already; "
+            "tiling is for towers with a fixed input size"
+        )
+    side = tile_token_side(vision.num_patches, section)
+    connector.add_image_newline()
+    return AnyResBackbone(vision, tiling, side)
 
 
 def _dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -264,11 +323,12 @@ def _dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 
 def load(path: str | Path, *, trust_remote_code: bool = False) -> VisionLanguageModel:
-    """Open a vlm-adapters checkpoint or a transformers LLaVA directory alike.
+    """Open a vlm-adapters checkpoint or a transformers LLaVA / LLaVA-NeXT directory alike.
 
-    A transformers LLaVA directory is recognised from its ``config.json`` (``model_type:
-    llava``); anything else must be a vlm-adapters checkpoint. See
-    :meth:`VisionLanguageModel.from_pretrained` for what is refused.
+    A transformers directory is recognised from its ``config.json`` (``model_type: llava``
+    or ``llava_next``; any other transformers model is refused with the reason); anything else
+    must be a vlm-adapters checkpoint. See :meth:`VisionLanguageModel.from_pretrained` and
+    :meth:`VisionLanguageModel.from_hf_llava` for what is refused.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -278,6 +338,12 @@ def load(path: str | Path, *, trust_remote_code: bool = False) -> VisionLanguage
         data = json.loads(config.read_text()) if config.is_file() else {}
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{config}: not valid JSON ({error})") from None
-    if isinstance(data, dict) and data.get("model_type") == "llava":
+    kind = data.get("model_type") if isinstance(data, dict) else None
+    if kind in hf_llava.MODEL_TYPES:
         return VisionLanguageModel.from_hf_llava(directory)
+    if kind is not None and data.get("format") != io.FORMAT:
+        raise CheckpointError(
+            f"{directory}: a transformers {kind!r} checkpoint; vlm-adapters loads transformers "
+            f"LLaVA ({', '.join(hf_llava.MODEL_TYPES)}) checkpoints and its own"
+        )
     return VisionLanguageModel.from_pretrained(directory, trust_remote_code=trust_remote_code)

@@ -1,5 +1,8 @@
 """Loading transformers' LLaVA format (``LlavaForConditionalGeneration`` + its processor) as
-a :class:`VisionLanguageModel`: config.json is checked first, only safetensors are read."""
+a :class:`VisionLanguageModel`: config.json is checked first, only safetensors are read, and a
+checkpoint whose weights do not match its class exactly (missing, unexpected or reshaped
+tensors) is refused, never half-loaded. The helpers here serve LLaVA-NeXT too
+(:mod:`vlm_adapters.model.hf_llava_next`)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ META_NAME = "vlm_adapters.json"
 """Written beside an export: the chat template name and package versions."""
 PROJECTOR_ACTIVATIONS = tuple(ACTIVATIONS)
 """LLaVA projector activations that have an ``mlp`` connector counterpart."""
+MODEL_TYPES = ("llava", "llava_next")
+"""The transformers ``model_type`` values vlm-adapters imports."""
 
 
 def load(
@@ -33,25 +38,20 @@ def load(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     source = str(path)
-    _check_is_llava(source)
-    llava = load_or_explain(
-        "import",
-        source,
-        lambda: LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True),
-    )
+    check_source(source, "llava")
+    llava = load_exactly(LlavaForConditionalGeneration, source)
     processor = load_or_explain("import", source, lambda: AutoProcessor.from_pretrained(source))
-    model = cls.from_config(_model_config(llava, processor, source))
-    _check_strategy(llava.config, model.vision)
-    _copy_weights(llava, model)
-    model.template = template or _recorded_template(Path(path)) or DEFAULT_TEMPLATE
-    if model.template not in TEMPLATES:
-        raise ExportError(f"{source}: unknown chat template {model.template!r}; pass --template")
-    return model
+    # the checkpoint's image processor is our preprocessing, as it stands
+    vision = {"image_processor": processor_config(processor.image_processor)}
+    model = cls.from_config(model_config(llava, processor, source, vision))
+    check_strategy(llava.config, model.vision)
+    copy_weights(llava, model, model.vision.tower)
+    return with_template(model, path, template)
 
 
-def _check_is_llava(source: str) -> None:
-    """Read only ``config.json`` and refuse anything but a LLaVA checkpoint with safetensors
-    weights, before any model is built."""
+def check_source(source: str, expected: str | None = None) -> str:
+    """Read only ``config.json`` and refuse anything but a LLaVA (or LLaVA-NeXT) checkpoint
+    with safetensors weights, before any model is built; returns its ``model_type``."""
     from transformers import AutoConfig
 
     local = Path(source)
@@ -60,26 +60,61 @@ def _check_is_llava(source: str) -> None:
     else:
         config = load_or_explain("import", source, lambda: AutoConfig.from_pretrained(source))
         model_type = config.model_type
-    if model_type != "llava":
+    if model_type not in ((expected,) if expected else MODEL_TYPES):
+        classes = "LlavaForConditionalGeneration or LlavaNextForConditionalGeneration"
         raise ExportError(
             f"{source}: not a transformers LLaVA checkpoint (model_type {model_type!r}); "
-            "import reads LlavaForConditionalGeneration checkpoints"
+            f"import reads {classes} checkpoints"
         )
     if local.is_dir() and not any(local.glob("*.safetensors")):
         raise ExportError(
             f"{source}: no .safetensors weights; vlm-adapters never unpickles .bin files: "
             "convert them with transformers (save_pretrained writes safetensors) first"
         )
+    return model_type
 
 
-def _model_config(llava: nn.Module, processor: Any, path: str) -> dict[str, Any]:
+def load_exactly(model_class: Any, source: str) -> nn.Module:
+    """``model_class.from_pretrained(source)`` from safetensors, refused unless every weight
+    of the checkpoint is one of the class's, in its shape, and none is missing."""
+    model, info = load_or_explain(
+        "import",
+        source,
+        lambda: model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True),
+    )
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ExportError(
+                f"{source}: the weights do not fit {model_class.__name__} "
+                f"({kind.replace('_', ' ')}: {shown}); refusing to load it half"
+            )
+    return model
+
+
+def with_template(
+    model: VisionLanguageModel, path: str | Path, template: str | None
+) -> VisionLanguageModel:
+    """``model`` with its chat template: ``template``, else the export's, else vicuna_v1."""
+    model.template = template or _recorded_template(Path(path)) or DEFAULT_TEMPLATE
+    if model.template not in TEMPLATES:
+        raise ExportError(f"{path}: unknown chat template {model.template!r}; pass --template")
+    return model
+
+
+def model_config(
+    llava: nn.Module, processor: Any, path: str, vision_options: dict[str, Any]
+) -> dict[str, Any]:
+    """Our model config for a transformers LLaVA(-NeXT) and its processor;
+    ``vision_options`` adds the vision section's preprocessing (and tiling)."""
     config = llava.config
     dtype = str(llava.dtype).removeprefix("torch.")
-    vision = {  # the checkpoint's image processor is our preprocessing, as it stands
+    vision = {
         "type": "hf",
         "config": _plain(config.vision_config),
         "feature_layer": config.vision_feature_layer,
-        "image_processor": processor_config(processor.image_processor),
+        **vision_options,
         "dtype": dtype,
     }
     tokenizer = processor.tokenizer
@@ -112,7 +147,7 @@ def _connector_section(config: Any) -> dict[str, Any]:
     return {"type": "mlp", "depth": 2, "activation": act}
 
 
-def _check_strategy(config: Any, vision: HFVisionBackbone) -> None:
+def check_strategy(config: Any, vision: HFVisionBackbone) -> None:
     """LLaVA drops one token ("default") or none ("full"); ours drops the tower's prefix."""
     dropped = 1 if config.vision_feature_select_strategy == "default" else 0
     if dropped != vision.num_prefix:
@@ -123,9 +158,10 @@ def _check_strategy(config: Any, vision: HFVisionBackbone) -> None:
         )
 
 
-def _copy_weights(llava: nn.Module, model: VisionLanguageModel) -> None:
+def copy_weights(llava: nn.Module, model: VisionLanguageModel, tower: nn.Module) -> None:
+    """The tower, LLM and projector weights of a transformers LLaVA(-NeXT) into ``model``."""
     llm = model.llm.transformers_model
-    model.vision.tower.load_state_dict(llava.model.vision_tower.state_dict())
+    tower.load_state_dict(llava.model.vision_tower.state_dict())
     llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
     llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
     projector = llava.model.multi_modal_projector

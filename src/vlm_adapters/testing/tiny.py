@@ -95,6 +95,13 @@ _VISION_CONFIGS: dict[str, dict[str, Any]] = {
 VISION_VARIANTS: tuple[str, ...] = (*_VISION_CONFIGS, "fused")
 """Names accepted by :func:`tiny_vision_config` (``hf*`` variants all use vision type ``hf``)."""
 
+TINY_TILING: dict[str, Any] = {"max_tiles": 4}
+"""A ``vision.tiling`` section for the tiny towers: every grid of up to 4 tiles of
+``IMAGE_SIZE`` pixels; with a token-keeping connector an image gives at most 96 visual tokens
+(the 4x1 grid: 16 for the overview, 16 rows of 4 + 1)."""
+NAFLEX_PATCHES = 24
+"""``max_num_patches`` of :func:`tiny_naflex_config`."""
+
 _CONNECTOR_CONFIGS: dict[str, dict[str, Any]] = {
     "linear": {"type": "linear"},
     "mlp": {"type": "mlp"},
@@ -141,6 +148,20 @@ def tiny_vision_config(name: SectionLike) -> dict[str, Any]:
     if name not in _VISION_CONFIGS:
         raise KeyError(f"no tiny vision config for {name!r}; choose one of {VISION_VARIANTS}")
     return copy.deepcopy(_VISION_CONFIGS[name])
+
+
+def tiny_tiled_config(name: SectionLike = "hf", **tiling: Any) -> dict[str, Any]:
+    """A ``vision`` section (see :func:`tiny_vision_config`) with AnyRes ``tiling``
+    (:data:`TINY_TILING`, updated with ``tiling``)."""
+    return {**tiny_vision_config(name), "tiling": {**TINY_TILING, **tiling}}
+
+
+def tiny_naflex_config(max_num_patches: int = NAFLEX_PATCHES) -> dict[str, Any]:
+    """A ``vision`` section: a 2-layer, 32-wide SigLIP2 NaFlex tower (``PATCH_SIZE`` patches,
+    at most ``max_num_patches`` per image) with random weights."""
+    config = {k: v for k, v in _VIT.items() if k != "image_size"}
+    config = {"model_type": "siglip2_vision_model", **config, "num_patches": NUM_PATCHES}
+    return {"type": "hf", "max_num_patches": max_num_patches, "config": config}
 
 
 def tiny_connector_config(name: SectionLike) -> dict[str, Any]:

@@ -58,6 +58,77 @@ class ImageTransform:
         return replace(self, mean=tuple(mean), std=tuple(std))
 
 
+Size = tuple[int, int]
+"""An image's (height, width) in pixels."""
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """Images whose vision inputs differ in shape, as one batch.
+
+    ``values`` ``[U, ...]`` holds every image's rows, image after image: its AnyRes overview
+    and tiles ``[1 + T, 3, S, S]``, its NaFlex patch sequence ``[1, P, 3*p*p]``, or the vision
+    features of those read from a feature cache. ``counts`` is how many rows each image has and
+    ``sizes`` each image's original (height, width), from which its layout follows.
+    """
+
+    values: torch.Tensor
+    sizes: tuple[Size, ...]
+    counts: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def to(self, *args: Any, **kwargs: Any) -> ImageBatch:
+        """The same images with ``values`` moved or cast like ``Tensor.to``."""
+        return replace(self, values=self.values.to(*args, **kwargs))
+
+    def pin_memory(self) -> ImageBatch:
+        return replace(self, values=self.values.pin_memory())
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``rows`` ``[U, ...]`` (aligned with ``values``) cut into one part per image."""
+        return rows.split(list(self.counts))
+
+    @classmethod
+    def cat(cls, batches: Sequence[ImageBatch]) -> ImageBatch:
+        """Several batches as one, in order."""
+        return cls(
+            torch.cat([b.values for b in batches]),
+            tuple(size for b in batches for size in b.sizes),
+            tuple(count for b in batches for count in b.counts),
+        )
+
+
+class VariableTransform(ABC):
+    """Preprocessing whose output depends on each image's size (AnyRes tiles, NaFlex patches).
+
+    It turns one PIL image into an :class:`ImageBatch`, and knows from an image's size alone
+    how many visual tokens it becomes, so a prompt gets exactly that many placeholders before
+    the model runs.
+    """
+
+    token_budget: int | None = None
+    """The most visual tokens one sample (all its images) may have; None: no cap of its own."""
+
+    @property
+    @abstractmethod
+    def max_tokens(self) -> int:
+        """The most visual tokens one image can give."""
+
+    @abstractmethod
+    def num_tokens(self, size: Size) -> int:
+        """Visual tokens of an image of ``size`` (height, width)."""
+
+    @abstractmethod
+    def __call__(self, image: Image.Image) -> ImageBatch:
+        """One PIL image (any mode) -> its rows."""
+
+    def batch(self, images: Sequence[Image.Image]) -> ImageBatch:
+        """Several images as one :class:`ImageBatch`."""
+        return ImageBatch.cat([self(image) for image in images])
+
+
 def select_layers(
     hidden_states: Sequence[torch.Tensor], layers: int | Sequence[int], num_prefix: int
 ) -> torch.Tensor:
@@ -80,6 +151,11 @@ class VisionConfig(ComponentConfig):
         """
         return None
 
+    def native_resolution(self) -> bool:
+        """Whether the tower encodes each image at its own size and aspect ratio (NaFlex): N
+        from :meth:`probe` is then the most patches one image can give."""
+        return False
+
 
 class VisionBackbone(nn.Module, ABC):
     """Base class: ``forward(pixel_values [B,3,H,W]) -> features [B, N, D]``.
@@ -89,20 +165,36 @@ class VisionBackbone(nn.Module, ABC):
     weights). A backbone whose parameters are all frozen runs under ``torch.no_grad`` so no
     graph is built. The backbone owns feature selection: which layer(s), and dropping the
     prefix tokens (CLS, registers) its tower puts before the patches.
+
+    A backbone whose images differ in shape (AnyRes tiling, a NaFlex tower) has a
+    :class:`VariableTransform`, takes an :class:`ImageBatch` (``[U, N, D]`` out, one row per
+    tile or image) and overrides :meth:`arrange` to turn the rows' visual tokens into each
+    image's token sequence.
     """
 
     hidden_size: int
     """Feature width D."""
     num_patches: int
-    """Feature tokens N per image."""
-    transform: Callable[[Image.Image], torch.Tensor]
-    """PIL image (any mode) -> normalised ``[3, H, W]`` tensor."""
+    """Feature tokens N per image (per tile with AnyRes, at most per image with NaFlex)."""
+    transform: Callable[[Image.Image], torch.Tensor | ImageBatch]
+    """PIL image (any mode) -> normalised ``[3, H, W]`` tensor (or an :class:`ImageBatch`)."""
 
     @abstractmethod
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def features(self, pixel_values: torch.Tensor | ImageBatch) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, N, D]``."""
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def arrange(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | ImageBatch,
+        newline: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The connector's tokens per input row ``[U, M, H]`` -> every image's visual tokens,
+        image after image ``[K, H]``; here: all of them, in order. ``newline`` ``[H]`` is the
+        learned end-of-row token, for backbones that lay tokens out in rows (AnyRes)."""
+        return tokens.flatten(0, 1)
+
+    def forward(self, pixel_values: torch.Tensor | ImageBatch) -> torch.Tensor:
         if torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters()):
             with torch.no_grad():
                 return self.features(pixel_values)
@@ -128,8 +220,11 @@ class VisionBackbone(nn.Module, ABC):
             "support it; turn it off or keep the vision tower frozen"
         )
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images (any mode) -> ``[B, 3, H, W]`` pixel values for this backbone."""
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor | ImageBatch:
+        """PIL images (any mode) -> ``[B, 3, H, W]`` pixel values for this backbone (an
+        :class:`ImageBatch` when its transform is a :class:`VariableTransform`)."""
+        if isinstance(self.transform, VariableTransform):
+            return self.transform.batch(images)
         return torch.stack([self.transform(image) for image in images])
 
     def rebuild_kwargs(self) -> dict[str, Any]:

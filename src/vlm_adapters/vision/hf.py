@@ -5,6 +5,11 @@ the checkpoint's ``AutoImageProcessor`` for a hub id / local path, else the one 
 would ship with the tower (CLIP: resize the shortest side and crop the centre; SigLIP: resize
 to a square; DINOv2: resize to 256/224 of the size and crop). Export writes that processor, so
 the pixels a transformers LLaVA sees are ours, bit for bit.
+
+A SigLIP2 NaFlex tower (``siglip2_vision_model``) encodes each image at its own aspect ratio:
+its processor resizes the image to at most ``max_num_patches`` patches and pads the patch
+sequence (:class:`NaFlexTransform`); the tower gets the patch mask and each image's patch grid,
+and every image gives as many visual tokens as it has patches.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from vlm_adapters.vision.base import (
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImageBatch,
     ImageTransform,
+    Size,
+    VariableTransform,
     VisionBackbone,
     VisionConfig,
     select_layers,
@@ -64,6 +72,12 @@ class HFVisionConfig(VisionConfig):
         description="Inline transformers image-processor config (a preprocessor_config.json, "
         "with `image_processor_type`); default: the checkpoint's own, else the tower's standard "
         "one. `image_size`, `image_mean` and `image_std` override it.",
+    )
+    max_num_patches: int | None = Field(
+        None,
+        ge=1,
+        description="NaFlex towers (SigLIP2): most patches per image, each image resized to "
+        "fit with its aspect ratio kept; default: the checkpoint's processor's, else 256.",
     )
     revision: str | None = Field(None, description="Hub revision of `model`.")
     dtype: str | None = Field(None, description="e.g. float32, bfloat16; default: float32.")
@@ -108,14 +122,22 @@ class HFVisionConfig(VisionConfig):
         return getattr(config, "vision_config", config)
 
     def probe(self) -> tuple[int, int]:
-        """``(num_patches, hidden_size)`` from the config alone, without building the model."""
+        """``(num_patches, hidden_size)`` from the config alone, without building the model
+        (for a NaFlex tower: the most patches per image)."""
         config = self.hf_config()
         check_feature_layers(self.feature_layer, config.num_hidden_layers + 1)
-        size = self.image_size or _inline_size(self.image_processor) or _default_size(config)
+        check_resolution_options(self, config)
         width = config.hidden_size * (
             1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
         )
+        if is_naflex(config):
+            inline = (self.image_processor or {}).get("max_num_patches")
+            return self.max_num_patches or inline or NAFLEX_PATCHES, width
+        size = self.image_size or _inline_size(self.image_processor) or _default_size(config)
         return (size // config.patch_size) ** 2, width
+
+    def native_resolution(self) -> bool:
+        return is_naflex(self.hf_config())
 
 
 class HFVisionBackbone(VisionBackbone):
@@ -126,11 +148,16 @@ class HFVisionBackbone(VisionBackbone):
         self.cfg = cfg
         config = cfg.hf_config()
         check_feature_layers(cfg.feature_layer, config.num_hidden_layers + 1)
+        check_resolution_options(cfg, config)
         self.tower = _build_tower(cfg, config)
-        self.transform = ProcessorTransform.of(_image_processor(cfg, config))
-        size = self.transform.crop_size
-        self.grid = size // config.patch_size
-        self.num_patches = self.grid**2
+        processor = _image_processor(cfg, config)
+        self.transform: ProcessorTransform | NaFlexTransform
+        if is_naflex(config):
+            self.transform = NaFlexTransform.of(processor, config.patch_size)
+            self.num_patches = self.transform.max_num_patches
+        else:
+            self.transform = ProcessorTransform.of(processor)
+            self.num_patches = (self.transform.crop_size // config.patch_size) ** 2
         self.num_prefix = num_prefix_tokens(self.tower)
         width = config.hidden_size
         self.hidden_size = width * (
@@ -142,7 +169,11 @@ class HFVisionBackbone(VisionBackbone):
         """The transformers image processor that preprocesses for this tower."""
         return self.transform.processor
 
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def features(self, pixel_values: torch.Tensor | ImageBatch) -> torch.Tensor:
+        if isinstance(self.transform, NaFlexTransform):
+            return self._naflex_features(pixel_values)
+        if isinstance(pixel_values, ImageBatch):
+            raise TypeError(f"a {self.tower.config.model_type!r} tower takes [B, 3, H, W] pixels")
         out = self.tower(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
         hidden = out.hidden_states  # tuple of [B, P + N, D]
         if hidden[0].shape[1] != self.num_prefix + self.num_patches:
@@ -152,18 +183,50 @@ class HFVisionBackbone(VisionBackbone):
             )
         return select_layers(hidden, self.cfg.feature_layer, self.num_prefix)  # [B, N, D]
 
+    def _naflex_features(self, images: torch.Tensor | ImageBatch) -> torch.Tensor:
+        """Padded patch sequences ``[I, P, 3*p*p]`` -> ``[I, P, D]``, the padding masked."""
+        if not isinstance(images, ImageBatch):
+            raise TypeError("a NaFlex tower takes the ImageBatch its transform makes")
+        values = images.values.to(self.dtype)
+        grids = [self.transform.patch_grid(size) for size in images.sizes]
+        shapes = torch.tensor(grids, dtype=torch.long, device=values.device)  # [I, 2]
+        positions = torch.arange(values.shape[1], device=values.device)
+        mask = (positions[None] < shapes.prod(-1)[:, None]).to(torch.int32)  # [I, P]
+        out = self.tower(
+            pixel_values=values,
+            pixel_attention_mask=mask,
+            spatial_shapes=shapes,
+            output_hidden_states=True,
+        )
+        return select_layers(out.hidden_states, self.cfg.feature_layer, self.num_prefix)
+
+    def arrange(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | ImageBatch,
+        newline: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each image's patch tokens without the padding (NaFlex), image after image."""
+        if not isinstance(images, ImageBatch):
+            return super().arrange(tokens, images, newline)
+        counts = [self.transform.num_tokens(size) for size in images.sizes]
+        return torch.cat([row[:count] for row, count in zip(tokens, counts)])  # [K, H]
+
     def rebuild_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this architecture offline (weights loaded separately).
 
         The image processor is written out in full (``image_processor``) unless it is the
         standard one for the tower, which ``image_size`` / ``image_mean`` / ``image_std`` rebuild.
         """
-        exclude = {"model", "revision", "trust_remote_code", "image_processor"}
+        exclude = {"model", "revision", "trust_remote_code", "image_processor", "max_num_patches"}
         kwargs = self.cfg.model_dump(exclude=exclude, exclude_none=True)
         config = self.tower.config.to_dict()
         config.pop("dtype", None)
         kwargs["config"] = config
         t = self.transform
+        if isinstance(t, NaFlexTransform):  # the processor holds max_num_patches and the rest
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("image_mean", "image_std")}
+            return {**kwargs, "image_processor": t.processor_config()}
         standard = _standard_processor(self.tower.config, t.crop_size, t.mean, t.std)
         if processor_config(processor_from_config(standard)) != t.processor_config():
             for key in ("image_size", "image_mean", "image_std"):
@@ -182,6 +245,30 @@ def check_feature_layers(layers: int | list[int], count: int) -> None:
                 f"vision.feature_layer: {layer} is out of range; this tower has {count} hidden "
                 f"states (embeddings + {count - 1} blocks), so use -{count}..{count - 1}"
             )
+
+
+NAFLEX_PATCHES = 256
+"""transformers' default ``max_num_patches`` for SigLIP2 NaFlex."""
+
+
+def is_naflex(config: Any) -> bool:
+    """Whether the transformers vision config is a NaFlex tower (SigLIP2's native resolution)."""
+    return config.model_type == "siglip2_vision_model"
+
+
+def check_resolution_options(cfg: HFVisionConfig, config: Any) -> None:
+    """``image_size`` only for fixed-size towers, ``max_num_patches`` only for NaFlex ones."""
+    kind = config.model_type
+    if is_naflex(config) and cfg.image_size is not None:
+        raise ConfigError(
+            f"vision.image_size: the {kind!r} tower (NaFlex) has no fixed input size; it keeps "
+            "each image's aspect ratio: bound it with vision.max_num_patches instead"
+        )
+    if not is_naflex(config) and cfg.max_num_patches is not None:
+        raise ConfigError(
+            f"vision.max_num_patches: only NaFlex towers (siglip2_vision_model) take it; the "
+            f"{kind!r} tower has a fixed input size (vision.image_size)"
+        )
 
 
 def _default_size(config: Any) -> int:
@@ -263,6 +350,72 @@ class ProcessorTransform(ImageTransform):
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ProcessorTransform):
+            return NotImplemented
+        return self.processor_config() == other.processor_config()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.processor_config(), sort_keys=True))
+
+
+@dataclass(frozen=True, eq=False)
+class NaFlexTransform(VariableTransform):
+    """A SigLIP2 NaFlex image processor: each image resized, its aspect ratio kept, to at most
+    ``max_num_patches`` patches of ``patch_size`` pixels, as one patch sequence padded to
+    ``[1, max_num_patches, 3 * patch_size**2]``. An image gives one token per patch."""
+
+    processor: Any = field(repr=False)
+    patch_size: int
+    max_num_patches: int
+
+    @classmethod
+    def of(cls, processor: Any, patch_size: int) -> NaFlexTransform:
+        """Wrap ``processor``; a ConfigError when its patches are not the tower's."""
+        data = processor_config(processor)
+        patches = data.get("patch_size", patch_size)
+        if patches != patch_size:
+            raise ConfigError(
+                f"vision.image_processor: patch_size {patches} but the tower's patches are "
+                f"{patch_size} pixels; make them equal"
+            )
+        return cls(processor, patch_size, int(data.get("max_num_patches", NAFLEX_PATCHES)))
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_num_patches
+
+    def patch_grid(self, size: Size) -> tuple[int, int]:
+        """The patch grid (rows, cols) an image of ``size`` (height, width) is resized to."""
+        from transformers.models.siglip2.image_processing_siglip2 import (
+            get_image_size_for_max_num_patches,
+        )
+
+        height, width = get_image_size_for_max_num_patches(
+            size[0], size[1], self.patch_size, self.max_num_patches
+        )
+        return height // self.patch_size, width // self.patch_size
+
+    def num_tokens(self, size: Size) -> int:
+        rows, cols = self.patch_grid(size)
+        return rows * cols
+
+    def __call__(self, image: Image.Image) -> ImageBatch:
+        if not getattr(self.processor, "do_convert_rgb", True):
+            image = image.convert("RGB")
+        out = self.processor(images=[image], return_tensors="pt")
+        size = (image.height, image.width)
+        grid = tuple(out["spatial_shapes"][0].tolist())
+        if grid != self.patch_grid(size):
+            raise ComponentError(
+                f"the NaFlex processor cut a {image.width}x{image.height} image into {grid} "
+                f"patches, not the {self.patch_grid(size)} counted for its placeholders"
+            )
+        return ImageBatch(out["pixel_values"].float(), (size,), (1,))  # [1, P, 3*p*p]
+
+    def processor_config(self) -> dict[str, Any]:
+        return processor_config(self.processor)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NaFlexTransform):
             return NotImplemented
         return self.processor_config() == other.processor_config()
 
@@ -356,10 +509,14 @@ def _image_processor(cfg: HFVisionConfig, config: Any) -> Any:
     elif cfg.model is not None:
         loaded = _load_processor(cfg)
         data = processor_config(loaded) if loaded is not None else None
+    if data is None and is_naflex(config):
+        data = _naflex_processor(config)
     if data is None:
         data = _standard_processor(config, cfg.image_size or _default_size(config))
     if cfg.image_size is not None:
         data = _resized(data, cfg.image_size)
+    if cfg.max_num_patches is not None:
+        data = {**data, "max_num_patches": cfg.max_num_patches}
     if cfg.image_mean is not None or cfg.image_std is not None:
         mean = cfg.image_mean or _triple(data.get("image_mean", 0.0))
         std = cfg.image_std or _triple(data.get("image_std", 1.0))
@@ -398,6 +555,23 @@ def _standard_processor(
         "do_center_crop": True,
         "crop_size": square,
         **common,
+    }
+
+
+def _naflex_processor(config: Any) -> dict[str, Any]:
+    """The image processor config transformers ships with a SigLIP2 NaFlex tower."""
+    return {
+        "image_processor_type": "Siglip2ImageProcessor",
+        "patch_size": config.patch_size,
+        "max_num_patches": NAFLEX_PATCHES,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 2,  # bilinear
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
     }
 
 
