@@ -3,7 +3,6 @@ every stage and on every process, and the shipped recipes running on tiny models
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,35 +21,13 @@ from vlm_adapters.training import Trainer, load_train_config, train
 SCRIPTS = Path(__file__).parent / "scripts"
 EXAMPLES = Path(__file__).parent.parent / "examples" / "configs"
 sys.path.insert(0, str(SCRIPTS))
-from tiny_train import max_weight_diff, write_tiny_config  # noqa: E402
-
-TEXT_ONLY = [
-    {"from": "human", "value": "what colour is the circle ?"},
-    {"from": "gpt", "value": "red"},
-]
-
-
-def _with_text_only(root: Path, config: Path, pattern: str, stage: str = "finetune") -> Path:
-    """Rewrite ``stage``'s data file as ``pattern`` ("t" text-only, "i" image samples, in
-    file order) and point the config at it."""
-    data = yaml.safe_load(config.read_text())
-    source = Path(data["data"][stage]["path"])
-    images = iter(json.loads(source.read_text()))
-    records = [
-        {"id": f"t{n}", "conversations": TEXT_ONLY} if kind == "t" else next(images)
-        for n, kind in enumerate(pattern)
-    ]
-    path = root / f"{stage}-{pattern}.json"
-    path.write_text(json.dumps(records))
-    data["data"][stage]["path"] = str(path)
-    config.write_text(yaml.safe_dump(data))
-    return config
+from tiny_train import max_weight_diff, with_text_only, write_tiny_config  # noqa: E402
 
 
 def test_a_text_only_batch_trains_in_every_stage(tmp_path):
     config = write_tiny_config(tmp_path, num_train=8)
-    _with_text_only(tmp_path, config, "tttttttt", stage="align")
-    _with_text_only(tmp_path, config, "tttttttt", stage="finetune")
+    with_text_only(tmp_path, config, "tttttttt", stage="align")
+    with_text_only(tmp_path, config, "tttttttt", stage="finetune")
     summary = train(config, "all", tmp_path / "out")
     assert summary["align"]["steps"] == 2 and summary["finetune"]["steps"] == 2
 
@@ -58,7 +35,7 @@ def test_a_text_only_batch_trains_in_every_stage(tmp_path):
 def test_two_processes_with_text_only_on_one_and_images_on_the_other(tmp_path):
     """Rank 0 gets only text-only samples, rank 1 only image samples: both finish (the
     vision tower and connector take part on both) and equal one process on the same batch."""
-    config = _with_text_only(tmp_path, write_tiny_config(tmp_path, num_train=8), "ttiittii")
+    config = with_text_only(tmp_path, write_tiny_config(tmp_path, num_train=8), "ttiittii")
     script = [str(SCRIPTS / "tiny_train.py"), str(config)]
     args = ["--stage", "finetune", "--fresh-connector", "--in-order", "data.group_by_length=false"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

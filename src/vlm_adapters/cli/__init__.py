@@ -18,6 +18,7 @@ COMMANDS = (
     "demo",
     "list",
     "train",
+    "cache-features",
     "eval",
     "generate",
     "chat",

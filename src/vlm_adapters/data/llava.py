@@ -312,6 +312,14 @@ class LlavaDataset(Dataset):
             self._files[relative] = path
         return self._files[relative]
 
+    def image_files(self) -> list[Path]:
+        """The distinct image files of the samples (checked ones after `precheck`), in order
+        of first use."""
+        files: dict[Path, None] = {}
+        for position in self.positions:
+            files.update(dict.fromkeys(self._image_files(self.records[position])))
+        return list(files)
+
     @property
     def lengths(self) -> list[int]:
         """Estimated token counts without tokenizing; negative for text-only samples (known
@@ -482,7 +490,8 @@ class SkipCounter:
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Count one collated batch."""
-        self.seen += len(batch["input_ids"]) + len(batch["skipped"])
+        kept = batch.get("num_samples", len(batch["input_ids"]))  # packed rows hold several
+        self.seen += kept + len(batch["skipped"])
         self.add(batch["skipped"])
 
     def add(self, skipped: Sequence[Skipped]) -> None:

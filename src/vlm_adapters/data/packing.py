@@ -20,6 +20,7 @@ from torch.utils.data import Sampler
 from vlm_adapters.chat.templates import IGNORE_INDEX
 from vlm_adapters.data.llava import Skipped
 from vlm_adapters.data.processor import join_images, pad_rows
+from vlm_adapters.errors import ConfigError
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -45,7 +46,8 @@ class PackingCollator:
     """Pack dataset items into rows: ``input_ids``, ``labels`` and ``position_ids`` ``[R, L]``,
     ``attention_mask`` None (the mask comes from the position ids), ``pixel_values`` in the
     order of the placeholder runs (an ``ImageBatch`` for variable-size vision, whose images
-    keep their own token counts), ``skipped`` items listed, ``num_samples`` packed.
+    keep their own token counts), ``skipped`` items listed, ``num_samples`` packed and
+    their ``num_tokens``.
 
     Trailing padding gets position ids from 0 (a block of its own) and labels -100.
     """
@@ -74,6 +76,7 @@ class PackingCollator:
             **({"image_features": join_images(features)} if features else {}),
             "skipped": [item for item in items if isinstance(item, Skipped)],
             "num_samples": len(kept),
+            "num_tokens": sum(len(item["input_ids"]) for item in kept),
         }
 
 
@@ -132,3 +135,43 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+@torch.no_grad()
+def packing_leak(llm: Any) -> float:
+    """How much a sample's hidden states change when another sample precedes it in a packed
+    row (largest difference over largest value; ~0 when packed samples are isolated), for an
+    :class:`~vlm_adapters.llm.LLMBackend`."""
+    generator = torch.Generator().manual_seed(0)
+    high = min(llm.vocab_size, 1000)
+    first, second = (torch.randint(3, high, (1, n), generator=generator) for n in (7, 5))
+    device, was_training = llm.device, llm.training
+    llm.eval()
+    try:
+        alone = llm.body(llm.embed(second.to(device)), torch.ones_like(second).to(device))
+        row = torch.cat([first, second], dim=1).to(device)
+        positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+        packed = llm.body(llm.embed(row), None, position_ids=positions)[:, 7:]
+    finally:
+        llm.train(was_training)
+    scale = alone.float().abs().max().clamp_min(1e-6)
+    return float((packed.float() - alone.float()).abs().max() / scale)
+
+
+def check_packing(llm: Any) -> None:
+    """Refuse ``data.packing`` for an LLM whose packed samples would see each other (its
+    attention ignores the position ids that mark where each sample starts)."""
+    name = type(getattr(llm, "causal_lm", llm)).__name__
+    try:
+        leak = packing_leak(llm)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(
+            f"data.packing: {name} cannot run packed rows ({error}); set data.packing: false"
+        ) from None
+    tolerance = 1e-4 if next(llm.parameters()).dtype == torch.float32 else 3e-2
+    if leak > tolerance:
+        raise ConfigError(
+            f"data.packing: {name} lets samples packed into one row attend to each other "
+            f"(a sample's hidden states change by {leak:.1%} of their scale); set "
+            "data.packing: false"
+        )

@@ -72,6 +72,17 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     group_by_length: bool = Field(True, description="Modality- and length-grouped batches.")
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's samples into rows of at most max_length tokens, "
+        "each sample attending only to itself.",
+    )
+    max_tokens_per_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Micro-batches of samples whose token estimates sum to at most this "
+        "(instead of batch_size samples); null = batch_size.",
+    )
 
 
 class StageConfig(_Strict):
@@ -85,6 +96,11 @@ class StageConfig(_Strict):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0, description="null = no clipping.")
+    feature_cache: str | None = Field(
+        None,
+        description="Folder of the frozen vision tower's features, computed once per image "
+        "(see `vlm-adapters cache-features`); null = encode images every step.",
+    )
 
 
 class AlignStage(StageConfig):
@@ -190,7 +206,20 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
     if context is not None:
         check_max_length(config, context)
     check_quantized_llm(config)
+    check_feature_caches(config)
     return config
+
+
+def check_feature_caches(config: TrainConfig) -> None:
+    """A feature cache holds a frozen tower's features: a stage that trains the tower has none."""
+    finetune = config.stages.finetune
+    if finetune.feature_cache and finetune.train_vision != "frozen":
+        prefix = f"{config.where}: " if config.where else ""
+        raise ConfigError(
+            f"{prefix}stages.finetune.feature_cache: the vision tower trains in this stage "
+            f"(train_vision: {finetune.train_vision}), so its features change every step; "
+            "remove feature_cache or set train_vision: frozen"
+        )
 
 
 def check_quantized_llm(config: TrainConfig) -> None:

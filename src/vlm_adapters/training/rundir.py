@@ -25,7 +25,15 @@ CONFIG_NAME = "config.yaml"
 RUN_ENTRIES = (CONFIG_NAME, LOCK_NAME, "align", "finetune")
 """What a training run writes at the top of its directory."""
 RUNTIME_KEYS = frozenset(
-    {"run.save_every", "run.keep_last", "run.log_every", "run.trackers", "data.num_workers"}
+    {
+        "run.save_every",
+        "run.keep_last",
+        "run.log_every",
+        "run.trackers",
+        "data.num_workers",
+        "stages.align.feature_cache",
+        "stages.finetune.feature_cache",
+    }
 )
 """Settings a resumed run may change: they do not change what is trained."""
 T = TypeVar("T")

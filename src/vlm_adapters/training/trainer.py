@@ -35,7 +35,9 @@ from vlm_adapters.data import (
     SkipCounter,
     load_records,
 )
-from vlm_adapters.data.llava import Skipped
+from vlm_adapters.data.feature_cache import FeatureCache
+from vlm_adapters.data.llava import Records, Skipped
+from vlm_adapters.data.packing import PackingCollator, TokenBudgetBatchSampler, check_packing
 from vlm_adapters.errors import (
     CheckpointError,
     ComponentError,
@@ -56,6 +58,7 @@ from vlm_adapters.training.checkpoint import (
     step_dir,
 )
 from vlm_adapters.training.config import TrainConfig, check_max_length, save_train_config
+from vlm_adapters.training.features import describe_fill, fill_feature_cache
 from vlm_adapters.training.progress import Progress, plot_loss, read_metrics
 from vlm_adapters.training.recipes import (
     carry_connector,
@@ -144,6 +147,7 @@ class Trainer:
     """Trains one stage of an already built `VisionLanguageModel` and writes ``out/<stage>/``.
 
     ``accelerator`` is the run's (see :func:`make_accelerator`); one is made when not given.
+    ``records``: the stage's data file (`load_records`), when already read.
     Under FSDP2 and DeepSpeed the model is sharded in place; after `fit`, `trained_model`
     gives it back as a plain module.
     """
@@ -155,8 +159,10 @@ class Trainer:
         stage: str,
         out: str | Path,
         accelerator: Accelerator | None = None,
+        records: Records | None = None,
     ) -> None:
         self.model = model
+        self.records = records  # the stage's data file, when already read
         self.config = config
         self.stage = stage
         self.settings = config.stage(stage)
@@ -266,53 +272,83 @@ class Trainer:
         return shard_model(self.model.to(self.accelerator.device))
 
     def _loader(self) -> DataLoader:
-        """Batches in an order fixed by (seed, epoch) and by the global batch size only."""
-        data = self.config.data
-        model = self.model
+        """Batches in an order fixed by (seed, epoch) and by the global batch size (or the
+        token budget) only."""
+        data, pad = self.config.data, self.model.tokenizer.pad_token_id
         dataset = self._checked_dataset()
+        if data.packing:
+            max_length = data.max_length or self.model.llm.max_positions
+            if max_length is None:
+                raise ConfigError(
+                    "data.packing: the LLM has no context length; set data.max_length"
+                )
+            check_packing(self.model.llm)
+            collator: Any = PackingCollator(pad, max_length)
+        else:
+            collator = DataCollator(pad_token_id=pad)
+        if data.max_tokens_per_batch:
+            self.sampler: Any = TokenBudgetBatchSampler(
+                dataset.lengths, data.max_tokens_per_batch, seed=self.config.run.seed
+            )
+            return DataLoader(
+                dataset,
+                batch_sampler=self.sampler,
+                collate_fn=collator,
+                num_workers=data.num_workers,
+            )
         lengths = dataset.lengths if data.group_by_length else [0] * len(dataset)
         # equal lengths = a plain per-epoch shuffle
-        sampler = LengthGroupedSampler(
+        self.sampler = LengthGroupedSampler(
             lengths,
             self.global_batch,
             seed=self.config.run.seed,
             group_by_modality=data.group_by_length,
         )
-        collator = DataCollator(pad_token_id=model.tokenizer.pad_token_id)
         return DataLoader(
             dataset,
             batch_size=self.settings.batch_size,
-            sampler=sampler,
+            sampler=self.sampler,
             collate_fn=collator,
             num_workers=data.num_workers,
         )
 
     def _checked_dataset(self) -> LlavaDataset:
-        """The stage's dataset after the up-front check of every sample (see `precheck`)."""
-        data, source, model = self.config.data, self.config.dataset(self.stage), self.model
-        records = load_records(source.path)
-        if not records:
-            raise TrainingError(
-                f"{source.path}: no samples; stage {self.stage} has nothing to train"
-            )
-        dataset = LlavaDataset(
-            records,
-            image_root=source.root(),
-            tokenizer=model.tokenizer,
-            template=source.template,
-            image_transform=model.vision.transform,
-            image_token_id=model.image_token_id,
-            num_image_tokens=model.num_image_tokens,
-            max_length=data.max_length or model.llm.max_positions,
-            on_bad_sample=data.on_bad_sample,
-            max_image_pixels=data.max_image_pixels,
-            source=source.path,
+        """The stage's dataset after the up-front check of every sample (see `precheck`),
+        reading the stage's feature cache (filled first) when it has one."""
+        dataset, skipped, self.num_samples = checked_dataset(
+            self.config, self.stage, self.model, self.records
         )
-        self.num_samples = len(records)
-        dataset, skipped = dataset.precheck()
+        self.records = None  # the dataset holds them
         self.skipped = _read_skipped(self._skipped_log())  # a resumed run keeps its list
         self._record_skips(skipped, "the up-front check")
+        if self.settings.feature_cache:
+            dataset.feature_cache = self._fill_cache(dataset.image_files())
         return dataset
+
+    def _fill_cache(self, images: list[Path]) -> FeatureCache:
+        """The stage's feature cache, its missing entries computed by every process (a share
+        each) before any step."""
+        vision, accelerator = self.model.vision, self.accelerator
+        if any(p.requires_grad for p in vision.parameters()):
+            raise ConfigError(
+                f"stages.{self.stage}.feature_cache: the vision tower trains in this stage; "
+                "remove feature_cache or freeze the tower"
+            )
+        cache, report = fill_feature_cache(
+            vision,
+            self.settings.feature_cache,
+            images,
+            max_pixels=self.config.data.max_image_pixels,
+            batch_size=self.settings.batch_size,
+            device=accelerator.device,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            progress=self.is_main,
+        )
+        accelerator.wait_for_everyone()
+        if self.is_main:
+            logger.info("%s: %s", self.stage, describe_fill(cache, report, len(images)))
+        return cache
 
     def _skipped_log(self) -> Path:
         return self.dir / "skipped.jsonl"
@@ -388,6 +424,7 @@ class Trainer:
     ) -> float | None:
         """One epoch from `position` (skipping batches a resumed run already consumed)."""
         loader.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)  # accelerate does not reach a batch sampler under DDP
         skip = position.batches_in_epoch if position.epoch == epoch else 0
         batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
         position.epoch, position.batches_in_epoch = epoch, skip
@@ -417,7 +454,7 @@ class Trainer:
         counts = torch.tensor(
             [
                 sum(_supervised(b) for b in window),
-                sum(int(b["attention_mask"].sum()) for b in window),
+                sum(_tokens(b) for b in window),
             ],
             device=self.accelerator.device,
         )
@@ -461,6 +498,7 @@ class Trainer:
                 pixel_values=batch["pixel_values"],
                 labels=batch["labels"],
                 num_items_in_batch=denom,
+                **{key: batch[key] for key in _OPTIONAL_INPUTS if key in batch},
             )
             self.accelerator.backward(out.loss * scale)
         return float(out.loss.detach()) * denom * scale
@@ -598,6 +636,15 @@ def _windows(batches: Any, size: int) -> Any:
         yield window
 
 
+_OPTIONAL_INPUTS = ("position_ids", "image_features")  # packed rows; a feature cache
+
+
+def _tokens(batch: dict[str, Any]) -> int:
+    """Tokens in a batch, padding excluded (packed rows count them in the collator)."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()) if mask is not None else int(batch["num_tokens"])
+
+
 def _supervised(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
@@ -636,8 +683,7 @@ def train(
     names = stages_to_run(config, stage)
     datasets = {name: config.dataset(name) for name in names}  # every stage, before any runs
     with naming_file(config.where):
-        for name, source in datasets.items():
-            _check_dataset(name, source)
+        records = {name: _check_dataset(name, source) for name, source in datasets.items()}
     accelerator = make_accelerator(config, out)
     with locked_run_dir(out, overwrite=overwrite, state=accelerator.state):
         plan = on_main(
@@ -657,7 +703,7 @@ def train(
             if plan[name] == "done":
                 _load_final(model, out / name / "final", needed=name != names[-1])
                 continue
-            trainer = Trainer(model, config, name, out, accelerator)
+            trainer = Trainer(model, config, name, out, accelerator, records.pop(name))
             summaries[name] = trainer.fit(resume=plan[name])
             if name != names[-1]:
                 model = trainer.trained_model()
@@ -675,13 +721,41 @@ def naming_file(where: str) -> Iterator[None]:
         raise type(error)(f"{where}: {error}") from None
 
 
-def _check_dataset(stage: str, source: Any) -> None:
-    """The stage's data file and image folder exist (read before any stage runs)."""
+def _check_dataset(stage: str, source: Any) -> Records:
+    """The stage's data file and image folder exist; its records (read before any stage
+    runs, so parse errors name the file and line before anything trains)."""
     if not Path(source.path).is_file():
         raise ConfigError(f"data.{stage}.path: {source.path} not found")
     if not source.root().is_dir():
         raise ConfigError(f"data.{stage}.image_root: {source.root()} is not a directory")
-    load_records(source.path)  # parse errors name the file and line
+    return load_records(source.path)
+
+
+def checked_dataset(
+    config: TrainConfig, stage: str, model: Any, records: Records | None = None
+) -> tuple[LlavaDataset, list[Skipped], int]:
+    """Stage ``stage``'s dataset for ``model`` after the up-front check of every sample
+    (`LlavaDataset.precheck`): the dataset of the samples that pass, the skipped ones, and the
+    number of records in the file. ``records``: the data file, when already read."""
+    data, source = config.data, config.dataset(stage)
+    records = load_records(source.path) if records is None else records
+    if not records:
+        raise TrainingError(f"{source.path}: no samples; stage {stage} has nothing to train")
+    dataset = LlavaDataset(
+        records,
+        image_root=source.root(),
+        tokenizer=model.tokenizer,
+        template=source.template,
+        image_transform=model.vision.transform,
+        image_token_id=model.image_token_id,
+        num_image_tokens=model.num_image_tokens,
+        max_length=data.max_length or model.llm.max_positions,
+        on_bad_sample=data.on_bad_sample,
+        max_image_pixels=data.max_image_pixels,
+        source=source.path,
+    )
+    kept, skipped = dataset.precheck()
+    return kept, skipped, len(records)
 
 
 def _check_model_fits(config: TrainConfig, model: Any, datasets: dict[str, Any]) -> None:

@@ -1,0 +1,82 @@
+"""``vlm-adapters cache-features CONFIG``: fill the feature caches of a training config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "cache-features",
+        help="compute a frozen vision tower's features once, ahead of training",
+        description="Fill stages.<stage>.feature_cache of CONFIG with the frozen vision tower's "
+        "features of every image the stage's data uses (entries already there and intact are "
+        "kept). Training fills what is missing by itself; this does it ahead of time.",
+    )
+    _add_options(parser)
+    parser.add_argument("config", help="training YAML")
+    parser.add_argument(
+        "rest", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="config overrides"
+    )
+    parser.set_defaults(func=run)
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stage",
+        choices=("align", "finetune"),
+        help="one stage (default: every stage of the recipe that has a feature_cache)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per tower pass")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+
+
+def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
+    """Options and overrides after CONFIG, in any order."""
+    parser = argparse.ArgumentParser(prog="vlm-adapters cache-features CONFIG")
+    _add_options(parser)
+    parser.add_argument("overrides", nargs="*")
+    parser.set_defaults(stage=args.stage, batch_size=args.batch_size, device=args.device)
+    return parser.parse_intermixed_args(args.rest)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate.utils import set_seed
+
+    from vlm_adapters import build_vlm
+    from vlm_adapters.errors import ConfigError
+    from vlm_adapters.training.features import describe_fill, fill_feature_cache
+    from vlm_adapters.training.recipes import resolve_config
+    from vlm_adapters.training.trainer import checked_dataset, naming_file
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = argparse.Namespace(config=args.config, **vars(_parse_rest(args)))
+    config = resolve_config(args.config, args.overrides)
+    cached = [s for s in config.recipe if config.stage(s).feature_cache]
+    stages = [args.stage] if args.stage else cached or config.recipe[:1]
+    for stage in stages:
+        if not config.stage(stage).feature_cache:
+            raise ConfigError(
+                f"{config.where}: stages.{stage}.feature_cache is not set; set it to a folder "
+                "for the cached features"
+            )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    set_seed(config.run.seed)  # the tower train builds (random weights only in tests)
+    with naming_file(config.where):
+        model = build_vlm(config.model)
+    for stage in stages:
+        dataset, skipped, _ = checked_dataset(config, stage, model)
+        images = dataset.image_files()
+        print(f"{stage}: {len(dataset)} samples ({len(skipped)} skipped), {len(images)} images")
+        cache, report = fill_feature_cache(
+            model.vision,
+            config.stage(stage).feature_cache,
+            images,
+            max_pixels=config.data.max_image_pixels,
+            batch_size=args.batch_size,
+            device=device,
+        )
+        print(f"{stage}: {describe_fill(cache, report, len(images))}")
+    return 0

@@ -1,0 +1,56 @@
+"""Filling a stage's feature cache (``stages.<stage>.feature_cache``) with its frozen tower."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vlm_adapters.data.feature_cache import FeatureCache, FillReport, image_encoder
+
+logger = logging.getLogger("vlm_adapters.training")
+
+
+def fill_feature_cache(
+    vision: torch.nn.Module,
+    directory: str | Path,
+    images: Sequence[Path],
+    *,
+    max_pixels: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> tuple[FeatureCache, FillReport]:
+    """Compute the missing or broken entries of ``images`` with the frozen ``vision`` tower.
+
+    With ``world`` processes, each fills every ``world``-th image from ``rank`` (the writes are
+    atomic, so the processes share one folder); ``progress`` shows a bar of this share.
+    """
+    was_training = vision.training
+    vision.eval().to(device)
+    cache = FeatureCache.for_backbone(directory, vision)
+    cache.clean()
+    mine = list(images)[rank::world]
+    bar = tqdm(total=len(mine), desc="feature cache", unit="image", disable=not progress)
+    try:
+        report = cache.fill(
+            mine,
+            image_encoder(vision, max_pixels),
+            batch_size=batch_size,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+        vision.train(was_training)
+    return cache, report
+
+
+def describe_fill(cache: FeatureCache, report: FillReport, images: int) -> str:
+    """E.g. "feature cache runs/f: 300 images, 300 computed (...), 0 reused; 41.2 MB"."""
+    size = cache.size_on_disk() / 1e6
+    return f"feature cache {cache.directory}: {images} images, {report}; {size:.1f} MB on disk"
