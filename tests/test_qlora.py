@@ -33,7 +33,7 @@ from vlm_adapters.model.lora import (
 )
 from vlm_adapters.testing import tiny_model_config, tiny_tokenizer
 from vlm_adapters.training.config import AlignStage, FinetuneStage
-from vlm_adapters.training.recipes import configure_stage, ensure_lora
+from vlm_adapters.training.recipes import configure_stage, describe_trainable, ensure_lora
 
 SETTINGS = LoraSettings(r=4, alpha=8, dropout=0.0)
 LLAMA = {
@@ -386,3 +386,13 @@ def test_a_quantized_model_without_lora_saves_loads_and_exports(tok_dir, llm_dir
     to_hf_llava(loaded, tmp_path / "export")
     stored = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in stored.values())
+
+
+@needs_bnb
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_stage_summary_counts_every_quantized_weight(tok_dir, llm_dir, bits):
+    """4-bit layers store two weights per byte; the summary still counts the weights."""
+    full = sum(p.numel() for p in build_vlm(_config(tok_dir, llm_dir)).llm.parameters())
+    summary = describe_trainable(_model(tok_dir, llm_dir, bits), "finetune")
+    line = next(line for line in summary.splitlines() if line.strip().startswith("llm"))
+    assert int(line.split("/")[1].split()[0].replace(",", "")) == full

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from vlm_adapters.errors import ConfigError
@@ -96,11 +97,19 @@ def describe_trainable(model: Any, stage: str) -> str:
     lines = [f"stage {stage}: trainable / total parameters"]
     for part in PARTS:
         params = list(getattr(model, part).parameters())
-        total = sum(p.numel() for p in params)
-        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(_numel(p) for p in params)
+        trainable = sum(_numel(p) for p in params if p.requires_grad)
         state = "frozen" if trainable == 0 else "trains"
         lines.append(f"  {part:<9} {trainable:>13,} / {total:>13,}  {state}")
     return "\n".join(lines)
+
+
+def _numel(parameter: torch.nn.Parameter) -> int:
+    """Weights a parameter stands for: a 4-bit one stores two per byte (its quant state
+    keeps the real shape)."""
+    state = getattr(parameter, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
 
 
 def carry_connector(model: Any, directory: Path) -> bool:
