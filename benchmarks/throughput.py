@@ -10,7 +10,8 @@ CPU time, less sensitive to other jobs on the machine):
 
 - finetune (connector + LLM train, tower frozen): (a) transformers, padded batches in random
   order; (b) ours, the same batches; (c) ours, ``LengthGroupedSampler`` batches; (d) ours,
-  packed (``TokenBudgetBatchSampler`` + ``PackingCollator``: rows of at most ``max_length``
+  packed (``TokenBudgetBatchSampler`` + ``PackingCollator`` + ``PackedAttention``, as the
+  trainer packs: rows of at most ``max_length``
   tokens, a budget of ``batch x max_length`` tokens, the padded batches' capacity);
 - align (only the connector trains): (a') transformers and (b') ours, padded, random order;
   (e) ours reading a ``FeatureCache`` filled beforehand (the fill time is reported apart);
@@ -764,6 +765,10 @@ def _train(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(SEED)
     model, step = _trainable(tmp, side, stage, tiled)
     ours = model if side == "ours" else None
+    if batching == "packed":  # as the trainer does: packed rows attend per sample
+        from vlm_adapters.llm.packed_attention import PackedAttention
+
+        PackedAttention(model.llm)
     loader = _loader(tmp, stage, batching, cached, args.batch, ours)
     loss0 = step(next(iter(loader)))
     result = _timed_epoch(step, loader, _meta(tmp)["image_token_id"])

@@ -10,6 +10,7 @@ from PIL import Image
 from vlm_adapters import build_vlm
 from vlm_adapters.data import DataCollator, LlavaDataset
 from vlm_adapters.data.packing import PackingCollator, TokenBudgetBatchSampler, pack_rows
+from vlm_adapters.llm import packed_attention
 from vlm_adapters.testing import tiny_model_config
 
 FAMILIES = ("llama", "qwen2", "gemma", "phi3", "gpt2")
@@ -64,8 +65,16 @@ def _items(model, root) -> list[dict]:
     return [dataset[i] for i in range(len(dataset))]
 
 
+@pytest.mark.parametrize("attention", ["masked", "per-sample"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_samples_equal_unpacked_ones(tmp_path, tokenizer_dir, family):
+def test_packed_samples_equal_unpacked_ones(
+    tmp_path, tokenizer_dir, family, attention, monkeypatch
+):
+    """``masked``: transformers' SDPA with the block-diagonal mask it derives from the position
+    ids; ``per-sample``: `PackedAttention`, one SDPA call per sample."""
+    calls = []
+    samples = packed_attention._samples
+    monkeypatch.setattr(packed_attention, "_samples", lambda p: calls.append(1) or samples(p))
     torch.manual_seed(0)
     model = build_vlm(tiny_model_config(tokenizer_dir, llm=family)).eval()  # no dropout
     model.requires_grad_(True)
@@ -90,7 +99,15 @@ def test_packed_samples_equal_unpacked_ones(tmp_path, tokenizer_dir, family):
         k: packed[k]
         for k in ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids")
     }
-    model(**inputs, num_items_in_batch=total).loss.backward()
+    switch = packed_attention.PackedAttention(model.llm) if attention == "per-sample" else None
+    try:
+        model(**inputs, num_items_in_batch=total).loss.backward()
+        with torch.no_grad():
+            logits = model(**{**inputs, "labels": None}).logits  # [R, L, V]
+    finally:
+        if switch is not None:
+            switch.restore()
+    assert bool(calls) == (attention == "per-sample")  # every family's attention gets the ids
     assert expected
     for name, grad in expected.items():
         torch.testing.assert_close(
@@ -98,7 +115,6 @@ def test_packed_samples_equal_unpacked_ones(tmp_path, tokenizer_dir, family):
         )
 
     with torch.no_grad():
-        logits = model(**{**inputs, "labels": None}).logits  # [R, L, V]
         for index, item in enumerate(items):
             batch = alone([item])
             own = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits[0]
@@ -127,6 +143,13 @@ def test_rows_never_exceed_the_length_and_keep_every_sample_whole():
     assert len(rows) == 4  # 32 tokens need at least 4 rows of 10
     with pytest.raises(ValueError, match="> max_length"):
         pack_rows([11], max_length=10)
+
+
+def test_rows_are_balanced_so_the_batch_is_as_narrow_as_it_can_be():
+    """First fit alone gives rows of 12 and 6 tokens (a batch 12 wide); spread, 9 and 9."""
+    lengths = [6, 3, 3, 3, 3]
+    rows = pack_rows(lengths, max_length=12)
+    assert sorted(sum(lengths[i] for i in row) for row in rows) == [9, 9]
 
 
 def test_token_budget_batches_follow_the_budget_and_the_epoch():

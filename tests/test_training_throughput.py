@@ -20,6 +20,7 @@ from vlm_adapters import build_vlm
 from vlm_adapters.cli import main
 from vlm_adapters.data.packing import TokenBudgetBatchSampler, check_packing, packing_leak
 from vlm_adapters.errors import ConfigError
+from vlm_adapters.llm import packed_attention
 from vlm_adapters.training import load_train_config, train
 from vlm_adapters.training.trainer import checked_dataset
 
@@ -41,17 +42,44 @@ def config(tmp_path) -> Path:
     return with_text_only(tmp_path, write_tiny_config(tmp_path, num_train=8), "itiitiit")
 
 
-def test_packed_training_equals_padded_training(tmp_path, config):
-    runs = {}
-    for packing in (False, True):
-        out = tmp_path / f"packing-{packing}"
-        overrides = [f"data.packing={str(packing).lower()}"]
-        train(config, "finetune", out, overrides=overrides, fresh_connector=True)
-        runs[packing] = out
-    assert _losses(runs[True], "finetune") == pytest.approx(
-        _losses(runs[False], "finetune"), abs=1e-5
-    )
-    assert max_weight_diff(runs[True] / FINAL, runs[False] / FINAL) < 1e-5
+def _train_packed(config: Path, out: Path, packing: bool) -> str:
+    """Finetune with or without packing; the LLM's attention setting afterwards."""
+    settings = load_train_config(config)
+    torch.manual_seed(settings.run.seed)
+    model = build_vlm(settings.model)
+    overrides = [f"data.packing={str(packing).lower()}"]
+    train(config, "finetune", out, overrides=overrides, model=model)
+    return model.llm.causal_lm.config._attn_implementation
+
+
+def test_packed_training_attends_per_sample_and_equals_padded_training(
+    tmp_path, config, monkeypatch
+):
+    calls = []
+    samples = packed_attention._samples
+    monkeypatch.setattr(packed_attention, "_samples", lambda p: calls.append(1) or samples(p))
+    assert _train_packed(config, tmp_path / "padded", packing=False) == "sdpa"
+    assert not calls
+    assert _train_packed(config, tmp_path / "packed", packing=True) == "sdpa"  # restored
+    assert calls  # the packed rows went through the per-sample path
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    assert _losses(packed, "finetune") == pytest.approx(_losses(padded, "finetune"), abs=1e-5)
+    assert max_weight_diff(packed / FINAL, padded / FINAL) < 1e-5
+
+
+def test_packing_falls_back_to_the_mask_where_per_sample_attention_differs(
+    tmp_path, config, monkeypatch, caplog
+):
+    """A per-sample path that got the sample boundaries wrong fails the check before the
+    first step; the stage then trains through the masked path, as padded training does."""
+    whole_rows = lambda p: [[(0, p.shape[1])] for _ in range(p.shape[0])]  # noqa: E731
+    monkeypatch.setattr(packed_attention, "_samples", whole_rows)
+    with caplog.at_level(logging.WARNING, logger="vlm_adapters"):
+        _train_packed(config, tmp_path / "packed", packing=True)
+    assert "packed rows use the masked attention path" in caplog.text
+    _train_packed(config, tmp_path / "padded", packing=False)
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    assert _losses(packed, "finetune") == pytest.approx(_losses(padded, "finetune"), abs=1e-5)
 
 
 def _even_budget(config: Path) -> int:

@@ -24,13 +24,22 @@ from vlm_adapters.errors import ConfigError
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Indices grouped into rows whose lengths sum to at most ``max_length`` (first fit,
-    longest first); each row keeps its samples in the order they were given."""
+    """Indices grouped into rows whose lengths sum to at most ``max_length``: as few rows as
+    first fit by decreasing length needs, the samples then spread over them so the rows are
+    about equally long (a batch is as wide as its longest row); each row keeps its samples in
+    the order they were given."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if order and lengths[order[0]] > max_length:
+        raise ValueError(f"sample {order[0]} has {lengths[order[0]]} tokens > max_length")
+    rows = _first_fit(order, lengths, max_length)
+    balanced = _balanced(order, lengths, max_length, len(rows))
+    return [sorted(row) for row in (balanced or rows)]
+
+
+def _first_fit(order: list[int], lengths: Sequence[int], max_length: int) -> list[list[int]]:
     rows: list[list[int]] = []
     room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if lengths[index] > max_length:
-            raise ValueError(f"sample {index} has {lengths[index]} tokens > max_length")
+    for index in order:
         slot = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
         if slot is None:
             rows.append([])
@@ -38,7 +47,23 @@ def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
             slot = len(rows) - 1
         rows[slot].append(index)
         room[slot] -= lengths[index]
-    return [sorted(row) for row in rows]
+    return rows
+
+
+def _balanced(
+    order: list[int], lengths: Sequence[int], max_length: int, count: int
+) -> list[list[int]] | None:
+    """``count`` rows filled longest sample first, each into the shortest row; None when a
+    sample would not fit there."""
+    rows: list[list[int]] = [[] for _ in range(count)]
+    used = [0] * count
+    for index in order:
+        slot = min(range(count), key=used.__getitem__)
+        if used[slot] + lengths[index] > max_length:
+            return None
+        rows[slot].append(index)
+        used[slot] += lengths[index]
+    return rows
 
 
 @dataclass
@@ -139,23 +164,35 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
 @torch.no_grad()
 def packing_leak(llm: Any) -> float:
-    """How much a sample's hidden states change when another sample precedes it in a packed
-    row (largest difference over largest value; ~0 when packed samples are isolated), for an
+    """How much samples' hidden states change when packed two to a row, in a batch of two
+    rows as training packs them, against each sample alone (largest difference over largest
+    value; ~0 when packed samples are isolated), for an
     :class:`~vlm_adapters.llm.LLMBackend`."""
     generator = torch.Generator().manual_seed(0)
     high = min(llm.vocab_size, 1000)
-    first, second = (torch.randint(3, high, (1, n), generator=generator) for n in (7, 5))
+    a, b = (torch.randint(3, high, (n,), generator=generator) for n in (7, 5))
     device, was_training = llm.device, llm.training
     llm.eval()
     try:
-        alone = llm.body(llm.embed(second.to(device)), torch.ones_like(second).to(device))
-        row = torch.cat([first, second], dim=1).to(device)
-        positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
-        packed = llm.body(llm.embed(row), None, position_ids=positions)[:, 7:]
+        alone = [llm.body(llm.embed(x[None].to(device)), None)[0] for x in (a, b)]
+        rows = torch.stack([torch.cat([a, b]), torch.cat([b, a])]).to(device)  # [2, 12]
+        positions = torch.stack(
+            [
+                torch.cat([torch.arange(7), torch.arange(5)]),
+                torch.cat([torch.arange(5), torch.arange(7)]),
+            ]
+        ).to(device)
+        packed = llm.body(llm.embed(rows), None, position_ids=positions)  # [2, 12, H]
     finally:
         llm.train(was_training)
-    scale = alone.float().abs().max().clamp_min(1e-6)
-    return float((packed.float() - alone.float()).abs().max() / scale)
+    pairs = [
+        (packed[0, :7], alone[0]),
+        (packed[0, 7:], alone[1]),
+        (packed[1, :5], alone[1]),
+        (packed[1, 5:], alone[0]),
+    ]
+    scale = max(float(x.float().abs().max()) for x in alone) or 1e-6
+    return max(float((p.float() - x.float()).abs().max()) for p, x in pairs) / scale
 
 
 def check_packing(llm: Any) -> None:
@@ -173,5 +210,5 @@ def check_packing(llm: Any) -> None:
         raise ConfigError(
             f"data.packing: {name} lets samples packed into one row attend to each other "
             f"(a sample's hidden states change by {leak:.1%} of their scale); set "
-            "data.packing: false"
+            "data.packing: false, or llm.attn_implementation: sdpa"
         )

@@ -45,6 +45,7 @@ from vlm_adapters.errors import (
     OutputError,
     TrainingError,
 )
+from vlm_adapters.llm.packed_attention import PackedAttention
 from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
 from vlm_adapters.training.artifact import save_connector
@@ -183,6 +184,7 @@ class Trainer:
         self.sharded = self.shard_here or self.accelerator.is_fsdp2
         """Parameters are DTensors: checkpoints are sharded, the final model is gathered."""
         self._skeleton: Any = None  # plain copy (meta weights) of a model the engine changes
+        self.attention: PackedAttention | None = None  # per-sample attention while packing
 
     @property
     def is_main(self) -> bool:
@@ -190,6 +192,13 @@ class Trainer:
 
     def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
         """Run the stage (from `resume`, a checkpoint dir or "auto"); return its summary."""
+        try:
+            return self._fit(resume)
+        finally:
+            if self.attention is not None:
+                self.attention.restore()
+
+    def _fit(self, resume: str | Path | None) -> dict[str, Any]:
         start = time.perf_counter()
         set_seed(self.config.run.seed)
         self._setup_model()
@@ -282,7 +291,7 @@ class Trainer:
                 raise ConfigError(
                     "data.packing: the LLM has no context length; set data.max_length"
                 )
-            check_packing(self.model.llm)
+            self._packed_attention(self.model.llm)
             collator: Any = PackingCollator(pad, max_length)
         else:
             collator = DataCollator(pad_token_id=pad)
@@ -311,6 +320,19 @@ class Trainer:
             collate_fn=collator,
             num_workers=data.num_workers,
         )
+
+    def _packed_attention(self, llm: Any) -> None:
+        """Packed rows attend per sample (`PackedAttention`) where that gives what the
+        samples give alone, else through the masked path; refused if neither does."""
+        self.attention = PackedAttention(llm)
+        try:
+            check_packing(llm)
+        except ConfigError:
+            if not self.attention.active:
+                raise
+            self.attention.restore()
+            check_packing(llm)
+            logger.warning("%s: packed rows use the masked attention path", self.stage)
 
     def _checked_dataset(self) -> LlavaDataset:
         """The stage's dataset after the up-front check of every sample (see `precheck`),

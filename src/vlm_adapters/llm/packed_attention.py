@@ -1,0 +1,107 @@
+"""Attention over packed rows that costs what the samples cost, not what the row costs.
+
+A packed row (see :mod:`vlm_adapters.data.packing`) holds several samples whose position ids
+restart at 0. With SDPA, transformers turns those position ids into a block-diagonal causal
+mask, and the kernel still scores every query of the row against every key: a row of 1,024
+tokens holding three samples pays for 1,024² scores where its samples need the sum of their
+own squares. `packed_sdpa` calls SDPA once per sample instead (causal, no mask), which gives
+the same result for less work and lets SDPA use its causal kernels.
+
+It runs only where `PackedAttention` switched a model to it, and only for the plain call:
+position ids for every row, no KV cache, no sliding window, soft-capping, attention sinks or
+position bias. Any other call goes to transformers' own SDPA with the mask, unchanged. The
+trainer checks a packed row against the same samples alone before the first step
+(`vlm_adapters.data.packing.check_packing`) and goes back to the masked path if they differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "vlm_adapters_packed_sdpa"
+_SPECIAL = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+"""Keyword arguments that change attention in ways a per-sample call would not honour."""
+
+
+def packed_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``query`` ``[B, H, T, D]`` attending over ``key``/``value`` ``[B, Hkv, T, D]``, one
+    causal SDPA call per run of position ids that starts at 0; returns ``[B, T, H, D]``."""
+    positions = kwargs.get("position_ids")
+    batch, _, length, _ = query.shape
+    plain = (
+        positions is not None
+        and tuple(positions.shape) == (batch, length)
+        and key.shape[2] == length  # no KV cache
+        and all(kwargs.get(name) is None for name in _SPECIAL)
+    )
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k not in ("position_ids", "is_causal")}
+    rows = []
+    for row, spans in enumerate(_samples(positions)):
+        pieces = [
+            sdpa_attention_forward(
+                module,
+                query[row : row + 1, :, start:end],
+                key[row : row + 1, :, start:end],
+                value[row : row + 1, :, start:end],
+                None,
+                is_causal=True,
+                **rest,
+            )[0]
+            for start, end in spans
+        ]
+        rows.append(torch.cat(pieces, dim=1))  # [1, T, H, D]
+    return torch.cat(rows, dim=0), None
+
+
+def _samples(positions: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) of every run of positions that starts at 0 (the first run
+    starts at the row's beginning whatever its first position)."""
+    length = positions.shape[1]
+    spans = []
+    for row in positions.tolist():
+        starts = [0] + [i for i, position in enumerate(row) if position == 0 and i > 0]
+        spans.append(list(zip(starts, starts[1:] + [length])))
+    return spans
+
+
+AttentionInterface.register(NAME, packed_sdpa)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # the mask of the calls it passes on
+
+
+class PackedAttention:
+    """Every part of ``model`` that uses SDPA uses `packed_sdpa` until `restore`. Saved
+    configs are unaffected: transformers does not serialize the attention setting."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        configs = {
+            id(config): config
+            for module in model.modules()
+            if (config := getattr(module, "config", None)) is not None
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+        }
+        self.configs = list(configs.values())
+        for config in self.configs:
+            config._attn_implementation = NAME
+
+    @property
+    def active(self) -> bool:
+        return bool(self.configs)
+
+    def restore(self) -> None:
+        for config in self.configs:
+            config._attn_implementation = "sdpa"
+        self.configs = []
