@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vlm_adapters.cli._rest import parse_rest
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -32,15 +34,6 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="default: cuda when available, else cpu")
 
 
-def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
-    """Options and overrides after CONFIG, in any order."""
-    parser = argparse.ArgumentParser(prog="vlm-adapters cache-features CONFIG")
-    _add_options(parser)
-    parser.add_argument("overrides", nargs="*")
-    parser.set_defaults(stage=args.stage, batch_size=args.batch_size, device=args.device)
-    return parser.parse_intermixed_args(args.rest)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate.utils import set_seed
@@ -52,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from vlm_adapters.training.trainer import checked_dataset, naming_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = argparse.Namespace(config=args.config, **vars(_parse_rest(args)))
+    args = parse_rest(args, "vlm-adapters cache-features CONFIG", _add_options)
     config = resolve_config(args.config, args.overrides)
     cached = [s for s in config.recipe if config.stage(s).feature_cache]
     stages = [args.stage] if args.stage else cached or config.recipe[:1]

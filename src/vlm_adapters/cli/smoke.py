@@ -6,7 +6,7 @@ import argparse
 import shlex
 from typing import Any
 
-_OPTIONS = ("vision", "connector", "llm", "images", "train", "overwrite")
+from vlm_adapters.cli._rest import parse_rest
 
 
 def add_parser(sub: Any) -> None:
@@ -46,20 +46,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
-    """Options and overrides after OUT, in any order."""
-    parser = argparse.ArgumentParser(prog="vlm-adapters smoke OUT")
-    _add_options(parser)
-    parser.add_argument("overrides", nargs="*")
-    parser.set_defaults(**{k: getattr(args, k) for k in _OPTIONS})
-    return parser.parse_intermixed_args(args.rest)
-
-
 def run(args: argparse.Namespace) -> int:
     from vlm_adapters.cli import main
     from vlm_adapters.testing.smoke import RUN_NAME, write_smoke_run
 
-    opts = _parse_rest(args)
+    opts = parse_rest(args, "vlm-adapters smoke OUT", _add_options)
     config = write_smoke_run(
         args.out,
         vision=opts.vision,

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from vlm_adapters.cli._rest import parse_rest
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -43,24 +45,12 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_OPTIONS = ("stage", "out", "resume", "overwrite", "allow_config_change", "fresh_connector")
-
-
-def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
-    """Options and overrides after CONFIG, in any order."""
-    parser = argparse.ArgumentParser(prog="vlm-adapters train CONFIG")
-    _add_options(parser)
-    parser.add_argument("overrides", nargs="*")
-    parser.set_defaults(**{k: getattr(args, k) for k in _OPTIONS})
-    return parser.parse_intermixed_args(args.rest)
-
-
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from vlm_adapters.training import train
 
-    opts = _parse_rest(args)
+    opts = parse_rest(args, "vlm-adapters train CONFIG", _add_options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     summaries = train(
         args.config,
