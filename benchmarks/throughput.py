@@ -879,15 +879,11 @@ def _dataset(tmp: Path, stage: str, cached: bool, ours: Any = None) -> tuple[Any
     vlm = ours or build_vlm(_our_config(tmp))  # for tokenizer, transform and token counts
     cache = FeatureCache.for_backbone(tmp / "cache", vlm.vision) if cached else None
     name, template = ("finetune", TEMPLATE) if stage == "finetune" else ("align", ALIGN_TEMPLATE)
-    dataset = LlavaDataset(
+    dataset = LlavaDataset.for_model(  # max_length: MAX_LENGTH; ANYRES_MAX_LENGTH for AnyRes
+        vlm,
         load_records(tmp / f"{name}.json"),
         image_root=tmp,
-        tokenizer=vlm.tokenizer,
         template=template,
-        image_transform=vlm.vision.transform,
-        image_token_id=vlm.image_token_id,
-        num_image_tokens=vlm.num_image_tokens,
-        max_length=vlm.llm.max_positions,  # MAX_LENGTH; ANYRES_MAX_LENGTH for AnyRes
         on_bad_sample="error",
         feature_cache=cache,
     )
@@ -1050,15 +1046,8 @@ def _scale_memory(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     records = load_records(tmp / "scale.json")
     loaded = time.perf_counter()
-    dataset = LlavaDataset(
-        records,
-        image_root=tmp,
-        tokenizer=vlm.tokenizer,
-        template=TEMPLATE,
-        image_transform=vlm.vision.transform,
-        image_token_id=vlm.image_token_id,
-        num_image_tokens=vlm.num_image_tokens,
-        max_length=MAX_LENGTH,
+    dataset = LlavaDataset.for_model(
+        vlm, records, image_root=tmp, template=TEMPLATE, max_length=MAX_LENGTH
     )
     dataset, skipped = dataset.precheck()
     checked = time.perf_counter()

@@ -155,14 +155,11 @@ IMAGES = {"wide": (120, 30), "tall": (30, 90), "tiny": (9, 6), "square": (40, 40
 
 def _dataset(model: VisionLanguageModel, root: Path, **options) -> LlavaDataset:
     _write(root, IMAGES)
-    return LlavaDataset(
+    return LlavaDataset.for_model(
+        model,
         RECORDS,
         image_root=root,
-        tokenizer=model.tokenizer,
         template="llama3",
-        image_transform=model.vision.transform,
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
         on_bad_sample="error",
         **options,
     )

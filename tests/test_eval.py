@@ -64,14 +64,11 @@ def test_batching_changes_nothing(model: VisionLanguageModel, shapes: ShapesPath
     small = evaluate(model, records, shapes.root, batch_size=3)
     assert big["samples"] == small["samples"]
     assert big["loss"] == pytest.approx(small["loss"], rel=1e-5)
-    dataset = LlavaDataset(
+    dataset = LlavaDataset.for_model(
+        model,
         records,
         image_root=shapes.root,
-        tokenizer=model.tokenizer,
         template="vicuna_v1",
-        image_transform=model.vision.transform,
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
     )
     total, count = 0.0, 0
     with torch.no_grad():

@@ -52,14 +52,11 @@ def _items(model, root) -> list[dict]:
         ("c", (33, 33), "green"),
     ):
         Image.new("RGB", size, colour).save(root / f"{name}.png")
-    dataset = LlavaDataset(
+    dataset = LlavaDataset.for_model(
+        model,
         _records(),
         image_root=root,
-        tokenizer=model.tokenizer,
         template="llama3",
-        image_transform=model.vision.transform,
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
         on_bad_sample="error",
     )
     return [dataset[i] for i in range(len(dataset))]

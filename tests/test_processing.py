@@ -121,14 +121,11 @@ def test_training_generation_and_evaluation_share_ids_and_pixels(tmp_path, token
         "image": "wide.png",
         "conversations": [question, {"from": "gpt", "value": "red"}],
     }
-    dataset = LlavaDataset(
+    dataset = LlavaDataset.for_model(
+        model,
         [record],
         image_root=tmp_path,
-        tokenizer=model.tokenizer,
         template="llama3",
-        image_transform=model.vision.transform,
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
     )
     trained = DataCollator(model.tokenizer.pad_token_id)([dataset[0]])
     with Image.open(tmp_path / "wide.png") as image:

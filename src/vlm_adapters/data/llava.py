@@ -249,6 +249,31 @@ class LlavaDataset(Dataset):
         self._lengths: array | None = None
         self.positions = list(positions) if positions is not None else list(range(len(records)))
 
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        image_root: str | Path,
+        template: str | ChatTemplate,
+        **options: Any,
+    ) -> LlavaDataset:
+        """A dataset encoded for ``model`` (a :class:`~vlm_adapters.VisionLanguageModel`): its
+        tokenizer, image preprocessing and visual tokens; ``max_length`` defaults to the LLM's
+        context. ``options``: the other keyword arguments of the constructor."""
+        options.setdefault("max_length", model.llm.max_positions)
+        return cls(
+            records,
+            image_root=image_root,
+            tokenizer=model.tokenizer,
+            template=template,
+            image_transform=model.vision.transform,
+            image_token_id=model.image_token_id,
+            num_image_tokens=model.num_image_tokens,
+            **options,
+        )
+
     def __len__(self) -> int:
         return len(self.positions)
 

@@ -141,16 +141,8 @@ def answer_loss(
     batch_size: int = 64,
 ) -> float:
     """Teacher-forced cross-entropy, averaged over every supervised (answer) token."""
-    dataset = LlavaDataset(
-        records,
-        image_root=image_root,
-        tokenizer=model.tokenizer,
-        template=template,
-        image_transform=model.vision.transform,
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
-        max_length=model.llm.max_positions,
-        on_bad_sample="error",
+    dataset = LlavaDataset.for_model(
+        model, records, image_root=image_root, template=template, on_bad_sample="error"
     )
     collate = DataCollator(model.tokenizer.pad_token_id)
     device = next(model.parameters()).device

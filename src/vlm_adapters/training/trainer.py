@@ -763,14 +763,11 @@ def checked_dataset(
     records = load_records(source.path) if records is None else records
     if not records:
         raise TrainingError(f"{source.path}: no samples; stage {stage} has nothing to train")
-    dataset = LlavaDataset(
+    dataset = LlavaDataset.for_model(
+        model,
         records,
         image_root=source.root(),
-        tokenizer=model.tokenizer,
         template=source.template,
-        image_transform=model.vision.transform,
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
         max_length=data.max_length or model.llm.max_positions,
         on_bad_sample=data.on_bad_sample,
         max_image_pixels=data.max_image_pixels,
