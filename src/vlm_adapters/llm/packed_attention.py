@@ -67,14 +67,22 @@ def packed_sdpa(
     return torch.cat(rows, dim=0), None
 
 
+_last: list[Any] = [None, None]
+"""The position ids seen last and their spans: every layer of a forward (and its recomputation
+under gradient checkpointing) gets the same tensor, read from the device once."""
+
+
 def _samples(positions: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the (start, end) of every run of positions that starts at 0 (the first run
     starts at the row's beginning whatever its first position)."""
+    if _last[0] is positions:
+        return _last[1]
     length = positions.shape[1]
     spans = []
     for row in positions.tolist():
         starts = [0] + [i for i, position in enumerate(row) if position == 0 and i > 0]
         spans.append(list(zip(starts, starts[1:] + [length])))
+    _last[:] = [positions, spans]
     return spans
 
 
