@@ -44,10 +44,10 @@ def load(
     llava = load_exactly(LlavaNextForConditionalGeneration, source)
     processor = load_or_explain("import", source, lambda: AutoProcessor.from_pretrained(source))
     _check_token_arithmetic(llava.config, processor, source)
-    options = _vision_options(llava.config, processor_config(processor.image_processor), source)
+    theirs = processor_config(processor.image_processor)
+    options = _vision_options(llava.config, theirs, source)
     model = cls.from_config(model_config(llava, processor, source, options))
-    theirs, ours = processor_config(processor.image_processor), model.vision.transform
-    rebuilt = ours.processor_config()
+    rebuilt = model.vision.transform.processor_config()
     if rebuilt != theirs:
         differs = sorted(
             k for k in rebuilt.keys() | theirs.keys() if rebuilt.get(k) != theirs.get(k)
