@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -41,3 +44,66 @@ def _forced(model: VisionLanguageModel, token: str) -> VisionLanguageModel:
 def forced():
     """``forced(model, token)``: a copy of a tiny model that always answers ``token``."""
     return _forced
+
+
+_LOCK = Path(__file__).resolve().parents[1] / "requirements-lock.txt"
+_SHOWN = ("torch", "torchvision", "transformers", "peft", "accelerate", "timm", "open_clip_torch")
+_FAMILY_TEST = "test_llm_families.py::test_text_logits_match_the_llm_forward["
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Print the versions under test first (also under ``-q``)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in _versions():
+            reporter.write_line(line)
+
+
+def _versions() -> list[str]:
+    """The versions under test, and whether they are the ones ``requirements-lock.txt`` pins."""
+    shown = ", ".join(f"{name} {_installed(name)}" for name in _SHOWN)
+    if not _LOCK.is_file():
+        return [f"versions: {shown}", f"{_LOCK.name} not found"]
+    locked = _locked()
+    differ = [
+        f"{name} {_installed(name)} (locked {pin})"
+        for name, pin in sorted(locked.items())
+        if _installed(name) not in (pin, None)
+    ]
+    where = f"all {len(locked)} pins of {_LOCK.name}" if not differ else "differs from the lock"
+    lines = [f"versions: {shown} -- {where}"]
+    if differ:
+        lines.append(f"not the locked versions ({len(differ)}): {'; '.join(differ)}")
+    return lines
+
+
+def _locked() -> dict[str, str]:
+    """``{distribution name: version}`` of the ``name==version`` lines of the lock."""
+    pins = (line.split("#")[0].strip() for line in _LOCK.read_text().splitlines())
+    return dict(pin.split("==", 1) for pin in pins if "==" in pin)
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many transformers causal-LM families compose exactly, so that a drop is visible."""
+    outcome: dict[str, str] = {}
+    for key in ("passed", "skipped", "failed", "error"):
+        for report in terminalreporter.stats.get(key, []):
+            nodeid = getattr(report, "nodeid", "")
+            if _FAMILY_TEST in nodeid and outcome.get(nodeid) not in ("failed", "error"):
+                outcome[nodeid] = key
+    if not outcome:
+        return
+    counts = {key: list(outcome.values()).count(key) for key in ("passed", "skipped")}
+    failed = len(outcome) - counts["passed"] - counts["skipped"]
+    terminalreporter.write_line(
+        f"LLM families (transformers {_installed('transformers')}): {counts['passed']} of "
+        f"{len(outcome)} compose exactly, {counts['skipped']} reported as not composable "
+        f"(reasons above), {failed} failed"
+    )
