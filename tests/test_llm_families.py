@@ -27,7 +27,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import vlm_adapters
-from vlm_adapters.llm.base import decoder_route
+from vlm_adapters.llm.base import _accepts, decoder_route
 from vlm_adapters.testing import tiny_connector_config, tiny_vision_config
 
 FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -352,10 +352,11 @@ def _upstream_problem(config: dict[str, Any]) -> str | None:
             hf_config = AutoConfig.for_model(model_type, **data)
             reason = "transformers cannot build its model"
             lm = AutoModelForCausalLM.from_config(hf_config).eval()
+            plain = {"use_cache": False} if _accepts(lm, "use_cache") else {}  # as full_logits
             reason = "transformers' own forward fails"
-            lm(input_ids=ids)
+            lm(input_ids=ids, **plain)
             reason = "cannot hold visual tokens: its forward refuses inputs_embeds"
-            lm(inputs_embeds=lm.get_input_embeddings()(ids))
+            lm(inputs_embeds=lm.get_input_embeddings()(ids), **plain)
     except Exception as error:  # noqa: BLE001 - whatever transformers raises is the reason
         return f"{reason}: {_first_line(error)}"
     return None
