@@ -193,12 +193,17 @@ def test_a_sample_over_the_visual_token_budget_is_refused(variable: VLMProcessor
         variable.encode(turns, 2)  # a count is not enough to know the tokens
 
 
-def test_the_placeholder_token_in_the_text_itself_is_refused(tokenizer_dir: str) -> None:
+@pytest.mark.parametrize("special", [True, False])
+def test_the_placeholder_token_in_the_text_itself(tokenizer_dir: str, special: bool) -> None:
+    """A special placeholder written in the text is plain text; a plain added one is refused."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.add_special_tokens({"extra_special_tokens": ["<im_patch>"]})
+    tokenizer.add_tokens(["<im_patch>"], special_tokens=special)
     patch = tokenizer.convert_tokens_to_ids("<im_patch>")
     variable = VLMProcessor(tokenizer, _ByWidth(), 100, patch, "llama3")
     turns = [{"from": "human", "value": "<image> a <im_patch> <image> b"}]
-    with pytest.raises(DataError, match="holds the image placeholder token itself"):
-        variable.prompt(turns, [(1, 50), (1, 70)])
+    if special:
+        assert _runs(variable.prompt(turns, [(1, 50), (1, 70)]), patch) == [5, 7]
+    else:
+        with pytest.raises(DataError, match="holds the image placeholder token itself"):
+            variable.prompt(turns, [(1, 50), (1, 70)])
     assert _runs(variable.text("<image> a <image>", [(1, 50), (1, 70)]), patch) == [5, 7]

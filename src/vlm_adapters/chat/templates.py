@@ -8,11 +8,16 @@ for generation is exactly a prefix of the ids seen in training.
 
 Every `<image>` marker becomes `num_image_tokens` copies of `image_token_id`; the text around a
 marker (including the newline LLaVA puts after it) is kept as written.
+
+What a turn says is text: a special-token string in it (`<|eot_id|>`, `<|im_start|>`, eos...)
+is encoded as plain text (the tokenizer's `split_special_tokens`), so only the template's own
+markup gives control tokens and data or a prompt cannot forge a turn.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -251,7 +256,12 @@ def _pieces(
     *,
     generation: bool,
 ) -> list[Piece]:
-    """The labelled pieces of `turns`; with `generation`, followed by the assistant prefix."""
+    """The labelled pieces of `turns`; with `generation`, followed by the assistant prefix.
+
+    Turn texts are rendered marked (see `_mark_specials`), so the template's markup and what
+    the turns say stay apart through any rendering.
+    """
+    turns = [(role, _mark_specials(tokenizer, text)) for role, text in turns]
     if template.from_tokenizer:
         return _chat_template_pieces(tokenizer, turns, generation)
     pieces = list(_template_pieces(tokenizer, template, turns))
@@ -389,25 +399,71 @@ def _encode_pieces(
                 ids += [image_token_id] * num_image_tokens
                 labels += [IGNORE_INDEX] * num_image_tokens
                 num_images += 1
-            segment_ids = _piece_ids(tokenizer, segment)
+            segment_ids = _rendered_ids(tokenizer, segment)
             ids += segment_ids
             labels += segment_ids if supervised else [IGNORE_INDEX] * len(segment_ids)
     return Encoded(input_ids=ids, labels=labels, num_images=num_images)
 
 
-def _piece_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+"""Private-use characters around a special-token string that a turn's text holds."""
+
+
+def _mark_specials(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """`text` with each special-token string (and each mark character) between marks."""
+    strings, _ = _special_patterns(tokenizer, len(tokenizer))
+    return strings.sub(lambda found: f"{_MARK_OPEN}{found.group()}{_MARK_CLOSE}", text)
+
+
+def _rendered_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of rendered text: marked strings as plain text, the markup around them as is.
+
+    A mark a Jinja template cut from its string is dropped (it still separates the text).
+    """
+    _, marked = _special_patterns(tokenizer, len(tokenizer))
+    parts = marked.split(text)  # text, marked string (None: a lone mark), text, ...
+    ids = _piece_ids(tokenizer, parts[0])
+    for index in range(1, len(parts), 2):
+        ids += _piece_ids(tokenizer, parts[index] or "", split_special=True)
+        ids += _piece_ids(tokenizer, parts[index + 1])
+    return ids
+
+
+@functools.lru_cache(maxsize=64)
+def _special_patterns(
+    tokenizer: PreTrainedTokenizerBase, size: int
+) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """Regexes of the strings `_mark_specials` marks (the tokenizer's special tokens but the
+    `<image>` marker, and the marks, longest first) and of a marked one or a lone mark.
+
+    ``size`` (the vocabulary length) is part of the key, so adding tokens invalidates it.
+    """
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    strings = sorted(specials - {IMAGE_MARKER} | {_MARK_OPEN, _MARK_CLOSE}, key=len, reverse=True)
+    either = "|".join(map(re.escape, strings))
+    marked = f"{_MARK_OPEN}({either}){_MARK_CLOSE}|[{_MARK_OPEN}{_MARK_CLOSE}]"
+    return re.compile(either), re.compile(marked)
+
+
+def _piece_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, *, split_special: bool = False
+) -> list[int]:
+    """Ids of `text`; with `split_special`, special-token strings in it are plain text."""
     if not text:
         return []
-    return list(_cached_piece_ids(tokenizer, len(tokenizer), text))
+    return list(_cached_piece_ids(tokenizer, len(tokenizer), text, split_special))
 
 
 @functools.lru_cache(maxsize=65536)
-def _cached_piece_ids(tokenizer: PreTrainedTokenizerBase, size: int, text: str) -> tuple[int, ...]:
+def _cached_piece_ids(
+    tokenizer: PreTrainedTokenizerBase, size: int, text: str, split_special: bool
+) -> tuple[int, ...]:
     """Headers, questions and answers repeat across samples: tokenize each text once.
 
     ``size`` (the vocabulary length) is part of the key, so adding tokens invalidates it.
     """
-    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)
+    return tuple(encoded["input_ids"])
 
 
 def with_image_markers(turns: Sequence[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:

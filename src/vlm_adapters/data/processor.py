@@ -133,7 +133,8 @@ class VLMProcessor:
 
     def text(self, text: str, images: SampleImages | None = None) -> list[int]:
         """Raw text (no chat template) with each marker expanded (for ``images``; a fixed-size
-        tower needs none); BOS when the tokenizer adds one by itself."""
+        tower needs none); BOS when the tokenizer adds one by itself. Special-token strings in
+        ``text`` are plain text: they never become control tokens."""
         pieces = text.split(IMAGE_MARKER)
         counts = self.token_counts(len(pieces) - 1 if images is None else images)
         if len(counts) != len(pieces) - 1:
@@ -144,7 +145,8 @@ class VLMProcessor:
             if i:
                 ids += [self.image_token_id] * counts[i - 1]
             if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+                encoded = self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)
+                ids += encoded.input_ids
         return ids
 
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor | ImageBatch | None:

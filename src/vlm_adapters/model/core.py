@@ -236,8 +236,8 @@ class VisionLanguageModel(nn.Module):
         holds one entry per prompt (an image, a list of images, or None); ``<image>`` markers
         say where they go (one image without a marker goes before the question). Keyword
         arguments: see :func:`vlm_adapters.inference.generate_ids`. With ``raw=True`` the
-        prompts are plain text with no template, and ``kwargs`` go to transformers'
-        ``generate``.
+        prompts are plain text with no template (special-token strings in them stay text),
+        and ``kwargs`` go to transformers' ``generate``.
         """
         from vlm_adapters.inference.generation import generate
 
