@@ -199,10 +199,11 @@ class LlavaDataset(Dataset):
 
     One policy, `on_bad_sample`, covers every unusable sample: a missing, unreadable or too
     large image, an image path that leaves `image_root`, a bad conversation (unknown role, no
-    assistant turn), `<image>` markers that do not match the images, more than `max_length`
-    tokens (visual tokens are never cut: the whole sample goes), more visual tokens than the
-    per-sample budget, or no supervised token. With "skip" the item is a `Skipped` (the
-    collator drops and reports it); with "error" a DataError names the sample and the reason.
+    assistant turn), `<image>` in an answer, markers that do not match the images, more than
+    `max_length` tokens (visual tokens are never cut: the whole sample goes), more visual
+    tokens than the per-sample budget, or no supervised token. With "skip" the item is a
+    `Skipped` (the collator drops and reports it); with "error" a DataError names the sample
+    and the reason.
     `source` (the data file) and `positions` (each item's index in it) name skipped samples.
     :meth:`precheck` finds the problems that need no decoding or tokenizing, for the whole
     file, up front.
@@ -298,8 +299,9 @@ class LlavaDataset(Dataset):
 
     def precheck(self) -> tuple[LlavaDataset, list[Skipped]]:
         """Check every sample without decoding images or tokenizing: the image field, paths
-        (inside `image_root`, present), roles and marker counts. Returns the dataset of the
-        samples that pass and the Skipped ones (with "error", the first problem raises)."""
+        (inside `image_root`, present), roles, markers (none in answers) and their counts.
+        Returns the dataset of the samples that pass and the Skipped ones (with "error", the
+        first problem raises)."""
         results = [self._guarded(i, self._check) for i in range(len(self))]
         skipped = [r for r in results if isinstance(r, Skipped)]
         kept = [(p, r) for p, r in zip(self.positions, results) if not isinstance(r, Skipped)]
@@ -457,11 +459,20 @@ def _turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(turns, list):
         raise _BadSample("bad conversation", f"'conversations' must be a list, got {turns!r}")
     try:
-        roles = [role for role, _ in normalize_turns(turns)]
+        normalized = normalize_turns(turns)
     except DataError as error:
         raise _BadSample("bad conversation", str(error)) from None
-    if "gpt" not in roles:
+    if "gpt" not in [role for role, _ in normalized]:
         raise _BadSample("bad conversation", "no assistant ('gpt') turn")
+    answers = [
+        i for i, (role, text) in enumerate(normalized) if role == "gpt" and IMAGE_MARKER in text
+    ]
+    if answers:
+        raise _BadSample(
+            "image marker in an answer",
+            f"turn {answers[0]} (an assistant answer) holds {IMAGE_MARKER}; put image markers "
+            "in human turns",
+        )
     return [dict(turn) for turn in turns]
 
 
