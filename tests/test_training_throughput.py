@@ -14,10 +14,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vlm_adapters import build_vlm
 from vlm_adapters.cli import main
+from vlm_adapters.data.feature_cache import FeatureCache
 from vlm_adapters.data.packing import TokenBudgetBatchSampler, check_packing, packing_leak
 from vlm_adapters.errors import ConfigError
 from vlm_adapters.llm import packed_attention
@@ -121,21 +122,29 @@ def test_two_processes_packing_by_token_budget_from_one_cache_equal_one_process(
 
 
 def test_training_from_a_filled_cache_equals_training_without(tmp_path, config, capsys, caplog):
+    """Also with two entry files swapped (valid files of the right shape, another image's
+    features each): both are recomputed, and training still equals uncached training."""
     cache = tmp_path / "cache"
     setting = f"stages.align.feature_cache={cache}"
     assert main(["cache-features", str(config), "--stage", "align", setting]) == 0
     printed = capsys.readouterr().out
     assert "8 computed (0 replaced broken entries), 0 reused" in printed
     assert "MB on disk" in printed
+    first, second, *_ = sorted(cache.glob("*/*.safetensors"))
+    first.rename(tmp_path / "swap")
+    second.rename(first)
+    (tmp_path / "swap").rename(second)
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     train(config, "align", plain)
     with caplog.at_level(logging.INFO, logger="vlm_adapters"):
         train(config, "align", cached, overrides=[setting])
-    assert "0 computed (0 replaced broken entries), 8 reused" in caplog.text
+    assert "2 computed (2 replaced broken entries), 6 reused" in caplog.text
+    assert caplog.text.count("holds the features of another image") == 2
     assert _losses(cached, "align") == pytest.approx(_losses(plain, "align"), abs=1e-6)
     assert max_weight_diff(cached / "align/final", plain / "align/final") < 1e-6
     for entry in cache.glob("*/*.safetensors"):  # the features are read, not recomputed
-        save_file({"features": 2 * load_file(str(entry))["features"]}, str(entry))
+        doubled = 2 * load_file(str(entry))["features"]
+        FeatureCache(cache, "", doubled.shape).write(entry.stem, doubled)
     train(config, "align", tmp_path / "doubled", overrides=[setting])
     assert _losses(tmp_path / "doubled", "align")[0] != pytest.approx(_losses(plain, "align")[0])
 

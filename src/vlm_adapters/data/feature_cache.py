@@ -7,10 +7,12 @@ key, so stale entries are never read; changing one image's bytes changes only it
 
 Each entry is one safetensors file (``features`` ``[N, D]``; ``[rows, N, D]`` for
 variable-size vision: an image's AnyRes overview and tiles, or its NaFlex patch sequence)
-under a two-level fan-out (``ab/abcdef....safetensors``), written to a temporary name and
-renamed into place, so several processes (DDP ranks) can fill one directory at once. An entry
-that is missing, truncated, corrupt or of the wrong shape is recomputed and reported, never
-trusted.
+under a two-level fan-out (``ab/abcdef....safetensors``), its metadata naming its key and the
+SHA-256 of its features' bytes. It is written under a temporary name of ours (with the umask's
+permissions) and renamed into place, so several processes (DDP ranks) can fill one directory
+at once. An entry that is missing, truncated, corrupt, of the wrong shape, another key's or
+whose features do not match their hash (an earlier version's entry has neither) is recomputed
+and reported, never trusted.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 
 from vlm_adapters._io import remove_stale_temps, safetensors_problem, temp_name
 from vlm_adapters.data.images import open_image
@@ -43,7 +45,8 @@ class FillReport:
     computed: int = 0
     reused: int = 0
     replaced: list[str] | None = None
-    """Entries that were present but broken (corrupt, truncated, other shape), recomputed."""
+    """Entries that were present but broken (corrupt, truncated, other shape, another key's, a
+    hash mismatch, an earlier version's), recomputed."""
 
     def __str__(self) -> str:
         broken = len(self.replaced or [])
@@ -85,37 +88,52 @@ class FeatureCache:
         return self.directory / key[:2] / f"{key}{SUFFIX}"
 
     def problem(self, key: str) -> str | None:
-        """Why the entry ``key`` cannot be used (missing, broken, other shape), or None."""
-        path = self.path(key)
-        if not path.is_file():
-            return "missing"
-        broken = safetensors_problem(path)
-        if broken:
-            return broken
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                shape = tuple(handle.get_slice("features").get_shape())
-        except (SafetensorError, KeyError, OSError) as error:
-            return f"{path}: unreadable ({error})"
-        expected = f"(rows, {self.shape[0]}, {self.shape[1]})" if self.rows else str(self.shape)
-        if shape[-2:] != self.shape or len(shape) != 2 + self.rows or 0 in shape:
-            return f"{path}: shape {shape}, expected {expected}"
-        return None
+        """Why the entry ``key`` cannot be used (missing, broken, other shape, another key's,
+        features that do not match their hash), or None."""
+        return self._load(key)[1]
 
     def read(self, key: str) -> torch.Tensor | None:
-        """The features ``[N, D]`` (``[rows, N, D]``) of ``key`` (memory-mapped), or None when
-        the entry cannot be trusted (the caller recomputes it)."""
-        if self.problem(key) is not None:
+        """The verified features ``[N, D]`` (``[rows, N, D]``) of ``key``, or None when the
+        entry cannot be trusted (the caller recomputes it)."""
+        return self._load(key)[0]
+
+    def _load(self, key: str) -> tuple[torch.Tensor | None, str | None]:
+        """The features of ``key`` after every check, or None and why the entry fails one."""
+        path = self.path(key)
+        if not path.is_file():
+            return None, "missing"
+        broken = safetensors_problem(path)
+        if broken:
+            return None, broken
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                shape = tuple(handle.get_slice("features").get_shape())
+                problem = _key_problem(metadata, key) or self._shape_problem(shape)
+                features = None if problem else handle.get_tensor("features")
+        except (SafetensorError, KeyError, OSError) as error:
+            return None, f"{path}: unreadable ({error})"
+        if features is not None and content_hash(features) != metadata["sha256"]:
+            problem = "its features do not match their SHA-256 (changed after they were written)"
+        return (None, f"{path}: {problem}") if problem else (features, None)
+
+    def _shape_problem(self, shape: tuple[int, ...]) -> str | None:
+        if shape[-2:] == self.shape and len(shape) == 2 + self.rows and 0 not in shape:
             return None
-        return load_file(str(self.path(key)))["features"]
+        expected = f"(rows, {self.shape[0]}, {self.shape[1]})" if self.rows else str(self.shape)
+        return f"shape {shape}, expected {expected}"
 
     def write(self, key: str, features: torch.Tensor) -> None:
-        """Store ``features`` under ``key`` atomically (safe with concurrent writers)."""
+        """Store ``features`` under ``key`` with its key and hash, atomically (safe with
+        concurrent writers; a killed writer leaves only a temporary file :meth:`clean` knows)."""
+        features = features.detach().cpu().contiguous()
+        metadata = {"key": key, "sha256": content_hash(features)}
+        data = save({"features": features}, metadata=metadata)
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(temp_name(path.name, "tmp"))
         try:
-            save_file({"features": features.detach().cpu().contiguous()}, str(tmp))
+            tmp.write_bytes(data)  # not save_file: its own 0600 temp file would outlive a kill
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -163,6 +181,21 @@ class FeatureCache:
         """Remove temporary files that dead writers left behind."""
         for folder in self.directory.glob("*/"):
             remove_stale_temps(folder)
+
+
+def content_hash(features: torch.Tensor) -> str:
+    """SHA-256 of the bytes of ``features`` as stored (contiguous, on the CPU)."""
+    data = features.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
+
+
+def _key_problem(metadata: dict[str, str], key: str) -> str | None:
+    """Why an entry's metadata does not bind it to ``key``, or None."""
+    if "key" not in metadata or "sha256" not in metadata:
+        return "no key and hash in its metadata (an entry of an earlier vlm-adapters version)"
+    if metadata["key"] != key:
+        return f"holds the features of another image (key {metadata['key'][:16]}...)"
+    return None
 
 
 def backbone_namespace(vision: torch.nn.Module) -> str:
