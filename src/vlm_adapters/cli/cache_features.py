@@ -30,12 +30,49 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         choices=("align", "finetune"),
         help="one stage (default: every stage of the recipe that has a feature_cache)",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per tower pass")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="images per tower pass (default 32)"
+    )
+    parser.add_argument("--device", help="e.g. cpu, cuda:1 (default: cuda when available)")
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} images per pass; use 1 or more")
+    return value
+
+
+def _device(name: str | None) -> str:
+    """The device of ``--device`` (default: cuda when available, else cpu); one that this
+    machine does not have is a ConfigError naming those it has."""
+    import torch
+
+    from vlm_adapters.errors import ConfigError
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    kind = getattr(torch.accelerator.current_accelerator(), "type", None)
+    count = torch.accelerator.device_count() if kind else 0
+    present = device is not None and (
+        device.type == "cpu" or (device.type == kind and (device.index or 0) < count)
+    )
+    if present:
+        return name
+    here = ["cpu", *(f"{kind}:{i}" for i in range(count))]
+    what = "not a device name" if device is None else "not on this machine"
+    raise ConfigError(f"--device {name}: {what}; use one of this machine's: {', '.join(here)}")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from accelerate.utils import set_seed
 
     from vlm_adapters import build_vlm
@@ -46,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_rest(args, "vlm-adapters cache-features CONFIG", _add_options)
+    device = _device(args.device)
     config = resolve_config(args.config, args.overrides)
     cached = [s for s in config.recipe if config.stage(s).feature_cache]
     stages = [args.stage] if args.stage else cached or config.recipe[:1]
@@ -55,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{config.where}: stages.{stage}.feature_cache is not set; set it to a folder "
                 "for the cached features"
             )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(config.run.seed)  # the tower train builds (random weights only in tests)
     with naming_file(config.where):
         model = build_vlm(config.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -211,15 +212,40 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
 
 
 def check_feature_caches(config: TrainConfig) -> None:
-    """A feature cache holds a frozen tower's features: a stage that trains the tower has none."""
+    """A feature cache holds a frozen tower's features (a stage that trains the tower has
+    none), in a folder we can write to or create."""
+    prefix = f"{config.where}: " if config.where else ""
     finetune = config.stages.finetune
     if finetune.feature_cache and finetune.train_vision != "frozen":
-        prefix = f"{config.where}: " if config.where else ""
         raise ConfigError(
             f"{prefix}stages.finetune.feature_cache: the vision tower trains in this stage "
             f"(train_vision: {finetune.train_vision}), so its features change every step; "
             "remove feature_cache or set train_vision: frozen"
         )
+    for stage in STAGES:
+        folder = config.stage(stage).feature_cache
+        problem = folder and cache_folder_problem(Path(folder))
+        if problem:
+            raise ConfigError(f"{prefix}stages.{stage}.feature_cache: {problem}")
+
+
+def cache_folder_problem(folder: Path) -> str | None:
+    """Why the feature cache ``folder`` cannot be filled (a file where a folder must be, or
+    no write permission where its entries go), or None."""
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        kind = "a file, not a folder" if existing.is_file() else "not a folder"
+        then = "" if existing == folder else f", so {folder} cannot be created"
+        return (
+            f"{existing} is {kind}{then}; set it to a folder for the cached features (a "
+            "missing one is created)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (
+            f"{existing} is not writable, so {folder} cannot hold the cached features; choose "
+            "a folder you can write to, or give yourself write permission on it"
+        )
+    return None
 
 
 def check_quantized_llm(config: TrainConfig) -> None:
