@@ -96,13 +96,25 @@ def load_records(path: str | Path) -> Records:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found; check the path in your data config")
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     starts, ends = array("q"), array("q")
     spans = _jsonl_spans(path, text) if path.suffix == ".jsonl" else _array_spans(path, text)
     for start, end in spans:
         starts.append(start)
         ends.append(end)
     return Records(text, starts, ends)
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a DataError naming the line and byte offset where it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte {error.start}: {error.reason}); save the file as UTF-8"
+        ) from None
 
 
 def _checked(path: Path, record: Any, where: str) -> None:

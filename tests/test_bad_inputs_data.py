@@ -1,0 +1,89 @@
+"""Bad data files, eval records, run locks and resumes through the real CLI: each ends in one
+line naming the file, the sample or the key and the fix, with no traceback and nothing outside
+the run's ``--out`` changed (see tests/scripts/bad_input_kit.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from bad_input_kit import (  # noqa: E402
+    Call,
+    Case,
+    Env,
+    Shared,
+    check_case,
+    make_shared,
+)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    return make_shared(tmp_path_factory)
+
+
+# --- data files that are not UTF-8 ------------------------------------------------------------
+
+_GOOD = b'{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}'
+_BAD = b'{"id": "b", "conversations": [{"from": "gpt", "value": "caf\xe9"}]}'  # Latin-1
+NOT_UTF8 = {
+    "latin1.json": b"[\n " + _GOOD + b",\n " + _BAD + b"\n]\n",
+    "latin1.jsonl": _GOOD + b"\n" + _BAD + b"\n",
+}
+
+
+def _not_utf8(name: str) -> tuple[str, ...]:
+    """What the error about ``NOT_UTF8[name]`` names: the file and line, the byte offset."""
+    data = NOT_UTF8[name]
+    offset = data.index(b"\xe9")
+    line = data[:offset].count(b"\n") + 1
+    return f"{name}:{line}:", f"byte {offset}", "UTF-8"
+
+
+def _train_not_utf8(name: str) -> Callable[[Env], Call]:
+    def setup(env: Env) -> Call:
+        path = env.root / "shapes" / name
+        path.write_bytes(NOT_UTF8[name])
+        return env.train(f"data.align.path={path}")
+
+    return setup
+
+
+def _eval(ckpt: Path, data: Path, images: Path) -> Call:
+    return Call(["eval", str(ckpt), "--data", str(data), "--images", str(images)])
+
+
+def _eval_not_utf8(env: Env) -> Call:
+    data = env.tmp / "latin1.json"
+    data.write_bytes(NOT_UTF8[data.name])
+    return _eval(env.ckpt(), data, env.images)
+
+
+ENCODING_CASES = [
+    Case("train-data-not-utf8", _train_not_utf8("latin1.json"), _not_utf8("latin1.json")),
+    Case("train-jsonl-not-utf8", _train_not_utf8("latin1.jsonl"), _not_utf8("latin1.jsonl")),
+    Case("eval-data-not-utf8", _eval_not_utf8, _not_utf8("latin1.json")),
+]
+
+
+CASES = [*ENCODING_CASES]
+
+
+def test_cases_are_uniquely_named() -> None:
+    ids = [case.id for case in CASES]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(
+    case: Case,
+    shared: Shared,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    check_case(case, shared, tmp_path, monkeypatch, capsys)
