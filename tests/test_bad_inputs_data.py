@@ -4,9 +4,11 @@ the run's ``--out`` changed (see tests/scripts/bad_input_kit.py)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from bad_input_kit import (  # noqa: E402
     Case,
     Env,
     Shared,
+    _write_png,
     check_case,
     make_shared,
 )
@@ -70,7 +73,100 @@ ENCODING_CASES = [
 ]
 
 
-CASES = [*ENCODING_CASES]
+# --- eval: empty files and records that cannot be evaluated ------------------------------------
+
+
+def _eval_text(text: str, name: str = "questions.json") -> Callable[[Env], Call]:
+    def setup(env: Env) -> Call:
+        data = env.tmp / name
+        data.write_text(text)
+        return _eval(env.ckpt(), data, env.images)
+
+    return setup
+
+
+def _question(**changes: Any) -> dict[str, Any]:
+    record = {
+        "id": "q-7",
+        "image": "cat.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is it?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    }
+    return {**record, **changes}
+
+
+def _eval_records(*changes: dict[str, Any]) -> Callable[[Env], Call]:
+    """``eval`` of a good record, then one changed by each of ``changes`` (ids q-8, q-9, ...)."""
+
+    def setup(env: Env) -> Call:
+        images = env.tmp / "images"
+        images.mkdir()
+        _write_png(images / "cat.png")
+        records = [_question(), *(_question(id=f"q-{8 + i}", **c) for i, c in enumerate(changes))]
+        data = env.tmp / "questions.json"
+        data.write_text(json.dumps(records))
+        return _eval(env.ckpt(), data, images)
+
+    return setup
+
+
+def _turns(
+    human: str = "<image>\nwhat colour is it?", role: str = "gpt", answer: str = "red"
+) -> dict[str, Any]:
+    return {"conversations": [{"from": "human", "value": human}, {"from": role, "value": answer}]}
+
+
+EVAL_CASES = [
+    Case("eval-empty-json", _eval_text("[]"), ("questions.json", "no samples")),
+    Case(
+        "eval-empty-jsonl", _eval_text("\n", "questions.jsonl"), ("questions.jsonl", "no samples")
+    ),
+    Case(
+        "eval-unknown-role",
+        _eval_records(_turns(role="robot")),
+        ("questions.json", "'q-8'", "index 1", "'robot'"),
+    ),
+    Case(
+        "eval-marker-mismatch",
+        _eval_records(_turns(human="<image>\n<image>\nwhat?")),
+        ("questions.json", "'q-8'", "index 1", "2 <image> marker(s) but 1 image"),
+    ),
+    Case(
+        "eval-image-missing-names-the-sample",
+        _eval_records({"image": "gone.png"}),
+        ("questions.json", "'q-8'", "gone.png"),
+    ),
+    Case(
+        "eval-image-outside-names-the-file",
+        _eval_records({"image": "../x.png"}),
+        ("questions.json", "'q-8'", "../x.png"),
+    ),
+    Case(
+        "eval-bad-image-field",
+        _eval_records({"image": 5}),
+        ("questions.json", "'q-8'", "'image' must be a path"),
+    ),
+    Case(
+        "eval-conversations-not-a-list",
+        _eval_records({"conversations": 5}),
+        ("questions.json", "'q-8'", "conversations"),
+    ),
+    Case(
+        "eval-no-answer-names-the-file",
+        _eval_records({"conversations": [{"from": "human", "value": "what?"}]}),
+        ("questions.json", "'q-8'", "'gpt' answer"),
+    ),
+    Case(
+        "eval-answer-too-long",
+        _eval_records(_turns(answer="red " * 400)),
+        ("questions.json", "'q-8'", "too long"),
+    ),
+]
+
+
+CASES = [*ENCODING_CASES, *EVAL_CASES]
 
 
 def test_cases_are_uniquely_named() -> None:

@@ -81,7 +81,7 @@ def test_batching_changes_nothing(model: VisionLanguageModel, shapes: ShapesPath
 
 def test_records_must_end_with_an_answer(model: VisionLanguageModel, shapes: ShapesPaths) -> None:
     record = {"id": "q", "conversations": [{"from": "human", "value": "what?"}]}
-    with pytest.raises(DataError, match="'q' must end with a 'gpt' answer"):
+    with pytest.raises(DataError, match=r"sample 'q' \(index 0\): .* must end with a 'gpt' answer"):
         evaluate(model, [record], shapes.root)
 
 

@@ -30,7 +30,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     records = load_records(args.data)
     result = evaluate(
-        model, records, args.images, args.template, args.batch_size, args.max_new_tokens
+        model,
+        records,
+        args.images,
+        args.template,
+        args.batch_size,
+        args.max_new_tokens,
+        source=args.data,
     )
     if args.json:
         print(json.dumps(result, indent=2))

@@ -6,9 +6,10 @@ the reference is that last answer.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from vlm_adapters.chat.templates import IMAGE_MARKER, DataError, normalize_turns
 from vlm_adapters.data import DataCollator, LlavaDataset
 from vlm_adapters.data.images import ImageProblem, confined_path, open_image
-from vlm_adapters.data.llava import image_paths, sample_id
+from vlm_adapters.data.llava import Skipped, image_paths, sample_id
 from vlm_adapters.inference.generation import generate, resolve_template
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ _TRAILING_PUNCT = re.compile(r"[\s.!?,;:]+$")
 
 @dataclass
 class _Item:
+    where: str
+    """The data file and the sample, for errors."""
     turns: list[Mapping[str, Any]]
     reference: str
     question: str
@@ -50,20 +53,30 @@ def evaluate(
     template: str | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 8,
+    *,
+    source: str | Path = "",
 ) -> dict[str, Any]:
-    """Greedy answers and teacher-forced loss over ``records``.
+    """Greedy answers and teacher-forced loss over ``records`` (read from ``source``, the data
+    file that errors about a record name).
 
     Returns ``accuracy`` (exact match after :func:`normalize_answer`), ``loss`` (mean over
     answer tokens), ``n``, ``template``, ``per_type`` (accuracy per ``question_type``, for
     records that carry one) and ``samples`` (``(question, reference, prediction)`` per record).
+    No records is a DataError.
     """
     template = resolve_template(model, template)
-    items = [_item(record, index, Path(image_root)) for index, record in enumerate(records)]
+    if not records:
+        raise DataError(
+            f"{source or 'the eval data'}: no samples; add Q&A records, each ending with the "
+            "reference 'gpt' answer"
+        )
+    root = Path(image_root)
+    items = [_item(record, index, root, source) for index, record in enumerate(records)]
     was_training = model.training
     model.eval()
     try:
         predictions = _predict(model, items, template, batch_size, max_new_tokens)
-        loss = answer_loss(model, records, image_root, template, batch_size)
+        loss = answer_loss(model, records, image_root, template, batch_size, source=source)
     finally:
         model.train(was_training)
     hits = [
@@ -79,25 +92,45 @@ def evaluate(
     }
 
 
-def _item(record: Mapping[str, Any], index: int, root: Path) -> _Item:
+def _item(record: Mapping[str, Any], index: int, root: Path, source: str | Path) -> _Item:
     """Split a record into prompt turns and the reference answer."""
-    name = sample_id(record, index)
-    turns = list(record.get("conversations") or [])
-    roles = [role for role, _ in normalize_turns(turns)] if turns else []
-    if not roles or roles[-1] != "gpt" or "human" not in roles:
-        raise DataError(
-            f"eval sample {name!r} must end with a 'gpt' answer after a 'human' question; "
-            "the last answer is the reference"
-        )
+    where = _where(source, sample_id(record, index), index)
+    with _naming(where):
+        turns = record.get("conversations")
+        if not isinstance(turns, list):
+            raise DataError(f"'conversations' must be a list of turns, got {turns!r}")
+        roles = [role for role, _ in normalize_turns(turns)]
+        if not roles or roles[-1] != "gpt" or "human" not in roles:
+            raise DataError(
+                "an eval sample must end with a 'gpt' answer after a 'human' question; the "
+                "last answer is the reference"
+            )
+        images = [confined_path(root, path) for path in image_paths(record)]
     last_human = max(i for i, role in enumerate(roles) if role == "human")
     question = str(turns[last_human]["value"])
     return _Item(
+        where=where,
         turns=turns[:-1],
         reference=str(turns[-1]["value"]),
         question=question.replace(IMAGE_MARKER, "").strip(),
-        images=[_confined(root, path, name) for path in image_paths(record)],
+        images=images,
         question_type=record.get("question_type"),
     )
+
+
+def _where(source: str | Path, name: str, index: int) -> str:
+    """How errors name a record: its data file, id and index."""
+    file = f"{source}: " if source else ""
+    return f"{file}sample {name!r} (index {index})"
+
+
+@contextlib.contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Prefix a DataError raised inside with ``where`` (see :func:`_where`)."""
+    try:
+        yield
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from None
 
 
 def _predict(
@@ -110,26 +143,37 @@ def _predict(
     predictions: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        images = [[_open(path) for path in item.images] for item in chunk]
+        images = [_open(item) for item in chunk]
         turns = [item.turns for item in chunk]
-        predictions += generate(
-            model, turns, images, template=template, max_new_tokens=max_new_tokens
-        )
+        try:
+            predictions += generate(
+                model, turns, images, template=template, max_new_tokens=max_new_tokens
+            )
+        except DataError:
+            _blame(model, template, chunk, images)
+            raise
     return predictions
 
 
-def _confined(root: Path, relative: str, name: str) -> Path:
+def _open(item: _Item) -> list[Image.Image]:
     try:
-        return confined_path(root, relative)
+        return [open_image(path) for path in item.images]
     except ImageProblem as problem:
-        raise DataError(f"eval sample {name!r}: {problem}") from None
+        raise DataError(f"{item.where}: {problem}; check --images / image_root") from None
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        return open_image(path)
-    except ImageProblem as problem:
-        raise DataError(f"{problem}; check --images / image_root") from None
+def _blame(
+    model: VisionLanguageModel,
+    template: str,
+    chunk: list[_Item],
+    images: list[list[Image.Image]],
+) -> None:
+    """Raise, naming the sample, the error of the first prompt in ``chunk`` that cannot be
+    built (a batch's own error counts conversations within the batch)."""
+    processor = model.processor_for(template)
+    for item, sample_images in zip(chunk, images):
+        with _naming(item.where):
+            processor.prompt(item.turns, sample_images)
 
 
 @torch.no_grad()
@@ -139,21 +183,32 @@ def answer_loss(
     image_root: str | Path,
     template: str,
     batch_size: int = 64,
+    *,
+    source: str | Path = "",
 ) -> float:
-    """Teacher-forced cross-entropy, averaged over every supervised (answer) token."""
+    """Teacher-forced cross-entropy, averaged over every supervised (answer) token; a record
+    that cannot be encoded is a DataError naming it (and ``source``, its data file)."""
     dataset = LlavaDataset.for_model(
-        model, records, image_root=image_root, template=template, on_bad_sample="error"
+        model, records, image_root=image_root, template=template, source=source
     )
     collate = DataCollator(model.tokenizer.pad_token_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        if batch["skipped"]:
+            _refuse(batch["skipped"][0], source)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
         inputs = {k: v.to(device) if v is not None else None for k, v in inputs.items()}
         out = model(**inputs, num_items_in_batch=1)
         total += float(out.loss)
         count += out.num_tokens
     return total / max(count, 1)
+
+
+def _refuse(bad: Skipped, source: str | Path) -> None:
+    raise DataError(
+        f"{_where(source, bad.id, bad.index)}: {bad.reason}: {bad.detail}; fix or remove the sample"
+    )
 
 
 def _per_type(items: list[_Item], hits: list[bool]) -> dict[str, float]:
