@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -137,6 +138,21 @@ def test_skipped_samples_are_counted_and_an_all_skipped_batch_takes_no_step(tmp_
     listed = (tmp_path / "out" / "align" / "skipped.jsonl").read_text().splitlines()
     assert {json.loads(line)["reason"] for line in listed} == {"image unreadable"}
     assert sorted(json.loads(line)["index"] for line in listed) == list(range(1, 8))
+
+
+def test_the_epoch_skip_count_is_the_rows_of_skipped_jsonl(tmp_path, caplog):
+    config = write_tiny_config(tmp_path, num_train=8)
+    images = sorted((tmp_path / "shapes" / "images").glob("train_*"))
+    images[0].unlink()  # dropped by the up-front check
+    images[1].unlink()
+    images[2].write_bytes(b"not a png")  # skipped when its batch is built
+    caplog.set_level(logging.INFO, logger="vlm_adapters.training")
+    summary = train(config, "align", tmp_path / "out", overrides=["data.max_skip_fraction=1"])
+    rows = (tmp_path / "out" / "align" / "skipped.jsonl").read_text().splitlines()
+    assert len(rows) == summary["align"]["skipped"] == 3
+    assert "align epoch 0: skipped 3 of 8 samples: 2 image missing, 1 image unreadable" in (
+        caplog.text
+    )
 
 
 def test_finetune_alone_carries_the_stage1_connector_and_lora_trains(run, config_path, tmp_path):

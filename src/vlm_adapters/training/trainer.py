@@ -568,13 +568,17 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _report_skips(self, epoch: int) -> None:
+        """Record the epoch's skips (every process's), then log every sample skipped so far,
+        up front included: the count is the number of rows in ``skipped.jsonl``."""
         merged = SkipCounter()
         for counter in gather_object([self.skips]):
             merged.merge(counter)
-        if self.is_main:
-            where = f"; listed in {self._skipped_log()}" if self.skipped or merged.samples else ""
-            logger.info("%s epoch %d: %s%s", self.stage, epoch, merged.report(), where)
         self._record_skips(list(merged.samples.values()), f"epoch {epoch}")
+        if self.is_main:
+            every = SkipCounter(seen=self.num_samples)
+            every.add(list(self.skipped.values()))
+            where = f"; listed in {self._skipped_log()}" if self.skipped else ""
+            logger.info("%s epoch %d: %s%s", self.stage, epoch, every.report(), where)
 
     def _finish(self) -> None:
         self.accelerator.wait_for_everyone()
