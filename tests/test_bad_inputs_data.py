@@ -166,7 +166,52 @@ EVAL_CASES = [
 ]
 
 
-CASES = [*ENCODING_CASES, *EVAL_CASES]
+# --- run.lock ---------------------------------------------------------------------------------
+
+
+def _train_into_run(spoil: Callable[[Path], Any], *extra: str) -> Callable[[Env], Call]:
+    """``train --stage all`` into a copy of the shared run spoilt by ``spoil(run)``; the run
+    must stay exactly as it was."""
+
+    def setup(env: Env) -> Call:
+        run = env.run()
+        spoil(run)
+        argv = ["train", str(env.config()), "--out", str(run), "--stage", "all", *extra]
+        return Call(argv)
+
+    return setup
+
+
+def _lock_folder(run: Path) -> None:
+    (run / "run.lock").mkdir()
+    (run / "run.lock" / "mine.txt").write_text("not a lock\n")
+
+
+def _lock_bytes(content: bytes) -> Callable[[Path], None]:
+    return lambda run: (run / "run.lock").write_bytes(content)
+
+
+LOCK_CASES = [
+    Case("train-lock-is-a-folder", _train_into_run(_lock_folder), ("run.lock", "folder")),
+    Case(
+        "train-lock-garbage",
+        _train_into_run(_lock_bytes(b"\x00\xff\xfe garbage")),
+        ("run.lock", "cannot read", "delete"),
+    ),
+    Case(
+        "train-lock-cut-short",
+        _train_into_run(_lock_bytes(b'{"pid": 12')),
+        ("run.lock", "cannot read", "delete"),
+    ),
+    Case(
+        "train-lock-without-pid",
+        _train_into_run(_lock_bytes(b'{"host": "elsewhere"}')),
+        ("run.lock", "cannot read", "delete"),
+    ),
+]
+
+
+CASES = [*ENCODING_CASES, *EVAL_CASES, *LOCK_CASES]
 
 
 def test_cases_are_uniquely_named() -> None:

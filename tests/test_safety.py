@@ -210,6 +210,27 @@ def test_a_dead_runs_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     assert not (out / "run.lock").exists()
 
 
+def test_a_lock_that_cannot_be_read_is_refused_not_taken_over(tmp_path, monkeypatch):
+    from vlm_adapters.errors import OutputError
+    from vlm_adapters.training.rundir import acquire_lock
+
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps({"pid": 999_999_999, "host": socket.gethostname()}))
+    read_text = Path.read_text
+
+    def denied(path: Path, *args, **kwargs) -> str:
+        if path == lock:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)  # as root, chmod 000 would not stop a read
+    with pytest.raises(OutputError, match=r"run\.lock: cannot read .*PermissionError.*delete"):
+        acquire_lock(tmp_path)
+    monkeypatch.undo()
+    assert json.loads(lock.read_text())["pid"] == 999_999_999  # still the other run's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+
+
 def test_resuming_with_a_changed_config_needs_consent(tmp_path, caplog):
     from vlm_adapters.errors import ConfigError
     from vlm_adapters.training import train

@@ -111,15 +111,15 @@ def _lock_info() -> dict[str, Any]:
 
 
 def _take_over_if_stale(path: Path) -> None:
-    """Remove the lock of a dead process (with a warning); refuse a live one's."""
-    try:
-        info = json.loads(path.read_text())
-        owner = (str(info["host"]), int(info["pid"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        info, owner = {}, None
-    if owner is not None and process_alive(*owner):
+    """Remove the lock of a dead process (with a warning); refuse a live one's, and one we
+    cannot read (its run may be alive)."""
+    lock = _read_lock(path)
+    if lock is None:
+        return  # released meanwhile: try again
+    host, pid, info = lock
+    if process_alive(host, pid):
         raise OutputError(
-            f"{path.parent} is in use by another run (pid {owner[1]} on {owner[0]}, started "
+            f"{path.parent} is in use by another run (pid {pid} on {host}, started "
             f"{info.get('started', '?')}: {info.get('command', '?')}); use another --out, or "
             f"wait for it; if no such run exists, delete {path}"
         )
@@ -128,6 +128,24 @@ def _take_over_if_stale(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.replace(path, stale)
         stale.unlink()
+
+
+def _read_lock(path: Path) -> tuple[str, int, dict[str, Any]] | None:
+    """The host, pid and content of a lock, or None when it is gone; an OutputError when it
+    is not a lock file a run wrote (a folder, a link, unreadable or unparsable content)."""
+    if path.is_symlink() or path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a plain file"
+        raise OutputError(f"{path} is {what}, so not a run lock; move it away or use another --out")
+    try:
+        info = json.loads(path.read_text())
+        return str(info["host"]), int(info["pid"]), info
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OutputError(
+            f"{path}: cannot read this run lock ({type(error).__name__}: {error}), so a run may "
+            f"still hold it; if no run uses {path.parent}, delete {path} and run again"
+        ) from None
 
 
 def release_lock(out: Path) -> None:
