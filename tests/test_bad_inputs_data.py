@@ -5,6 +5,7 @@ the run's ``--out`` changed (see tests/scripts/bad_input_kit.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -211,7 +212,43 @@ LOCK_CASES = [
 ]
 
 
-CASES = [*ENCODING_CASES, *EVAL_CASES, *LOCK_CASES]
+# --- resuming after the model changed ---------------------------------------------------------
+
+
+def _without_final(run: Path) -> None:
+    """The align stage unfinished: resume auto takes its step-1 checkpoint."""
+    shutil.rmtree(run / "align" / "final")
+    shutil.rmtree(run / "align" / "connector")
+
+
+RESUME_CASES = [
+    Case(
+        "train-resume-connector-width-changed",
+        _train_into_run(
+            lambda run: None, "--resume", "auto", "--allow-config-change", "connector.hidden_dim=64"
+        ),
+        ("connector.hidden_dim: None -> 64", "--allow-config-change", "model"),
+    ),
+    Case(
+        "train-resume-llm-width-changed",
+        _train_into_run(
+            _without_final,
+            "--resume",
+            "auto",
+            "--allow-config-change",
+            "llm.config.hidden_size=64",
+        ),
+        ("llm.config.hidden_size: 32 -> 64", "--allow-config-change", "model"),
+    ),
+    Case(
+        "train-resume-model-changed-without-consent",
+        _train_into_run(lambda run: None, "--resume", "auto", "connector.depth=3"),
+        ("connector.depth: None -> 3", "model"),
+    ),
+]
+
+
+CASES = [*ENCODING_CASES, *EVAL_CASES, *LOCK_CASES, *RESUME_CASES]
 
 
 def test_cases_are_uniquely_named() -> None:

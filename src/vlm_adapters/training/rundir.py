@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vlm_adapters._io import check_output_dir, claim_entries, process_alive, temp_name
+from vlm_adapters.config import SECTIONS
 from vlm_adapters.errors import ConfigError, OutputError, VLMError
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -158,7 +159,9 @@ def release_lock(out: Path) -> None:
 
 def check_resume_config(out: Path, config: dict[str, Any], allow_change: bool) -> None:
     """Refuse to resume with a config that differs (outside :data:`RUNTIME_KEYS`) from the
-    one the run started with, unless ``allow_change``; the message lists every difference."""
+    one the run started with, unless ``allow_change``; the message lists every difference.
+    A changed model section (vision, connector, llm) is refused even with ``allow_change``:
+    the checkpoints hold weights of the model the run started with."""
     saved_path = out / CONFIG_NAME
     if not saved_path.is_file():
         return
@@ -167,16 +170,32 @@ def check_resume_config(out: Path, config: dict[str, Any], allow_change: bool) -
     except yaml.YAMLError:
         raise ConfigError(f"{saved_path}: unreadable; the run directory is damaged") from None
     changes = [c for c in config_differences(saved, config) if c[0] not in RUNTIME_KEYS]
+    _refuse_model_change(saved_path, [c for c in changes if c[0].split(".")[0] in SECTIONS])
     if not changes:
         return
-    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
     if allow_change:
-        logger.warning("resuming with a changed config: %s", listed)
+        logger.warning("resuming with a changed config: %s", _listed(changes))
         return
     raise ConfigError(
-        f"the config differs from the one {out} was started with ({listed}); resume with the "
-        "same config, or pass --allow-config-change"
+        f"the config differs from the one {out} was started with ({_listed(changes)}); resume "
+        "with the same config, or pass --allow-config-change"
     )
+
+
+def _refuse_model_change(saved_path: Path, changes: list[tuple[str, Any, Any]]) -> None:
+    """A ConfigError listing ``changes`` to the model sections, if any."""
+    if changes:
+        raise ConfigError(
+            f"the model differs from the one {saved_path.parent} was started with "
+            f"({_listed(changes)}); --allow-config-change covers training settings (data, "
+            "stages, run), not the model's shape (vision, connector, llm: the weights in the "
+            f"checkpoints); resume with the model sections of {saved_path}, or train into "
+            "another --out"
+        )
+
+
+def _listed(changes: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
