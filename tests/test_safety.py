@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.cli import main
@@ -243,3 +244,19 @@ def test_resuming_with_a_changed_config_needs_consent(tmp_path, caplog):
         train(config, "align", out, resume="auto", overrides=changed)
     train(config, "align", out, resume="auto", overrides=changed, allow_config_change=True)
     assert "resuming with a changed config: stages.align.lr" in caplog.text
+
+
+def test_resume_takes_another_attention_kernel_but_not_another_model(tmp_path):
+    from vlm_adapters.errors import ConfigError
+    from vlm_adapters.training.rundir import check_resume_config
+
+    config = yaml.safe_load(write_tiny_config(tmp_path, num_train=8).read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    kernel = {**config, "llm": {**config["llm"], "attn_implementation": "sdpa"}}
+    check_resume_config(out, kernel, allow_change=False)  # same weights, another kernel
+    wider = {**config, "llm": {**config["llm"], "config": {**config["llm"]["config"]}}}
+    wider["llm"]["config"]["hidden_size"] *= 2
+    with pytest.raises(ConfigError, match=r"llm\.config\.hidden_size.*not the model's shape"):
+        check_resume_config(out, wider, allow_change=True)

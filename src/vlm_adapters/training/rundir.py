@@ -34,6 +34,7 @@ RUNTIME_KEYS = frozenset(
         "data.num_workers",
         "stages.align.feature_cache",
         "stages.finetune.feature_cache",
+        "llm.attn_implementation",  # the same weights through another attention kernel
     }
 )
 """Settings a resumed run may change: they do not change what is trained."""
