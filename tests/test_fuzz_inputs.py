@@ -299,6 +299,7 @@ def _commands(env: Env, value: str) -> dict[str, list[str]]:
     value=ARG,
 )
 @example(command="cache-batch", value="0")
+@example(command="eval-batch", value="0")
 @example(command="cache-device", value="tpu9")
 @example(command="cache-device", value="cuda")
 def test_argument_values(shared: Shared, command: str, value: str) -> None:
@@ -370,9 +371,20 @@ STATES: dict[str, Callable[[Path], None]] = {
     flags=st.sampled_from(((), ("--resume", "auto"), ("--overwrite",))),
 )
 @example(state="lock-folder", flags=())
+@example(state="config-is-folder", flags=("--overwrite",))
+@example(state="out-symlink", flags=("--overwrite",))
 @example(state="lock-garbage", flags=("--resume", "auto"))
 def test_folder_states(shared: Shared, state: str, flags: tuple[str, ...]) -> None:
     with _case(shared) as env:
         STATES[state](env.out)
-        users = env.out.is_symlink() or env.out.is_file()  # not a folder we could have made
-        _outcome(_train(env, *flags), env.tmp, None if users else env.out)
+        notes = {p: p.read_bytes() for p in env.tmp.rglob("notes.txt")}
+        _outcome(_train(env, *flags), env.tmp, _scratch(env.out, flags))
+        assert notes == {p: p.read_bytes() for p in notes}  # the user's files are kept
+
+
+def _scratch(out: Path, flags: tuple[str, ...]) -> Path | None:
+    """What the run may write: ``out``, or the user's folder it links to with ``--overwrite``
+    (our files beside theirs); nothing when ``out`` is the user's file."""
+    if out.is_symlink():
+        return out.resolve() if "--overwrite" in flags else None
+    return None if out.is_file() else out

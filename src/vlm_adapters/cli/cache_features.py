@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vlm_adapters.cli._rest import parse_rest
+from vlm_adapters.cli._rest import parse_rest, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,20 +31,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="one stage (default: every stage of the recipe that has a feature_cache)",
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=32, help="images per tower pass (default 32)"
+        "--batch-size", type=positive_int, default=32, help="images per tower pass (default 32)"
     )
     parser.add_argument("--device", help="e.g. cpu, cuda:1 (default: cuda when available)")
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} images per pass; use 1 or more")
-    return value
 
 
 def _device(name: str | None) -> str:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from vlm_adapters.cli._inference import add_trust_option, load_checkpoint
+from vlm_adapters.cli._rest import positive_int
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +17,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--data", required=True, help="LLaVA JSON/JSONL; last turn = reference.")
     parser.add_argument("--images", required=True, help="Directory the image paths start from.")
     parser.add_argument("--template", help="Chat template; default: the checkpoint's.")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--show", type=int, default=5, help="Print this many sample answers.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")

@@ -16,7 +16,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from vlm_adapters._io import check_output_dir, claim_entries, process_alive, temp_name
+from vlm_adapters._io import (
+    check_output_dir,
+    claim_entries,
+    process_alive,
+    temp_name,
+    written_by_us,
+)
 from vlm_adapters.config import SECTIONS
 from vlm_adapters.errors import ConfigError, OutputError, VLMError
 
@@ -77,9 +83,23 @@ def locked_run_dir(out: Path, *, overwrite: bool, state: Any) -> Iterator[Path]:
 
 def _claim(out: Path, overwrite: bool) -> None:
     check_output_dir(out, overwrite=overwrite)
+    _refuse_foreign_entries(out)
     out.mkdir(parents=True, exist_ok=True)
     acquire_lock(out)
     claim_entries(out, RUN_ENTRIES)
+
+
+def _refuse_foreign_entries(out: Path) -> None:
+    """An OutputError when ``out`` holds, under a name the run writes, something we did not
+    write (``--overwrite`` adds our files beside the user's, it never replaces one)."""
+    ours = set(written_by_us(out) or ()) if out.is_dir() else set()
+    for name in RUN_ENTRIES:
+        path = out / name
+        if name != LOCK_NAME and name not in ours and (path.exists() or path.is_symlink()):
+            raise OutputError(
+                f"{path} exists and was not written by vlm-adapters; --overwrite adds the run's "
+                "files beside yours but never replaces one: move it, or choose another --out"
+            )
 
 
 def acquire_lock(out: Path) -> None:
