@@ -11,10 +11,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vlm_adapters import VisionLanguageModel, build_vlm  # noqa: E402
 from vlm_adapters.testing import tiny_model_config, tiny_tokenizer  # noqa: E402
+
+# The input fuzzer (test_fuzz_inputs.py): the suite runs the same bounded examples every time;
+# `pytest --hypothesis-profile deep` explores further.
+settings.register_profile(
+    "ci", max_examples=12, derandomize=True, database=None, deadline=None, print_blob=True
+)
+settings.register_profile("deep", max_examples=150, database=None, deadline=None)
+settings.load_profile("ci")
 
 # Tiny models: thread start-up and spinning cost far more than the maths on a shared machine.
 torch.set_num_threads(1)

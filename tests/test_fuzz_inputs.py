@@ -3,8 +3,9 @@ values and folder states, runs the real CLI in-process on copies of a tiny setup
 what every input must give: exit 0 or 2, never 1 (a bug) or an uncaught exception; on 2 one
 line ``vlm-adapters COMMAND: error: ...``; nothing written outside the run's ``--out``.
 
-Runs are derandomized (the same examples every time, no example database), so the suite's time
-is bounded. Inputs that once found a failure are pinned with ``@example``.
+The suite runs the derandomized ``ci`` profile (the same examples every time, no example
+database), so its time is bounded; ``--hypothesis-profile deep`` explores further with random
+examples. Inputs that once found a failure are pinned with ``@example``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,7 @@ from vlm_adapters.cli import main
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from bad_input_kit import Env, Shared, _snapshot, make_shared  # noqa: E402
 
-FUZZ = settings(
-    max_examples=12,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
