@@ -151,3 +151,37 @@ def test_type_switch_keeps_keys_overridden_with_it(overrides: Any) -> None:
 def test_override_through_a_non_mapping_fails() -> None:
     with pytest.raises(ConfigError, match="override connector.depth.x: depth is not a mapping"):
         apply_overrides({"connector": {"type": "mlp", "depth": 2}}, ["connector.depth.x=1"])
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("[1", "expected ',' or ']'"),
+        ("!!python/object/apply:os.system [echo hi]", "!!python/object/apply:os.system"),
+        ("{depth: 2, depth: 3}", "duplicate key 'depth'"),
+    ],
+)
+def test_an_override_value_that_is_not_plain_yaml_is_one_line(value: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({"connector": {"type": "mlp"}}, [f"connector.depth={value}"])
+    message = str(info.value)
+    assert message.startswith(f"override 'connector.depth={value}': ") and "\n" not in message
+    assert problem in message
+
+
+def test_a_key_given_twice_is_refused_but_a_merged_key_may_be_overridden(
+    tmp_path: Path, tokenizer_dir: str
+) -> None:
+    path = tmp_path / "model.yaml"
+    sections = yaml.safe_dump(tiny_model_config(tokenizer_dir))
+    path.write_text(
+        "mlp: &mlp {type: mlp, depth: 2}\n"
+        + sections.replace("connector:\n  type: mlp\n", "connector:\n  <<: *mlp\n  depth: 3\n")
+    )
+    assert load_config(path).connector.params.depth == 3  # `<<` gives defaults to override
+    path.write_text(sections.replace("connector:\n", "connector:\n  depth: 2\n  depth: 3\n"))
+    line = sections.splitlines().index("connector:") + 3
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    expected = f"{path}:{line}: duplicate key 'depth' (first on line {line - 1}); YAML would"
+    assert str(info.value).startswith(expected)

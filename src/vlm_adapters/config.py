@@ -89,16 +89,71 @@ def _split(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. connector.type=mlp")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), load_yaml(value)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override {item!r}: duplicate key {exc.key!r}; give it once") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {item!r}: the value is not plain YAML ({_problem(exc)}); write a number, "
+            "true/false, a [list], a {mapping} or text (quoted if it holds YAML syntax)"
+        ) from None
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice (PyYAML would keep the last value silently)."""
+
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping; a key merged in with
+    ``<<`` may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1, first[key])
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely (plain values only, no tags that build objects), refusing
+    duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong, without the quoted source."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        return exc.problem.replace("tag:yaml.org,2002:", "!!")
+    return " ".join(str(exc).split())
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Load a YAML mapping with a clear error for a missing file or bad syntax."""
+    """Load a YAML mapping with a clear error for a missing file, bad syntax or a key given
+    twice."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{path}:{exc.line}: duplicate key {exc.key!r} (first on line {exc.first}); YAML "
+            "would keep only the last value: remove one"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
