@@ -7,12 +7,16 @@ or sample) and the fix, before anything trains (see tests/scripts/bad_input_kit.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from bad_input_kit import Call, Case, Env, Shared, check_case, make_shared  # noqa: E402
+from bad_input_kit import Call, Case, Edit, Env, Shared, _set, check_case, make_shared  # noqa: E402
+
+from vlm_adapters._transformers import flash_attention_available  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,23 @@ def _duplicate_key_in_yaml(env: Env) -> Call:
     return call
 
 
+def _token_budget_below_a_sample(env: Env) -> Call:
+    """Every align answer three words long (19 tokens with the 16 visual ones), but sample 5's
+    thirty words (46 tokens), with a budget of 40 tokens per micro-batch."""
+    records = env.records()
+    for record in records:
+        record["conversations"][1]["value"] = "a red circle"
+    records[5]["conversations"][1]["value"] = "red " * 30
+    env.write_data(records)
+    return env.train("data.max_tokens_per_batch=40")
+
+
+def _generate(edit: Edit) -> Callable[[Env], Call]:
+    return lambda env: Call(["generate", str(env.ckpt(edit)), "--prompt", "hi"])
+
+
 _PYTHON_TAG = "run.seed=!!python/object/apply:os.system [touch pwned]"
+_IMAGE_SIZE = ("vision.image_size", "48-pixel", "32 pixels", "vision.image_size: 32")
 
 CASES = [
     _override("train-override-not-yaml", "run.seed=[1", "'run.seed=[1'", "not plain YAML"),
@@ -49,6 +69,58 @@ CASES = [
         _duplicate_key_in_yaml,
         ("tiny.yaml:2: duplicate key 'recipe' (first on line 1)", "remove one"),
     ),
+    _override("train-image-size-not-the-towers", "vision.image_size=48", *_IMAGE_SIZE, "tiny.yaml"),
+    _override(
+        "train-inline-processor-size-not-the-towers",
+        "vision.image_processor={image_processor_type: SiglipImageProcessor, "
+        "size: {height: 48, width: 48}}",
+        "vision.image_processor",
+        "48-pixel",
+        "32 pixels",
+    ),
+    Case(
+        "generate-image-size-not-the-towers",
+        _generate(_set("vision.image_size", 48)),
+        (*_IMAGE_SIZE, "config.json"),
+    ),
+    Case(
+        "train-token-budget-below-a-sample",
+        _token_budget_below_a_sample,
+        (
+            "data.max_tokens_per_batch: 40",
+            "'align-00005'",
+            "align.json",
+            "46 tokens",
+            "at least 46",
+        ),
+    ),
+]
+
+# cases whose input is only bad on some machines
+NO_FLASH_ATTENTION = [
+    _override(
+        "train-flash-attention-2-unavailable",
+        "llm.attn_implementation=flash_attention_2",
+        "llm.attn_implementation",
+        "flash-attn",
+        "sdpa",
+        "tiny.yaml",
+    ),
+    Case(
+        "generate-inline-flash-attention-3-unavailable",
+        _generate(_set("llm.config.attn_implementation", "flash_attention_3")),
+        ("llm.config", "flash-attn-3", "sdpa", "config.json"),
+    ),
+]
+CPU_ONLY = [
+    _override(
+        "train-fp16-on-cpu",
+        "run.mixed_precision=fp16",
+        "run.mixed_precision",
+        "bf16",
+        "CPU",
+        "tiny.yaml",
+    ),
 ]
 
 
@@ -58,6 +130,34 @@ def _ids(cases: list[Case]) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
 def test_bad_config_input(
+    case: Case,
+    shared: Shared,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    check_case(case, shared, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.skipif(
+    flash_attention_available("flash_attention_2")
+    or flash_attention_available("flash_attention_3"),
+    reason="FlashAttention runs on this machine",
+)
+@pytest.mark.parametrize("case", NO_FLASH_ATTENTION, ids=_ids(NO_FLASH_ATTENTION))
+def test_flash_attention_without_its_kernel(
+    case: Case,
+    shared: Shared,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    check_case(case, shared, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="an accelerator runs fp16")
+@pytest.mark.parametrize("case", CPU_ONLY, ids=_ids(CPU_ONLY))
+def test_fp16_on_a_cpu(
     case: Case,
     shared: Shared,
     tmp_path: Path,

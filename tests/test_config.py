@@ -12,6 +12,7 @@ import yaml
 
 import vlm_adapters
 from vlm_adapters import ConfigError, apply_overrides, load_config
+from vlm_adapters.config import model_config_from_dict
 from vlm_adapters.testing import tiny_model_config
 
 WriteYaml = Callable[[dict[str, Any]], str]
@@ -185,3 +186,16 @@ def test_a_key_given_twice_is_refused_but_a_merged_key_may_be_overridden(
         load_config(path)
     expected = f"{path}:{line}: duplicate key 'depth' (first on line {line - 1}); YAML would"
     assert str(info.value).startswith(expected)
+
+
+def test_an_image_size_the_tower_cannot_take_is_refused_before_building(
+    write_yaml: WriteYaml, tokenizer_dir: str
+) -> None:
+    _raises(
+        write_yaml({"vision": {"image_size": 48}}),
+        r"vision.image_size: gives 48-pixel images, but the 'clip_vision_model' tower's position "
+        r"embeddings are for 32 pixels .*; set vision.image_size: 32",
+    )
+    dinov2 = tiny_model_config(tokenizer_dir, vision="hf_dinov2")
+    dinov2["vision"]["image_size"] = 48  # DINOv2 resizes its position embeddings
+    assert model_config_from_dict(dinov2).vision.params.probe() == ((48 // 8) ** 2, 32)

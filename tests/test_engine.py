@@ -71,7 +71,18 @@ def test_mixed_precision_autocasts_on_cpu(tmp_path, precision, dtype):
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "bf16",
+        pytest.param(
+            "fp16",
+            marks=pytest.mark.skipif(
+                not torch.accelerator.is_available(), reason="fp16 needs an accelerator"
+            ),
+        ),
+    ],
+)
 def test_mixed_precision_from_the_command_line_runs_both_stages(tmp_path, capsys, precision):
     config = write_tiny_config(tmp_path, num_train=4)
     out = tmp_path / "out"

@@ -159,7 +159,7 @@ def test_llava_next_checkpoints_we_cannot_represent_are_refused(
         ("hf", {"type": "pool", "factor": 2}, {}, "'pool' has no counterpart"),
         ("timm", "mlp", {}, "not a transformers vision model"),
         ("hf_dinov2_registers", "mlp", {}, "5 prefix tokens"),
-        ("hf", "mlp", {"image_size": 16}, "tiles are 16 pixels but the tower's config says"),
+        ("hf_dinov2", "mlp", {"image_size": 16}, "tiles are 16 pixels but the tower's config"),
     ],
 )
 def test_unexportable_tiled_compositions_say_why(

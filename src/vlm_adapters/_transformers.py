@@ -16,12 +16,32 @@ _CODE_KEYS = ("auto_map", "trust_remote_code")
 T = TypeVar("T")
 
 
+_FLASH_PACKAGES = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn-3"}
+"""The package each FlashAttention implementation needs (installed, with a CUDA GPU)."""
+
+
 def check_attn_implementation(value: str | None) -> str | None:
+    """A known attention implementation whose kernel this machine has (without one,
+    transformers would fail at load, or fetch a kernel from the hub and run it)."""
     if value is not None and value not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention implementation {value!r}; use one of {ATTN_IMPLEMENTATIONS}"
         )
+    if value in _FLASH_PACKAGES and not flash_attention_available(value):
+        package = _FLASH_PACKAGES[value]
+        raise ValueError(
+            f"{value} needs the {package} package and a CUDA GPU, and transformers finds no "
+            f"usable {package} here; install {package} (on a CUDA machine), or use sdpa or eager"
+        )
     return value
+
+
+def flash_attention_available(value: str) -> bool:
+    """Whether transformers can run FlashAttention ``value`` from its own package here."""
+    from transformers.utils import import_utils
+
+    version = value.removeprefix("flash_attention_")
+    return bool(getattr(import_utils, f"is_flash_attn_{version}_available")())
 
 
 def check_inline_config(config: dict[str, Any] | None, where: str = "config") -> Any:

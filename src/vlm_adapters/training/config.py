@@ -262,6 +262,17 @@ def check_quantized_llm(config: TrainConfig) -> None:
         )
 
 
+def check_precision(config: TrainConfig, device_type: str) -> None:
+    """fp16 autocast runs on accelerators only: on a CPU accelerate trains in fp32 instead,
+    without a word; bf16 autocasts on CPUs too."""
+    if config.run.mixed_precision == "fp16" and device_type == "cpu":
+        prefix = f"{config.where}: " if config.where else ""
+        raise ConfigError(
+            f"{prefix}run.mixed_precision: fp16 needs a GPU, and this run is on the CPU, where "
+            "it would silently train in fp32; use bf16 (CPUs autocast to it) or no"
+        )
+
+
 def check_max_length(config: TrainConfig, context: int) -> None:
     """``data.max_length`` must fit the LLM's context (longer sequences crash or train junk)."""
     length = config.data.max_length

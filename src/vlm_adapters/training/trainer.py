@@ -36,7 +36,7 @@ from vlm_adapters.data import (
     load_records,
 )
 from vlm_adapters.data.feature_cache import FeatureCache
-from vlm_adapters.data.llava import Records, Skipped
+from vlm_adapters.data.llava import Records, Skipped, sample_id
 from vlm_adapters.data.packing import PackingCollator, TokenBudgetBatchSampler, check_packing
 from vlm_adapters.errors import (
     CheckpointError,
@@ -58,7 +58,12 @@ from vlm_adapters.training.checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from vlm_adapters.training.config import TrainConfig, check_max_length, save_train_config
+from vlm_adapters.training.config import (
+    TrainConfig,
+    check_max_length,
+    check_precision,
+    save_train_config,
+)
 from vlm_adapters.training.features import describe_fill, fill_feature_cache
 from vlm_adapters.training.progress import Progress, plot_loss, read_metrics
 from vlm_adapters.training.recipes import (
@@ -117,6 +122,7 @@ def make_accelerator(config: TrainConfig, out: str | Path) -> Accelerator:
         log_with=config.run.trackers or None,
         project_dir=str(out),
     )
+    check_precision(config, accelerator.device.type)
     _warn_if_engine_fell_back(accelerator)
     return accelerator
 
@@ -343,6 +349,9 @@ class Trainer:
         self.records = None  # the dataset holds them
         self.skipped = _read_skipped(self._skipped_log())  # a resumed run keeps its list
         self._record_skips(skipped, "the up-front check")
+        budget = self.config.data.max_tokens_per_batch
+        if budget:
+            check_token_budget(dataset, budget, self.config.where)
         if self.settings.feature_cache:
             dataset.feature_cache = self._fill_cache(dataset.image_files())
         return dataset
@@ -779,6 +788,23 @@ def checked_dataset(
     )
     kept, skipped = dataset.precheck()
     return kept, skipped, len(records)
+
+
+def check_token_budget(dataset: LlavaDataset, budget: int, where: str) -> None:
+    """A micro-batch of ``budget`` tokens must hold the longest sample alone: a smaller
+    budget cannot be honoured (each such sample would make an over-budget batch)."""
+    lengths = [abs(length) for length in dataset.lengths]
+    longest = max(lengths, default=0)
+    if longest <= budget:
+        return
+    position = dataset.positions[lengths.index(longest)]
+    name = sample_id(dataset.records[position], position)
+    prefix = f"{where}: " if where else ""
+    raise ConfigError(
+        f"{prefix}data.max_tokens_per_batch: {budget} tokens cannot hold sample {name!r} of "
+        f"{dataset.source} ({longest} tokens estimated, visual tokens included: the longest); "
+        f"raise it to at least {longest}"
+    )
 
 
 def _check_model_fits(config: TrainConfig, model: Any, datasets: dict[str, Any]) -> None:

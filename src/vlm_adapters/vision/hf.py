@@ -60,7 +60,11 @@ class HFVisionConfig(VisionConfig):
     feature_layer: int | list[int] = Field(
         -2, description="Hidden-state index to use, or a list of indices to concatenate."
     )
-    image_size: int | None = Field(None, description="Input resolution; default: the model's.")
+    image_size: int | None = Field(
+        None,
+        description="Input resolution; default: the model's. Only a tower that resizes its "
+        "position embeddings (DINOv2) takes another size than its config's image_size.",
+    )
     image_mean: tuple[float, float, float] | None = Field(
         None, description="Override normalisation."
     )
@@ -268,6 +272,25 @@ def check_resolution_options(cfg: HFVisionConfig, config: Any) -> None:
         raise ConfigError(
             f"vision.max_num_patches: only NaFlex towers (siglip2_vision_model) take it; the "
             f"{kind!r} tower has a fixed input size (vision.image_size)"
+        )
+    check_input_size(cfg, config)
+
+
+def check_input_size(cfg: HFVisionConfig, config: Any) -> None:
+    """A tower whose position embeddings are for one image size (CLIP, SigLIP, ViT...)
+    refuses any other at its first forward: ``image_size`` (else an inline image processor)
+    must give that size. DINOv2 interpolates its embeddings to any size."""
+    fixed = getattr(config, "image_size", None)
+    if is_naflex(config) or config.model_type.startswith("dinov2") or not isinstance(fixed, int):
+        return
+    key, size = "image_size", cfg.image_size
+    if size is None:
+        key, size = "image_processor", _inline_size(cfg.image_processor)
+    if size is not None and size != fixed:
+        raise ConfigError(
+            f"vision.{key}: gives {size}-pixel images, but the {config.model_type!r} tower's "
+            f"position embeddings are for {fixed} pixels (its config's image_size); set "
+            f"vision.image_size: {fixed}, or leave it unset for the tower's own size"
         )
 
 
