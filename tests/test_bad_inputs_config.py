@@ -6,6 +6,7 @@ or sample) and the fix, before anything trains (see tests/scripts/bad_input_kit.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from bad_input_kit import Call, Case, Edit, Env, Shared, _set, check_case, make_shared  # noqa: E402
 
 from vlm_adapters._transformers import flash_attention_available  # noqa: E402
+from vlm_adapters.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,24 @@ def _generate(edit: Edit) -> Callable[[Env], Call]:
     return lambda env: Call(["generate", str(env.ckpt(edit)), "--prompt", "hi"])
 
 
+def _eval(edit: Edit) -> Callable[[Env], Call]:
+    def setup(env: Env) -> Call:
+        data = env.root / "shapes" / "eval.json"
+        argv = ["eval", str(env.ckpt(edit)), "--data", str(data), "--images", str(data.parent)]
+        return Call(argv)
+
+    return setup
+
+
+def _export(edit: Edit) -> Callable[[Env], Call]:
+    def setup(env: Env) -> Call:
+        return Call(["export", str(env.ckpt(edit)), "--out", str(env.out)], scratch=env.out)
+
+    return setup
+
+
 _PYTHON_TAG = "run.seed=!!python/object/apply:os.system [touch pwned]"
+_UNKNOWN_KEY = ("config.json", "unknown top-level key 'adapter_stack'", "upgrade")
 _IMAGE_SIZE = ("vision.image_size", "48-pixel", "32 pixels", "vision.image_size: 32")
 
 CASES = [
@@ -69,6 +88,9 @@ CASES = [
         _duplicate_key_in_yaml,
         ("tiny.yaml:2: duplicate key 'recipe' (first on line 1)", "remove one"),
     ),
+    Case("generate-unknown-checkpoint-key", _generate(_set("adapter_stack", [])), _UNKNOWN_KEY),
+    Case("eval-unknown-checkpoint-key", _eval(_set("adapter_stack", [])), _UNKNOWN_KEY),
+    Case("export-unknown-checkpoint-key", _export(_set("adapter_stack", [])), _UNKNOWN_KEY),
     _override("train-image-size-not-the-towers", "vision.image_size=48", *_IMAGE_SIZE, "tiny.yaml"),
     _override(
         "train-inline-processor-size-not-the-towers",
@@ -165,3 +187,20 @@ def test_fp16_on_a_cpu(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     check_case(case, shared, tmp_path, monkeypatch, capsys)
+
+
+def test_import_says_it_ignored_a_trust_remote_code_request(
+    shared: Shared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    llava = tmp_path / "llava"
+    assert main(["export", str(shared.ckpt), "--out", str(llava)]) == 0
+    config = json.loads((llava / "config.json").read_text())
+    (llava / "config.json").write_text(json.dumps({**config, "trust_remote_code": True}))
+    capsys.readouterr()
+    assert main(["import", str(llava), "--out", str(tmp_path / "ours")]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    notices = [line for line in lines if line.startswith("notice: ")]
+    assert len(notices) == 1, lines
+    assert f"{llava}: its config.json sets trust_remote_code: true, which was ignored" in notices[0]
+    assert "--trust-remote-code" in notices[0]
+    assert (tmp_path / "ours" / "model.safetensors").is_file()

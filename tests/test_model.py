@@ -160,6 +160,20 @@ def test_loading_a_missing_component_names_its_package(tokenizer_dir: str, tmp_p
         vlm_adapters.VisionLanguageModel.from_pretrained(copy)
 
 
+def test_a_checkpoint_key_we_never_write_is_refused(tokenizer_dir: str, tmp_path: Path) -> None:
+    _model(tokenizer_dir).save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(path.read_text())
+    # what the first version wrote (no template, no LoRA) still loads
+    assert set(config) == {"format", "vision", "connector", "llm", "providers", "versions"}
+    vlm_adapters.VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    path.write_text(json.dumps({**config, "rope_scaling": {"factor": 4}}))
+    with pytest.raises(CheckpointError) as info:
+        vlm_adapters.VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    assert str(info.value).startswith(f"{path}: unknown top-level key 'rope_scaling' (written by")
+    assert "upgrade, or remove the key" in str(info.value)
+
+
 def test_loading_a_directory_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no config.json"):
         vlm_adapters.VisionLanguageModel.from_pretrained(tmp_path)

@@ -17,6 +17,7 @@ from vlm_adapters._transformers import load_or_explain
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES
 from vlm_adapters.connectors.base import ACTIVATIONS
 from vlm_adapters.errors import ExportError
+from vlm_adapters.model.io import asks_for_remote_code
 from vlm_adapters.vision.hf import HFVisionBackbone, processor_config
 
 if TYPE_CHECKING:
@@ -199,6 +200,13 @@ def _local_model_type(directory: Path) -> str | None:
             "use it directly"
         )
     return data.get("model_type")
+
+
+def ignored_code_request(source: str) -> str | None:
+    """The key (``trust_remote_code`` at any depth) by which a local checkpoint's config.json
+    asks to run code shipped with it: import never does, whatever the checkpoint says."""
+    path = Path(source) / "config.json"
+    return asks_for_remote_code(json.loads(path.read_text())) if path.is_file() else None
 
 
 def _recorded_template(path: Path) -> str | None:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
 
 PARTS = KINDS
+TOP_LEVEL_KEYS = ("format", *PARTS, *lora.CONFIG_KEYS.values(), "template", "providers", "versions")
+"""Every top-level key of config.json any version of vlm-adapters has written."""
 
 
 def save(
@@ -103,7 +105,23 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise CheckpointError(f"{path}: not a vlm-adapters checkpoint (format={found!r})")
+    check_top_level_keys(data, path)
     return data
+
+
+def check_top_level_keys(data: dict[str, Any], path: Path) -> None:
+    """Refuse a key we never write: it would be ignored, and what it asks for not done."""
+    unknown = [key for key in data if key not in TOP_LEVEL_KEYS]
+    if not unknown:
+        return
+    versions = data.get("versions")
+    written = versions.get("vlm-adapters") if isinstance(versions, dict) else None
+    ours = package_versions("vlm-adapters")["vlm-adapters"]
+    raise CheckpointError(
+        f"{path}: unknown top-level key {unknown[0]!r} (written by vlm-adapters {written}, this "
+        f"is {ours}); a newer vlm-adapters may know it: upgrade, or remove the key if it was "
+        "added by hand"
+    )
 
 
 def _checkpoint_model_config(
@@ -116,7 +134,7 @@ def _checkpoint_model_config(
         if not isinstance(data.get(kind), dict) or "type" not in data[kind]:
             raise CheckpointError(f"{where}: no valid `{kind}` section; the file is corrupt")
     _require_components(data)
-    asks = _asks_for_remote_code(data)
+    asks = asks_for_remote_code(data)
     if asks and not trust_remote_code:
         raise TrustError(
             f"{where} asks to run code shipped with the model ({asks}: true); vlm-adapters never "
@@ -146,19 +164,19 @@ def _checkpoint_model_config(
     return config
 
 
-def _asks_for_remote_code(value: Any, where: str = "") -> str | None:
+def asks_for_remote_code(value: Any, where: str = "") -> str | None:
     """The first ``trust_remote_code: true`` anywhere in ``value`` (its dotted key), or None."""
     if isinstance(value, dict):
         for key, item in value.items():
             here = f"{where}.{key}" if where else str(key)
             if key == "trust_remote_code" and item:
                 return here
-            found = _asks_for_remote_code(item, here)
+            found = asks_for_remote_code(item, here)
             if found:
                 return found
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            found = _asks_for_remote_code(item, f"{where}[{index}]")
+            found = asks_for_remote_code(item, f"{where}[{index}]")
             if found:
                 return found
     return None
