@@ -69,6 +69,14 @@ def _export(edit: Edit) -> Callable[[Env], Call]:
     return setup
 
 
+def _smoke(*args: str) -> Callable[[Env], Call]:
+    def setup(env: Env) -> Call:
+        out = env.tmp / "smoke"
+        return Call(["smoke", str(out), *args], absent=(out,))
+
+    return setup
+
+
 _PYTHON_TAG = "run.seed=!!python/object/apply:os.system [touch pwned]"
 _UNKNOWN_KEY = ("config.json", "unknown top-level key 'adapter_stack'", "upgrade")
 _IMAGE_SIZE = ("vision.image_size", "48-pixel", "32 pixels", "vision.image_size: 32")
@@ -115,6 +123,16 @@ CASES = [
             "46 tokens",
             "at least 46",
         ),
+    ),
+    Case(
+        "smoke-unknown-llm-family",
+        _smoke("--llm", "qwen3"),
+        ("--llm 'qwen3'", "did you mean 'qwen2'", "llama, qwen2"),
+    ),
+    Case(
+        "smoke-unknown-vision-variant",
+        _smoke("--vision", "hf_sigl"),
+        ("--vision 'hf_sigl'", "did you mean 'hf_siglip'"),
     ),
 ]
 

@@ -13,6 +13,7 @@ from torch import nn
 from vlm_adapters import ComponentSpec
 from vlm_adapters.cli import main
 from vlm_adapters.connectors import Connector, ConnectorConfig
+from vlm_adapters.errors import ConfigError
 from vlm_adapters.testing import registered
 from vlm_adapters.testing.smoke import smoke_section
 
@@ -92,10 +93,16 @@ def test_smoke_train_flag_runs_it_with_tiny_variants(
 def test_smoke_sections_for_builtins_and_plugins(tmp_path: Path) -> None:
     assert smoke_section("connector", "pool", "tok") == {"type": "pool", "factor": 2}
     assert smoke_section("llm", "hf", "tok")["config"]["model_type"] == "llama"
-    assert smoke_section("llm", "my_llm", "tok") == {"type": "my_llm", "tokenizer": "tok"}
     plugin = ComponentSpec("connector", "linear_x", Scaled, ScaledConfig, "x")
     with registered(plugin):
         assert smoke_section("connector", "linear_x", "tok") == {"type": "linear_x"}
+    llm = ComponentSpec("llm", "my_llm", Scaled, ScaledConfig, "x")
+    with registered(llm, provider="vlm-adapters-my-llm"):
+        assert smoke_section("llm", "my_llm", "tok") == {"type": "my_llm", "tokenizer": "tok"}
+    with pytest.raises(
+        ConfigError, match=r"--llm 'my_llm': no such llm type; .*tiny variants: llama"
+    ):
+        smoke_section("llm", "my_llm", "tok")
 
 
 def test_smoke_refuses_bad_requests_before_writing(
@@ -104,9 +111,7 @@ def test_smoke_refuses_bad_requests_before_writing(
     out = tmp_path / "smoke"
     assert main(["smoke", str(out), "--connector", "mpl"]) == 2
     err = capsys.readouterr().err
-    assert (
-        "smoke.yaml: connector.type: unknown connector component 'mpl' (did you mean 'mlp'?)" in err
-    )
+    assert "--connector 'mpl': no such connector type (did you mean 'mlp'?); types: " in err
     assert not out.exists()
     assert main(["smoke", str(out), "connector.depth=0"]) == 2
     assert "connector.depth: Input should be greater than or equal to 1" in capsys.readouterr().err

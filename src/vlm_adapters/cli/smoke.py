@@ -7,6 +7,7 @@ import shlex
 from typing import Any
 
 from vlm_adapters.cli._rest import parse_rest
+from vlm_adapters.testing.tiny import LLM_FAMILIES, VISION_VARIANTS
 
 
 def add_parser(sub: Any) -> None:
@@ -29,13 +30,16 @@ def add_parser(sub: Any) -> None:
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--vision", default="hf", help="vision type or tiny variant (default: hf, a tiny CLIP)"
+        "--vision",
+        default="hf",
+        help="vision type, or a tiny variant of a built-in one: "
+        f"{', '.join(VISION_VARIANTS)} (default: hf, a tiny CLIP)",
     )
     parser.add_argument("--connector", default="mlp", help="connector type (default: mlp)")
     parser.add_argument(
         "--llm",
         default="hf",
-        help="LLM type or tiny family, e.g. qwen2 (default: hf, a tiny Llama)",
+        help=f"LLM type, or a tiny family: {', '.join(LLM_FAMILIES)} (default: hf, a tiny Llama)",
     )
     parser.add_argument(
         "--images", type=int, default=8, help="synthetic training images (default: 8)"

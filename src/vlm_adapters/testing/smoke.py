@@ -3,6 +3,7 @@ config that trains a tiny model with their component in seconds (``vlm-adapters 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,13 @@ from vlm_adapters._io import atomic_write_text, check_output_dir, claim_entries
 from vlm_adapters.config import apply_overrides
 from vlm_adapters.errors import ConfigError
 from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry
-from vlm_adapters.testing.tiny import IMAGE_SIZE, tiny_section, tiny_tokenizer
+from vlm_adapters.testing.tiny import (
+    IMAGE_SIZE,
+    LLM_FAMILIES,
+    VISION_VARIANTS,
+    tiny_section,
+    tiny_tokenizer,
+)
 
 CONFIG_NAME = "smoke.yaml"
 RUN_NAME = "run"
@@ -28,18 +35,34 @@ _REST: dict[str, Any] = {
 }
 
 
+TINY_VARIANTS: dict[str, tuple[str, ...]] = {"vision": VISION_VARIANTS, "llm": LLM_FAMILIES}
+"""Tiny variants a smoke run takes besides the registered types (``hf_siglip``, ``qwen2``...)."""
+
+
 def smoke_section(kind: str, name: str, tokenizer_dir: str) -> dict[str, Any]:
     """The section to smoke-test ``name`` of ``kind``: the tiny config of a built-in type (or a
     tiny variant such as ``hf_siglip`` / an LLM family such as ``qwen2``), else
     ``{"type": name}`` with the component's default options (an LLM also gets the tokenizer)."""
     default = {"type": name, "tokenizer": tokenizer_dir} if kind == "llm" else {"type": name}
     registry = get_registry()
-    if name in registry.names(kind) and registry.get(kind, name).provider != BUILTIN_PROVIDER:
+    types = registry.names(kind)
+    if name in types and registry.get(kind, name).provider != BUILTIN_PROVIDER:
         return default  # a plugin's component, even if its name is also a tiny variant's
     try:
         return tiny_section(kind, name, tokenizer_dir)
     except KeyError:
-        return default  # validated with the whole config: unknown names are reported there
+        if name not in types:
+            raise ConfigError(_unknown(kind, name, types)) from None
+        return default  # a built-in type without a tiny config: its default options
+
+
+def _unknown(kind: str, name: str, types: list[str]) -> str:
+    """Why ``--KIND NAME`` names nothing, with every name it takes."""
+    tiny = [n for n in TINY_VARIANTS.get(kind, ()) if n not in types]
+    close = difflib.get_close_matches(name, [*types, *tiny], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    variants = f"; tiny variants: {', '.join(tiny)}" if tiny else ""
+    return f"--{kind} {name!r}: no such {kind} type{hint}; types: {', '.join(types)}{variants}"
 
 
 def smoke_config(
