@@ -82,6 +82,8 @@ def test_bad_yaml(tmp_path: Path) -> None:
     _raises(str(path), "invalid YAML")
     path.write_text("- a list\n- not a mapping\n")
     _raises(str(path), "expected a mapping at the top level")
+    path.write_text("vision: &v {type: hf, inner: *v}\n")
+    _raises(str(path), "invalid YAML: an alias refers to a value that contains it")
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -160,6 +162,8 @@ def test_override_through_a_non_mapping_fails() -> None:
         ("[1", "expected ',' or ']'"),
         ("!!python/object/apply:os.system [echo hi]", "!!python/object/apply:os.system"),
         ("{depth: 2, depth: 3}", "duplicate key 'depth'"),
+        ("&a [*a]", "refers to a value that contains it"),
+        ("&m {x: *m}", "refers to a value that contains it"),
     ],
 )
 def test_an_override_value_that_is_not_plain_yaml_is_one_line(value: str, problem: str) -> None:
@@ -199,3 +203,23 @@ def test_an_image_size_the_tower_cannot_take_is_refused_before_building(
     dinov2 = tiny_model_config(tokenizer_dir, vision="hf_dinov2")
     dinov2["vision"]["image_size"] = 48  # DINOv2 resizes its position embeddings
     assert model_config_from_dict(dinov2).vision.params.probe() == ((48 // 8) ** 2, 32)
+
+
+@pytest.mark.parametrize("hidden_size", [None, [32], "wide"])
+def test_an_inline_config_value_transformers_refuses_is_one_line(hidden_size: Any) -> None:
+    from vlm_adapters._transformers import inline_config
+    from vlm_adapters.errors import ComponentError
+
+    with pytest.raises(ComponentError) as info:
+        inline_config({"model_type": "llama", "hidden_size": hidden_size}, "llm.config")
+    message = str(info.value)
+    assert message.startswith("llm.config: cannot build a 'llama' config: ") and "\n" not in message
+    assert "hidden_size" in message
+
+
+@pytest.mark.parametrize("dtype", ["1e309", "int8", "torch.float32"])
+def test_a_dtype_that_is_not_a_float_type_is_refused(dtype: str, tokenizer_dir: str) -> None:
+    config = tiny_model_config(tokenizer_dir)
+    config["llm"]["dtype"] = dtype
+    with pytest.raises(ConfigError, match=rf"llm.*unknown dtype '{re.escape(dtype)}'"):
+        model_config_from_dict(config)

@@ -38,9 +38,12 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
     return make_shared(tmp_path_factory)
 
 
-def _outcome(argv: list[str], tmp: Path, out: Path | None) -> tuple[int, str]:
+def _outcome(
+    argv: list[str], tmp: Path, out: Path | None, also: tuple[str, ...] = ()
+) -> tuple[int, str]:
     """Run ``main(argv)`` in ``tmp``: its exit status and stderr, after checking the common
-    promises (no exit 1, no traceback, one line on 2, nothing changed outside ``out``)."""
+    promises (no exit 1, no traceback, one line on 2, nothing changed outside ``out`` and the
+    folders ``also``, relative to ``tmp``, that the user named as outputs)."""
     before = _snapshot(tmp, out)
     err = io.StringIO()
     usage = False
@@ -58,6 +61,7 @@ def _outcome(argv: list[str], tmp: Path, out: Path | None) -> tuple[int, str]:
         assert lines[0].startswith(f"vlm-adapters {argv[0]}: error: "), text
     after = _snapshot(tmp, out)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    changed = [k for k in changed if not any(k == a or k.startswith(f"{a}/") for a in also)]
     assert not changed, f"{argv} changed outside --out: {changed}"
     return int(code or 0), text
 
@@ -167,9 +171,20 @@ OVERRIDES = st.lists(
 @example(overrides=["data.align.path=!!python/object/apply:os.system ['touch pwned']"])
 @example(overrides=["vision.image_size=31"])
 @example(overrides=["run.mixed_precision=fp16"])
+@example(overrides=["llm.config.hidden_size=&a [*a]"])
+@example(overrides=["llm.dtype=1e309"])
+@example(overrides=["llm.config.hidden_size=null"])
+@example(overrides=["run.seed=-1"])
+@example(overrides=['data.align.path="a\\0b"'])
+@example(overrides=["stages.align.feature_cache=1e309"])
 def test_config_overrides(shared: Shared, overrides: list[str]) -> None:
+    caches = tuple(
+        os.path.normpath(value)
+        for key, _, value in (o.partition("=") for o in overrides)
+        if key.endswith(".feature_cache") and value
+    )  # the user's choice of folder for the features, anywhere
     with _case(shared) as env:
-        _outcome(_train(env, *overrides), env.tmp, env.out)
+        _outcome(_train(env, *overrides), env.tmp, env.out, caches)
         assert not (env.tmp / "pwned").exists()
 
 
@@ -295,6 +310,7 @@ def _commands(env: Env, value: str) -> dict[str, list[str]]:
 )
 @example(command="cache-batch", value="0")
 @example(command="eval-batch", value="0")
+@example(command="import-source", value="\x00")
 @example(command="cache-device", value="tpu9")
 @example(command="cache-device", value="cuda")
 def test_argument_values(shared: Shared, command: str, value: str) -> None:

@@ -20,6 +20,17 @@ _FLASH_PACKAGES = {"flash_attention_2": "flash-attn", "flash_attention_3": "flas
 """The package each FlashAttention implementation needs (installed, with a CUDA GPU)."""
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+"""The ``dtype`` names a component's weights may take."""
+
+
+def check_dtype(value: str | None) -> str | None:
+    """A floating-point torch dtype name (``dtype`` of a component), or None."""
+    if value is not None and value not in FLOAT_DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(FLOAT_DTYPES)}")
+    return value
+
+
 def check_attn_implementation(value: str | None) -> str | None:
     """A known attention implementation whose kernel this machine has (without one,
     transformers would fail at load, or fetch a kernel from the hub and run it)."""
@@ -61,7 +72,9 @@ def check_inline_config(config: dict[str, Any] | None, where: str = "config") ->
 
 
 def inline_config(config: dict[str, Any], what: str) -> Any:
-    """``AutoConfig.for_model(**config)`` with a one-line error for an unknown ``model_type``."""
+    """``AutoConfig.for_model(**config)`` with a one-line error for an unknown ``model_type``
+    or a value the config class refuses (its validators, strict field types)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     data = dict(config)
@@ -70,9 +83,9 @@ def inline_config(config: dict[str, Any], what: str) -> Any:
         raise ComponentError(f"{what}: an inline config needs `model_type` (e.g. llama)")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, TypeError, KeyError) as error:
-        first = str(error).strip().splitlines()[0][:300]
-        raise ComponentError(f"{what}: cannot build a {model_type!r} config: {first}") from None
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise ComponentError(f"{what}: cannot build a {model_type!r} config: {reason}") from None
 
 
 def load_or_explain(what: str, source: str, load: Callable[[], T]) -> T:

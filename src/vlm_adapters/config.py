@@ -130,8 +130,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text safely (plain values only, no tags that build objects), refusing
-    duplicate keys."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+    duplicate keys and values that contain themselves."""
+    data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+    _refuse_cycles(data, ())
+    return data
+
+
+def _refuse_cycles(value: Any, ancestors: tuple[Any, ...]) -> None:
+    """A YAMLError when an alias makes ``value`` contain itself (``&a [*a]``)."""
+    if not isinstance(value, (dict, list)):
+        return
+    if any(value is ancestor for ancestor in ancestors):
+        raise yaml.YAMLError("an alias refers to a value that contains it (endless nesting)")
+    for child in value.values() if isinstance(value, dict) else value:
+        _refuse_cycles(child, (*ancestors, value))
 
 
 def _problem(exc: yaml.YAMLError) -> str:

@@ -58,6 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--debug`` (or ``VLM_ADAPTERS_DEBUG=1``) shows the traceback of every error.
     """
     args = build_parser().parse_args(argv)
+    nul = next((a for a in (sys.argv[1:] if argv is None else argv) if "\0" in a), None)
+    if nul is not None:
+        print(
+            f"vlm-adapters {args.command}: error: argument {nul!r} holds a NUL character, which "
+            "no path or value may contain; remove it",
+            file=sys.stderr,
+        )
+        return 2
     try:
         debug = args.debug or env_flag(DEBUG_ENV)
     except VLMError as exc:

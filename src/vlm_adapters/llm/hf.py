@@ -17,6 +17,7 @@ from torch import nn
 
 from vlm_adapters._transformers import (
     check_attn_implementation,
+    check_dtype,
     check_inline_config,
     inline_config,
     load_or_explain,
@@ -138,6 +139,7 @@ class HFLLMConfig(LLMConfig):
     )
 
     _inline = field_validator("config")(check_inline_config)
+    _dtype = field_validator("dtype")(check_dtype)
     _attn = field_validator("attn_implementation")(check_attn_implementation)
 
     @field_validator("config")

@@ -136,7 +136,7 @@ class Stages(_Strict):
 class RunConfig(_Strict):
     """Seed, precision, checkpointing and logging."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds torch, numpy and the samplers.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast precision (master weights stay in their dtype)."
     )

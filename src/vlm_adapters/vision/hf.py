@@ -26,7 +26,12 @@ from PIL import Image
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from vlm_adapters._transformers import check_inline_config, inline_config, load_or_explain
+from vlm_adapters._transformers import (
+    check_dtype,
+    check_inline_config,
+    inline_config,
+    load_or_explain,
+)
 from vlm_adapters.errors import ComponentError, ConfigError
 from vlm_adapters.vision.base import (
     CLIP_MEAN,
@@ -88,6 +93,7 @@ class HFVisionConfig(VisionConfig):
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint.")
 
     _inline = field_validator("config")(check_inline_config)
+    _dtype = field_validator("dtype")(check_dtype)
 
     @field_validator("image_processor")
     @classmethod
