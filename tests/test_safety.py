@@ -260,3 +260,18 @@ def test_resume_takes_another_attention_kernel_but_not_another_model(tmp_path):
     wider["llm"]["config"]["hidden_size"] *= 2
     with pytest.raises(ConfigError, match=r"llm\.config\.hidden_size.*not the model's shape"):
         check_resume_config(out, wider, allow_change=True)
+
+
+@pytest.mark.parametrize("entry", ["config.yaml", "align"])
+def test_overwrite_never_replaces_a_run_entry_the_user_made(tmp_path, entry):
+    from vlm_adapters.errors import OutputError
+    from vlm_adapters.training import train
+
+    config = write_tiny_config(tmp_path / "tiny", num_train=8)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / entry).write_text("my notes\n")  # a file where the run writes config.yaml / align/
+    with pytest.raises(OutputError, match=rf"{entry} exists and was not written by vlm-adapters"):
+        train(config, "align", out, overwrite=True)
+    assert (out / entry).read_text() == "my notes\n"
+    assert sorted(p.name for p in out.iterdir()) == [entry]

@@ -90,12 +90,15 @@ def _claim(out: Path, overwrite: bool) -> None:
 
 
 def _refuse_foreign_entries(out: Path) -> None:
-    """An OutputError when ``out`` holds, under a name the run writes, something we did not
-    write (``--overwrite`` adds our files beside the user's, it never replaces one)."""
+    """An OutputError when ``out`` holds something we did not write that the run would have to
+    replace: a ``config.yaml`` of any kind, or a stage entry that is not a folder (a stage
+    folder of the user's, e.g. a link to an earlier run's ``align``, is read and added to)."""
     ours = set(written_by_us(out) or ()) if out.is_dir() else set()
     for name in RUN_ENTRIES:
         path = out / name
-        if name != LOCK_NAME and name not in ours and (path.exists() or path.is_symlink()):
+        if name in ours or name == LOCK_NAME or not (path.exists() or path.is_symlink()):
+            continue
+        if name == CONFIG_NAME or not path.is_dir():
             raise OutputError(
                 f"{path} exists and was not written by vlm-adapters; --overwrite adds the run's "
                 "files beside yours but never replaces one: move it, or choose another --out"
