@@ -705,7 +705,7 @@ def _prepare(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def _stats(model: Any, records: list[dict[str, Any]], template: str) -> dict[str, Any]:
     """Token lengths of the records (tokenized as training does) and what the samplers see."""
-    from vlm_adapters.data.llava import image_paths
+    from vlm_adapters.data.records import image_paths
 
     processor = model.processor_for(template)
     lengths, supervised, estimates = [], 0, []
@@ -737,7 +737,7 @@ def _write_prompts(tmp: Path, model: Any, records: list[dict[str, Any]], batch: 
     import torch
 
     from vlm_adapters.data.images import open_image
-    from vlm_adapters.data.llava import image_paths
+    from vlm_adapters.data.records import image_paths
 
     processor = model.processor_for(TEMPLATE)
     chosen = records[:PROMPTS]
@@ -854,7 +854,8 @@ def _loader(
     from torch.utils.data import DataLoader
 
     from vlm_adapters.data import DataCollator, LengthGroupedSampler
-    from vlm_adapters.data.packing import PackingCollator, TokenBudgetBatchSampler
+    from vlm_adapters.data.collate import PackingCollator
+    from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 
     dataset, pad = _dataset(tmp, stage, cached, ours)
     if batching == "packed":
@@ -932,7 +933,7 @@ def _fill(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     from vlm_adapters.data import load_records
     from vlm_adapters.data.feature_cache import FeatureCache, image_encoder
     from vlm_adapters.data.images import MAX_IMAGE_PIXELS
-    from vlm_adapters.data.llava import image_paths
+    from vlm_adapters.data.records import image_paths
 
     model, _ = _build_ours(tmp, "align", _meta(tmp)["image_token_id"])
     model.eval()

@@ -16,8 +16,8 @@ from PIL import Image
 from vlm_adapters import VisionLanguageModel, build_vlm, load
 from vlm_adapters.config import model_config_from_dict
 from vlm_adapters.data import DataCollator, LengthGroupedSampler, LlavaDataset
+from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache, image_encoder
-from vlm_adapters.data.packing import PackingCollator
 from vlm_adapters.errors import ConfigError
 from vlm_adapters.testing import tiny_model_config
 from vlm_adapters.testing.tiny import tiny_naflex_config, tiny_tiled_config

@@ -19,6 +19,7 @@ from vlm_adapters.data import (
     Skipped,
     load_records,
 )
+from vlm_adapters.data.processor import VLMProcessor
 from vlm_adapters.demo import build_word_tokenizer, shapes_vocabulary
 
 N_IMAGE = 4
@@ -54,18 +55,10 @@ def _sample(sample_id, image, *values, roles=("human", "gpt")):
     return record
 
 
-def _dataset(tok, image_root, records, **kwargs):
-    options = {
-        "image_root": image_root,
-        "tokenizer": tok,
-        "template": "chatml",
-        "image_transform": _to_tensor,
-        "image_token_id": tok.convert_tokens_to_ids("<image>"),
-        "num_image_tokens": N_IMAGE,
-        "max_length": 64,
-        **kwargs,
-    }
-    return LlavaDataset(records, **options)
+def _dataset(tok, image_root, records, template="chatml", **kwargs):
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    processor = VLMProcessor(tok, _to_tensor, N_IMAGE, image_token_id, template)
+    return LlavaDataset(records, processor, image_root=image_root, max_length=64, **kwargs)
 
 
 # load_records

@@ -181,17 +181,12 @@ def test_the_dataset_reads_features_and_the_model_uses_them(tmp_path, tokenizer_
         {"id": p.stem, "image": p.name, "conversations": [ask, {"from": "gpt", "value": "red"}]}
         for p in paths
     ]
-    options = {
-        "image_root": tmp_path / "img",
-        "tokenizer": model.tokenizer,
-        "template": "llama3",
-        "image_transform": model.vision.transform,
-        "image_token_id": model.image_token_id,
-        "num_image_tokens": model.num_image_tokens,
-    }
+    processor, root = model.processor_for("llama3"), tmp_path / "img"
+    from_cache = LlavaDataset(records, processor, image_root=root, feature_cache=cache)
+    from_pixels = LlavaDataset(records, processor, image_root=root)
     collate = DataCollator(model.tokenizer.pad_token_id)
-    cached = collate([LlavaDataset(records, **options, feature_cache=cache)[i] for i in range(3)])
-    plain = collate([LlavaDataset(records, **options)[i] for i in range(3)])
+    cached = collate([from_cache[i] for i in range(3)])
+    plain = collate([from_pixels[i] for i in range(3)])
     assert cached["pixel_values"] is None and cached["image_features"].shape[0] == 3
     keys = ("input_ids", "attention_mask", "labels")
     with torch.no_grad():

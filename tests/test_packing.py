@@ -9,7 +9,9 @@ from PIL import Image
 
 from vlm_adapters import build_vlm
 from vlm_adapters.data import DataCollator, LlavaDataset
-from vlm_adapters.data.packing import PackingCollator, TokenBudgetBatchSampler, pack_rows
+from vlm_adapters.data.collate import PackingCollator
+from vlm_adapters.data.packing import pack_rows
+from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 from vlm_adapters.llm import packed_attention
 from vlm_adapters.testing import tiny_model_config
 

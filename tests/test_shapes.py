@@ -10,6 +10,7 @@ from PIL import Image
 
 from vlm_adapters.chat.templates import template_vocabulary
 from vlm_adapters.data import LlavaDataset, load_records
+from vlm_adapters.data.processor import VLMProcessor
 from vlm_adapters.demo import (
     build_word_tokenizer,
     chance_accuracy,
@@ -113,14 +114,9 @@ def test_vocabulary_covers_all_text_and_the_data_loads(shapes):
     ]
     text = " ".join(turn["value"] for r in records for turn in r["conversations"])
     assert tok.unk_token_id not in tok(text.replace("<image>", " "))["input_ids"]
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    processor = VLMProcessor(tok, lambda image: torch.zeros(3, 4, 4), 9, image_token_id, "llama3")
     dataset = LlavaDataset(
-        load_records(shapes.finetune),
-        image_root=shapes.root,
-        tokenizer=tok,
-        template="llama3",
-        image_transform=lambda image: torch.zeros(3, 4, 4),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        num_image_tokens=9,
-        max_length=128,
+        load_records(shapes.finetune), processor, image_root=shapes.root, max_length=128
     )
     assert all(isinstance(dataset[i], dict) for i in range(len(dataset)))

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from vlm_adapters import build_vlm
 from vlm_adapters.cli import main
 from vlm_adapters.data.feature_cache import FeatureCache
-from vlm_adapters.data.packing import TokenBudgetBatchSampler, check_packing, packing_leak
+from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 from vlm_adapters.errors import ConfigError
 from vlm_adapters.llm import packed_attention
+from vlm_adapters.llm.packed_attention import check_packing, packing_leak
 from vlm_adapters.training import load_train_config, train
 from vlm_adapters.training.trainer import checked_dataset
 

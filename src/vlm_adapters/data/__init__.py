@@ -1,14 +1,10 @@
 """LLaVA-format records and datasets, the processor, collation, length-grouped sampling and
 safe image opening."""
 
-from vlm_adapters.data.llava import (
-    DataCollator,
-    LengthGroupedSampler,
-    LlavaDataset,
-    SkipCounter,
-    Skipped,
-    load_records,
-)
+from vlm_adapters.data.collate import DataCollator
+from vlm_adapters.data.dataset import LlavaDataset
+from vlm_adapters.data.records import SkipCounter, Skipped, load_records
+from vlm_adapters.data.samplers import LengthGroupedSampler
 from vlm_adapters.errors import DataError
 
 __all__ = [

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from vlm_adapters.chat.templates import IMAGE_MARKER, DataError, normalize_turns
 from vlm_adapters.data import DataCollator, LlavaDataset
 from vlm_adapters.data.images import ImageProblem, confined_path, open_image
-from vlm_adapters.data.llava import Skipped, image_paths, sample_id
+from vlm_adapters.data.records import Skipped, image_paths, sample_id
 from vlm_adapters.inference.generation import generate, resolve_template
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
-"""Attention over packed rows that costs what the samples cost, not what the row costs.
+"""Attention over packed rows that costs what the samples cost, not what the row costs, and
+the check that an LLM keeps the samples of a packed row apart.
 
 A packed row (see :mod:`vlm_adapters.data.packing`) holds several samples whose position ids
 restart at 0. With SDPA, transformers turns those position ids into a block-diagonal causal
@@ -11,7 +12,7 @@ It runs only where `PackedAttention` switched a model to it, and only for the pl
 position ids for every row, no KV cache, no sliding window, soft-capping, attention sinks or
 position bias. Any other call goes to transformers' own SDPA with the mask, unchanged. The
 trainer checks a packed row against the same samples alone before the first step
-(`vlm_adapters.data.packing.check_packing`) and goes back to the masked path if they differ.
+(`check_packing`) and goes back to the masked path if they differ.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from vlm_adapters.errors import ConfigError
+from vlm_adapters.llm.base import LLMBackend
 
 NAME = "vlm_adapters_packed_sdpa"
 _SPECIAL = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
@@ -113,3 +117,54 @@ class PackedAttention:
         for config in self.configs:
             config._attn_implementation = "sdpa"
         self.configs = []
+
+
+@torch.no_grad()
+def packing_leak(llm: LLMBackend) -> float:
+    """How much samples' hidden states change when packed two to a row, in a batch of two
+    rows as training packs them, against each sample alone (largest difference over largest
+    value; ~0 when packed samples are isolated)."""
+    generator = torch.Generator().manual_seed(0)
+    high = min(llm.vocab_size, 1000)
+    a, b = (torch.randint(3, high, (n,), generator=generator) for n in (7, 5))
+    device, was_training = llm.device, llm.training
+    llm.eval()
+    try:
+        alone = [llm.body(llm.embed(x[None].to(device)), None)[0] for x in (a, b)]
+        rows = torch.stack([torch.cat([a, b]), torch.cat([b, a])]).to(device)  # [2, 12]
+        positions = torch.stack(
+            [
+                torch.cat([torch.arange(7), torch.arange(5)]),
+                torch.cat([torch.arange(5), torch.arange(7)]),
+            ]
+        ).to(device)
+        packed = llm.body(llm.embed(rows), None, position_ids=positions)  # [2, 12, H]
+    finally:
+        llm.train(was_training)
+    pairs = [
+        (packed[0, :7], alone[0]),
+        (packed[0, 7:], alone[1]),
+        (packed[1, :5], alone[1]),
+        (packed[1, 5:], alone[0]),
+    ]
+    scale = max(float(x.float().abs().max()) for x in alone) or 1e-6
+    return max(float((p.float() - x.float()).abs().max()) for p, x in pairs) / scale
+
+
+def check_packing(llm: LLMBackend) -> None:
+    """Refuse ``data.packing`` for an LLM whose packed samples would see each other (its
+    attention ignores the position ids that mark where each sample starts)."""
+    name = type(getattr(llm, "causal_lm", llm)).__name__
+    try:
+        leak = packing_leak(llm)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(
+            f"data.packing: {name} cannot run packed rows ({error}); set data.packing: false"
+        ) from None
+    tolerance = 1e-4 if next(llm.parameters()).dtype == torch.float32 else 3e-2
+    if leak > tolerance:
+        raise ConfigError(
+            f"data.packing: {name} lets samples packed into one row attend to each other "
+            f"(a sample's hidden states change by {leak:.1%} of their scale); set "
+            "data.packing: false, or llm.attn_implementation: sdpa"
+        )

@@ -35,9 +35,10 @@ from vlm_adapters.data import (
     SkipCounter,
     load_records,
 )
+from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache
-from vlm_adapters.data.llava import Records, Skipped, sample_id
-from vlm_adapters.data.packing import PackingCollator, TokenBudgetBatchSampler, check_packing
+from vlm_adapters.data.records import Records, Skipped, sample_id
+from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 from vlm_adapters.errors import (
     CheckpointError,
     ComponentError,
@@ -45,7 +46,7 @@ from vlm_adapters.errors import (
     OutputError,
     TrainingError,
 )
-from vlm_adapters.llm.packed_attention import PackedAttention
+from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
 from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
 from vlm_adapters.training.artifact import save_connector

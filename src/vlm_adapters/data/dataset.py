@@ -1,0 +1,273 @@
+"""The dataset: LLaVA-format records -> token ids, labels and pixels (or cached features)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlm_adapters.chat.templates import (
+    IGNORE_INDEX,
+    IMAGE_MARKER,
+    ChatTemplate,
+    DataError,
+    check_template,
+    with_image_markers,
+)
+from vlm_adapters.data.feature_cache import FeatureCache
+from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
+from vlm_adapters.data.processor import SampleImages, TokenBudgetError, VLMProcessor
+from vlm_adapters.data.records import BadSample, Skipped, checked_turns, image_paths, sample_id
+from vlm_adapters.vision.base import ImageBatch, Size
+
+Policy = Literal["skip", "error"]
+
+
+class LlavaDataset(Dataset):
+    """LLaVA-format samples as token ids, labels and pixel tensors; images load lazily.
+
+    One policy, `on_bad_sample`, covers every unusable sample: a missing, unreadable or too
+    large image, an image path that leaves `image_root`, a bad conversation (unknown role, no
+    assistant turn), `<image>` in an answer, markers that do not match the images, more than
+    `max_length` tokens (visual tokens are never cut: the whole sample goes), more visual
+    tokens than the per-sample budget, or no supervised token. With "skip" the item is a
+    `Skipped` (the collator drops and reports it); with "error" a DataError names the sample
+    and the reason. ``processor`` encodes the samples (ids, labels, pixels, visual tokens).
+    `source` (the data file) and `positions` (each item's index in it) name skipped samples.
+    :meth:`precheck` finds the problems that need no decoding or tokenizing, for the whole
+    file, up front.
+    A single-image sample without a marker gets `<image>\\n` before its first human turn.
+    With variable-size vision (a processor whose transform counts tokens per image size:
+    AnyRes, NaFlex), each image's placeholders follow its size (read from the file's header).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        processor: VLMProcessor,
+        *,
+        image_root: str | Path,
+        max_length: int | None = None,
+        on_bad_sample: Policy = "skip",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        source: str | Path = "",
+        positions: Sequence[int] | None = None,
+        feature_cache: FeatureCache | None = None,
+    ) -> None:
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        check_template(processor.tokenizer, processor.template)
+        self.records = records
+        self.processor = processor
+        self.image_root = Path(image_root)
+        self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
+        self.source = str(source)
+        self.feature_cache = feature_cache
+        self._keys: dict[Path, str] = {}
+        self._files: dict[str, Path] = {}  # image path in a record -> checked file
+        self._sizes: dict[Path, Size] = {}  # checked file -> (height, width), for variable vision
+        self._lengths: array | None = None
+        self.positions = list(positions) if positions is not None else list(range(len(records)))
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        image_root: str | Path,
+        template: str | ChatTemplate,
+        **options: Any,
+    ) -> LlavaDataset:
+        """A dataset encoded for ``model`` (a :class:`~vlm_adapters.VisionLanguageModel`) by its
+        processor with ``template``; ``max_length`` defaults to the LLM's context.
+        ``options``: the other keyword arguments of the constructor."""
+        options.setdefault("max_length", model.llm.max_positions)
+        return cls(records, model.processor_for(template), image_root=image_root, **options)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        return self._guarded(index, self._item)
+
+    def _guarded(self, index: int, work: Callable[[Mapping[str, Any], str], Any]) -> Any:
+        """``work(record, id)``, with a bad sample turned into a Skipped or a DataError."""
+        position = self.positions[index]
+        record = self.records[position]
+        name = sample_id(record, position)
+        try:
+            return work(record, name)
+        except BadSample as bad:
+            if self.on_bad_sample == "error":
+                where = f"{self.source}: " if self.source else ""
+                raise DataError(
+                    f"{where}sample {name!r} (index {position}): {bad}; fix the sample or set "
+                    "data.on_bad_sample: skip"
+                ) from None
+            return Skipped(name, bad.reason, bad.detail, position, self.source)
+
+    def precheck(self) -> tuple[LlavaDataset, list[Skipped]]:
+        """Check every sample without decoding images or tokenizing: the image field, paths
+        (inside `image_root`, present), roles, markers (none in answers) and their counts.
+        Returns the dataset of the samples that pass and the Skipped ones (with "error", the
+        first problem raises)."""
+        results = [self._guarded(i, self._check) for i in range(len(self))]
+        skipped = [r for r in results if isinstance(r, Skipped)]
+        kept = [(p, r) for p, r in zip(self.positions, results) if not isinstance(r, Skipped)]
+        subset = copy.copy(self)
+        subset.positions = [p for p, _ in kept]
+        subset._lengths = array("q", (length for _, length in kept))
+        return subset, skipped
+
+    def _check(self, record: Mapping[str, Any], name: str) -> int:
+        """Raise for a bad sample; return its length estimate (one decode serves both)."""
+        paths = self._image_files(record)
+        turns = with_image_markers(checked_turns(record), len(paths))
+        markers = sum(str(turn.get("value", "")).count(IMAGE_MARKER) for turn in turns)
+        if markers != len(paths):
+            raise BadSample(
+                "image marker mismatch", f"{markers} {IMAGE_MARKER} markers but {len(paths)} images"
+            )
+        if not self.processor.variable:
+            return self._estimate(record)
+        return self._estimate(record, sum(self._token_counts(paths)))
+
+    def _image_files(self, record: Mapping[str, Any]) -> list[Path]:
+        return [self._image_file(relative) for relative in image_paths(record)]
+
+    def _image_file(self, relative: str) -> Path:
+        """The checked file of ``relative`` (inside image_root, present), remembered: an
+        instruction mix reuses a few hundred thousand images over many samples."""
+        if relative not in self._files:
+            try:
+                path = confined_path(self.image_root, relative)
+            except ImageProblem as problem:
+                raise BadSample(problem.reason, problem.detail) from None
+            if not path.is_file():
+                raise BadSample("image missing", str(path))
+            self._files[relative] = path
+        return self._files[relative]
+
+    def image_files(self) -> list[Path]:
+        """The distinct image files of the samples (checked ones after `precheck`), in order
+        of first use."""
+        files: dict[Path, None] = {}
+        for position in self.positions:
+            files.update(dict.fromkeys(self._image_files(self.records[position])))
+        return list(files)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Estimated token counts without tokenizing; negative for text-only samples (known
+        from :meth:`precheck` when it ran, with the exact visual tokens of every image)."""
+        if self._lengths is not None:
+            return list(self._lengths)
+        return [self._estimate(self.records[p]) for p in self.positions]
+
+    def _estimate(self, record: Mapping[str, Any], visual: int | None = None) -> int:
+        """Words plus ``visual`` tokens (default: ``num_image_tokens`` per marker, the most
+        for variable-size vision)."""
+        turns = record.get("conversations") or []
+        text = " ".join(str(turn.get("value", "")) for turn in turns if isinstance(turn, Mapping))
+        num_images = text.count(IMAGE_MARKER)
+        words = len(text.replace(IMAGE_MARKER, " ").split())
+        if num_images == 0 and not record.get("image"):
+            return -max(words, 1)
+        per_image = self.processor.num_image_tokens
+        return words + (max(num_images, 1) * per_image if visual is None else visual)
+
+    def _sample_images(self, paths: list[Path]) -> SampleImages:
+        """What the processor counts tokens from: image sizes for variable vision."""
+        return [self._size(path) for path in paths] if self.processor.variable else len(paths)
+
+    def _token_counts(self, paths: list[Path]) -> list[int]:
+        try:
+            return self.processor.token_counts(self._sample_images(paths))
+        except TokenBudgetError as error:
+            raise BadSample("too many visual tokens", str(error)) from None
+
+    def _size(self, path: Path) -> Size:
+        """(height, width) of an image file from its header (no decoding), remembered."""
+        if path not in self._sizes:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(path) as image:
+                        height, width = image.height, image.width
+            except Image.DecompressionBombError as error:
+                raise BadSample("image too large", f"{path}: {error}") from None
+            except (OSError, SyntaxError, ValueError) as error:
+                raise BadSample("image unreadable", f"{path}: {error}") from None
+            if height * width > self.max_image_pixels:
+                detail = f"{path} is {width}x{height}, over data.max_image_pixels"
+                raise BadSample("image too large", detail)
+            self._sizes[path] = (height, width)
+        return self._sizes[path]
+
+    def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
+        paths = self._image_files(record)
+        turns = checked_turns(record)
+        self._token_counts(paths)  # the per-sample budget, as its own reason
+        try:
+            encoded = self.processor.encode(turns, self._sample_images(paths))
+        except DataError as error:
+            raise BadSample("bad conversation", str(error)) from None
+        if encoded.num_images != len(paths):
+            raise BadSample(
+                "image marker mismatch",
+                f"{encoded.num_images} {IMAGE_MARKER} markers but {len(paths)} images",
+            )
+        self._check_length(encoded.input_ids, encoded.labels)
+        return {
+            "id": name,
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            **self._images(paths),
+        }
+
+    def _images(self, paths: list[Path]) -> dict[str, torch.Tensor | ImageBatch | None]:
+        """``pixel_values`` ``[I, 3, H, W]``, or ``image_features`` ``[I, N, D]`` read from the
+        feature cache (an entry that cannot be trusted makes the sample a bad one); an
+        :class:`ImageBatch` of either for variable-size vision (one cache entry per image,
+        ``[tiles, N, D]``)."""
+        if self.feature_cache is None or not paths:
+            return {"pixel_values": self._pixels(paths)}
+        features = []
+        for path in paths:
+            key = self._keys.get(path) or self._keys.setdefault(path, self.feature_cache.key(path))
+            entry = self.feature_cache.read(key)
+            if entry is None:
+                problem = self.feature_cache.problem(key)
+                raise BadSample("feature cache entry unusable", f"{path}: {problem}")
+            features.append(entry)
+        if not self.processor.variable:
+            return {"pixel_values": None, "image_features": torch.stack(features)}
+        sizes = tuple(self._size(path) for path in paths)
+        rows = tuple(len(entry) for entry in features)
+        batch = ImageBatch(torch.cat(features), sizes, rows)
+        return {"pixel_values": None, "image_features": batch}
+
+    def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            raise BadSample(f"too long (> {self.max_length} tokens)", f"{len(input_ids)} tokens")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise BadSample("no supervised tokens", "no assistant answer gets a label")
+
+    def _pixels(self, paths: list[Path]) -> torch.Tensor | ImageBatch | None:
+        if not paths:
+            return None
+        try:
+            images = [open_image(path, self.max_image_pixels) for path in paths]
+        except ImageProblem as problem:
+            raise BadSample(problem.reason, problem.detail) from None
+        return self.processor.images(images)  # [num_images, 3, H, W] or an ImageBatch

@@ -1,0 +1,247 @@
+"""LLaVA-format data records: reading a JSON / JSONL data file, checking a record, sample ids,
+and the samples left out of training."""
+
+from __future__ import annotations
+
+import json
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_adapters.chat.templates import IMAGE_MARKER, normalize_turns
+from vlm_adapters.errors import DataError
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample left out of training: its id, a short reason (for counting), details, and its
+    index in the data file ``file``."""
+
+    id: str
+    reason: str
+    detail: str = ""
+    index: int = -1
+    file: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "file": self.file,
+            "index": self.index,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+class BadSample(DataError):
+    """A record that cannot be used: a short ``reason`` (for counting) and its ``detail``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class Records(Sequence[dict[str, Any]]):
+    """The samples of one LLaVA data file, each decoded when it is used.
+
+    The file's text stays in memory with the offsets of its records, so a 665K-sample
+    instruction mix costs its size plus two integers a sample, not millions of Python objects;
+    every record was checked to be a JSON object with ``conversations`` when the file was read.
+    """
+
+    def __init__(self, text: str, starts: array, ends: array) -> None:
+        self.text, self.starts, self.ends = text, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return json.loads(self.text[self.starts[index] : self.ends[index]])
+
+
+def load_records(path: str | Path) -> Records:
+    """Samples of a LLaVA JSON file (a list) or JSONL file (`.jsonl`, one sample per line);
+    a malformed file is a DataError naming the line, or the sample without `conversations`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; check the path in your data config")
+    text = _read_utf8(path)
+    starts, ends = array("q"), array("q")
+    spans = _jsonl_spans(path, text) if path.suffix == ".jsonl" else _array_spans(path, text)
+    for start, end in spans:
+        starts.append(start)
+        ends.append(end)
+    return Records(text, starts, ends)
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a DataError naming the line and byte offset where it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte {error.start}: {error.reason}); save the file as UTF-8"
+        ) from None
+
+
+def _checked(path: Path, record: Any, where: str) -> None:
+    if not isinstance(record, dict) or "conversations" not in record:
+        raise DataError(
+            f"{path}{where} has no 'conversations' field; each sample needs "
+            "'conversations': a list of {'from': ..., 'value': ...} turns"
+        )
+
+
+def _jsonl_spans(path: Path, text: str) -> Iterator[tuple[int, int]]:
+    start = 0
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        end = start + len(line)
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: malformed JSON line ({error.msg}); fix or remove that line"
+                ) from None
+            _checked(path, record, f":{number}")
+            yield start, end
+        start = end
+
+
+def _array_spans(path: Path, text: str) -> Iterator[tuple[int, int]]:
+    """Offsets of the elements of a top-level JSON list, each decoded once to check it."""
+    decoder = json.JSONDecoder()
+    index = _skip(text, 0)
+    if text[index : index + 1] != "[":
+        _parse_json(path, text)  # raises the precise error
+    index = _skip(text, index + 1)
+    count = 0
+    while index < len(text) and text[index] != "]":
+        try:
+            record, end = decoder.raw_decode(text, index)
+        except json.JSONDecodeError:
+            _parse_json(path, text)  # raises the precise error (line and message)
+            raise
+        _checked(path, record, f": sample {count}")
+        yield index, end
+        count += 1
+        index = _skip(text, end)
+        if text[index : index + 1] == ",":
+            index = _skip(text, index + 1)
+        elif text[index : index + 1] != "]":
+            _parse_json(path, text)
+    if index >= len(text) or _skip(text, index + 1) != len(text):
+        _parse_json(path, text)
+
+
+def _skip(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
+
+
+def _parse_json(path: Path, text: str) -> list[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{error.lineno}: malformed JSON ({error.msg}); "
+            "for one sample per line, name the file .jsonl"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(
+            f"{path}: expected a JSON list of samples, got {type(data).__name__}; "
+            "wrap the samples in [...]"
+        )
+    return data
+
+
+def sample_id(record: Mapping[str, Any], index: int) -> str:
+    """The record's `id`, or `#index` when it has none."""
+    return str(record.get("id", f"#{index}"))
+
+
+def image_paths(record: Mapping[str, Any]) -> list[str]:
+    """The record's `image` field as a list of paths (empty for text-only samples)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(path, str) for path in image):
+        return image
+    raise BadSample("bad image field", f"'image' must be a path or a list of paths: {image!r}")
+
+
+def checked_turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The record's conversation turns; a BadSample unless they are well formed, hold an
+    assistant turn and no image marker in an answer."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise BadSample("bad conversation", f"'conversations' must be a list, got {turns!r}")
+    try:
+        normalized = normalize_turns(turns)
+    except DataError as error:
+        raise BadSample("bad conversation", str(error)) from None
+    if "gpt" not in [role for role, _ in normalized]:
+        raise BadSample("bad conversation", "no assistant ('gpt') turn")
+    answers = [
+        i for i, (role, text) in enumerate(normalized) if role == "gpt" and IMAGE_MARKER in text
+    ]
+    if answers:
+        raise BadSample(
+            "image marker in an answer",
+            f"turn {answers[0]} (an assistant answer) holds {IMAGE_MARKER}; put image markers "
+            "in human turns",
+        )
+    return [dict(turn) for turn in turns]
+
+
+@dataclass
+class SkipCounter:
+    """Counts samples seen and skipped (by reason) over an epoch, for the end-of-epoch report,
+    and keeps each skipped sample once (by its index in the data file)."""
+
+    seen: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    samples: dict[int, Skipped] = field(default_factory=dict)
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        """Count one collated batch."""
+        kept = batch.get("num_samples", len(batch["input_ids"]))  # packed rows hold several
+        self.seen += kept + len(batch["skipped"])
+        self.add(batch["skipped"])
+
+    def add(self, skipped: Sequence[Skipped]) -> None:
+        """Count samples skipped outside a batch (e.g. by the up-front check)."""
+        self.reasons.update(item.reason for item in skipped)
+        for item in skipped:
+            self.samples.setdefault(item.index, item)
+
+    def merge(self, other: SkipCounter) -> None:
+        """Add another process's counts."""
+        self.seen += other.seen
+        self.reasons.update(other.reasons)
+        for index, item in other.samples.items():
+            self.samples.setdefault(index, item)
+
+    def report(self) -> str:
+        """E.g. "skipped 3 of 120 samples: 2 image missing, 1 too long (> 512 tokens)"."""
+        line = f"skipped {sum(self.reasons.values())} of {self.seen} samples"
+        if not self.reasons:
+            return line
+        counts = ", ".join(f"{count} {reason}" for reason, count in self.reasons.most_common())
+        return f"{line}: {counts}"
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.seen = 0
+        self.reasons.clear()
+        self.samples.clear()
