@@ -181,7 +181,7 @@ def test_hf_preprocessing_is_the_towers_image_processor(
 ) -> None:
     from transformers import AutoImageProcessor
 
-    from vlm_adapters.vision.hf import ProcessorTransform, processor_config
+    from vlm_adapters.vision.hf_processor import ProcessorTransform, processor_config
 
     backbone = get_registry().create("vision", tiny_vision_config(vision))
     processor = backbone.image_processor
@@ -208,7 +208,7 @@ def _saved(processor) -> str:
 
 
 def test_hf_preprocessing_overrides_reach_the_image_processor() -> None:
-    from vlm_adapters.vision.hf import processor_config
+    from vlm_adapters.vision.hf_processor import processor_config
 
     overrides = {"image_size": 48, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]}
     clip = {**tiny_vision_config("hf"), **overrides}

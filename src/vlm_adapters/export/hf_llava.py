@@ -27,7 +27,8 @@ from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
 from vlm_adapters.llm.hf import HFLLM
 from vlm_adapters.model.hf_llava import META_NAME
-from vlm_adapters.vision.hf import HFVisionBackbone, NaFlexTransform, ProcessorTransform
+from vlm_adapters.vision.hf import HFVisionBackbone
+from vlm_adapters.vision.hf_processor import NaFlexTransform, ProcessorTransform
 from vlm_adapters.vision.tiling import AnyResBackbone
 
 if TYPE_CHECKING:

@@ -18,7 +18,8 @@ from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES
 from vlm_adapters.connectors.base import ACTIVATIONS
 from vlm_adapters.errors import ExportError
 from vlm_adapters.model.io import asks_for_remote_code
-from vlm_adapters.vision.hf import HFVisionBackbone, processor_config
+from vlm_adapters.vision.hf import HFVisionBackbone
+from vlm_adapters.vision.hf_processor import processor_config
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel

@@ -23,7 +23,7 @@ from vlm_adapters.model.hf_llava import (
     model_config,
     with_template,
 )
-from vlm_adapters.vision.hf import processor_config
+from vlm_adapters.vision.hf_processor import processor_config
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel

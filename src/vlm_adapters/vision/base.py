@@ -29,7 +29,7 @@ class ImageTransform:
     With ``crop=False`` the image is resized straight to ``crop_size`` (SigLIP style);
     otherwise its shortest side is resized to ``resize`` and the centre is cropped.
     Transformers towers use a subclass that runs the tower's own image processor instead
-    (:class:`vlm_adapters.vision.hf.ProcessorTransform`), with these fields describing it.
+    (:class:`vlm_adapters.vision.hf_processor.ProcessorTransform`), with these fields describing it.
     """
 
     crop_size: int

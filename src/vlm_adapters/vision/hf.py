@@ -1,28 +1,23 @@
 """Any transformers vision model (CLIP, SigLIP/SigLIP2, DINOv2, ...) as a vision backbone.
 
-Its preprocessing is the tower's own transformers image processor (:class:`ProcessorTransform`):
-the checkpoint's ``AutoImageProcessor`` for a hub id / local path, else the one transformers
-would ship with the tower (CLIP: resize the shortest side and crop the centre; SigLIP: resize
-to a square; DINOv2: resize to 256/224 of the size and crop). Export writes that processor, so
-the pixels a transformers LLaVA sees are ours, bit for bit.
+Its preprocessing is the tower's own transformers image processor
+(:class:`~vlm_adapters.vision.hf_processor.ProcessorTransform`): the checkpoint's
+``AutoImageProcessor`` for a hub id / local path, else the one transformers would ship with
+the tower. Export writes that processor, so the pixels a transformers LLaVA sees are ours,
+bit for bit.
 
 A SigLIP2 NaFlex tower (``siglip2_vision_model``) encodes each image at its own aspect ratio:
 its processor resizes the image to at most ``max_num_patches`` patches and pads the patch
-sequence (:class:`NaFlexTransform`); the tower gets the patch mask and each image's patch grid,
-and every image gives as many visual tokens as it has patches.
+sequence (:class:`~vlm_adapters.vision.hf_processor.NaFlexTransform`); the tower gets the
+patch mask and each image's patch grid, and every image gives as many visual tokens as it
+has patches.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -32,27 +27,21 @@ from vlm_adapters._transformers import (
     inline_config,
     load_or_explain,
 )
-from vlm_adapters.errors import ComponentError, ConfigError
-from vlm_adapters.vision.base import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageBatch,
-    ImageTransform,
-    Size,
-    VariableTransform,
-    VisionBackbone,
-    VisionConfig,
-    select_layers,
+from vlm_adapters.errors import ConfigError
+from vlm_adapters.vision.base import ImageBatch, VisionBackbone, VisionConfig, select_layers
+from vlm_adapters.vision.hf_processor import (
+    NAFLEX_PATCHES,
+    NaFlexTransform,
+    ProcessorTransform,
+    as_triple,
+    checkpoint_processor,
+    inline_size,
+    naflex_processor,
+    processor_config,
+    processor_from_config,
+    resized_processor,
+    standard_processor,
 )
-
-_DEFAULT_NORM = {
-    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "siglip2_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
-    "dinov2_with_registers": (IMAGENET_MEAN, IMAGENET_STD),
-}
 
 
 class HFVisionConfig(VisionConfig):
@@ -143,7 +132,7 @@ class HFVisionConfig(VisionConfig):
         if is_naflex(config):
             inline = (self.image_processor or {}).get("max_num_patches")
             return self.max_num_patches or inline or NAFLEX_PATCHES, width
-        size = self.image_size or _inline_size(self.image_processor) or _default_size(config)
+        size = self.image_size or inline_size(self.image_processor) or _default_size(config)
         return (size // config.patch_size) ** 2, width
 
     def native_resolution(self) -> bool:
@@ -237,7 +226,7 @@ class HFVisionBackbone(VisionBackbone):
         if isinstance(t, NaFlexTransform):  # the processor holds max_num_patches and the rest
             kwargs = {k: v for k, v in kwargs.items() if k not in ("image_mean", "image_std")}
             return {**kwargs, "image_processor": t.processor_config()}
-        standard = _standard_processor(self.tower.config, t.crop_size, t.mean, t.std)
+        standard = standard_processor(self.tower.config, t.crop_size, t.mean, t.std)
         if processor_config(processor_from_config(standard)) != t.processor_config():
             for key in ("image_size", "image_mean", "image_std"):
                 kwargs.pop(key, None)
@@ -255,10 +244,6 @@ def check_feature_layers(layers: int | list[int], count: int) -> None:
                 f"vision.feature_layer: {layer} is out of range; this tower has {count} hidden "
                 f"states (embeddings + {count - 1} blocks), so use -{count}..{count - 1}"
             )
-
-
-NAFLEX_PATCHES = 256
-"""transformers' default ``max_num_patches`` for SigLIP2 NaFlex."""
 
 
 def is_naflex(config: Any) -> bool:
@@ -291,7 +276,7 @@ def check_input_size(cfg: HFVisionConfig, config: Any) -> None:
         return
     key, size = "image_size", cfg.image_size
     if size is None:
-        key, size = "image_processor", _inline_size(cfg.image_processor)
+        key, size = "image_processor", inline_size(cfg.image_processor)
     if size is not None and size != fixed:
         raise ConfigError(
             f"vision.{key}: gives {size}-pixel images, but the {config.model_type!r} tower's "
@@ -331,204 +316,6 @@ def num_prefix_tokens(tower: nn.Module) -> int:
     return count + (registers.shape[-2] if registers is not None else 0)
 
 
-_RESAMPLING = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-"""PIL resampling codes (an image processor's ``resample``) -> torchvision interpolation names."""
-
-
-@dataclass(frozen=True, eq=False)
-class ProcessorTransform(ImageTransform):
-    """A transformers image processor as an :class:`ImageTransform`: PIL image (any mode) ->
-    exactly the processor's ``pixel_values`` for it.
-
-    The inherited fields describe the processor (output size, shortest-side resize, centre
-    crop, mean/std, resampling) for code that needs the geometry; the pixels come from
-    ``processor`` alone. Two are equal when their processor configs are.
-    """
-
-    processor: Any = field(default=None, repr=False)
-
-    @classmethod
-    def of(cls, processor: Any) -> ProcessorTransform:
-        """Wrap ``processor``; a ConfigError when it does not give square images."""
-        data = processor_config(processor)
-        size, resize, crop = processor_geometry(data)
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        if data.get("do_normalize"):
-            mean, std = _triple(data.get("image_mean", 0.0)), _triple(data.get("image_std", 1.0))
-        interpolation = _interpolation(data.get("resample"))
-        return cls(size, resize, mean, std, crop, interpolation, processor=processor)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.batch([image])[0]  # [3, H, W]
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``[B, 3, H, W]``: the processor's ``pixel_values`` for ``images`` in one call."""
-        images = list(images)
-        if not getattr(self.processor, "do_convert_rgb", True):
-            images = [image.convert("RGB") for image in images]  # the [3, H, W] contract
-        out = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return out.float()
-
-    def with_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
-        data = {**self.processor_config(), "image_mean": list(mean), "image_std": list(std)}
-        return ProcessorTransform.of(processor_from_config({**data, "do_normalize": True}))
-
-    def processor_config(self) -> dict[str, Any]:
-        """The processor's JSON config (``preprocessor_config.json``); rebuilds it offline."""
-        return processor_config(self.processor)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ProcessorTransform):
-            return NotImplemented
-        return self.processor_config() == other.processor_config()
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.processor_config(), sort_keys=True))
-
-
-@dataclass(frozen=True, eq=False)
-class NaFlexTransform(VariableTransform):
-    """A SigLIP2 NaFlex image processor: each image resized, its aspect ratio kept, to at most
-    ``max_num_patches`` patches of ``patch_size`` pixels, as one patch sequence padded to
-    ``[1, max_num_patches, 3 * patch_size**2]``. An image gives one token per patch."""
-
-    processor: Any = field(repr=False)
-    patch_size: int
-    max_num_patches: int
-
-    @classmethod
-    def of(cls, processor: Any, patch_size: int) -> NaFlexTransform:
-        """Wrap ``processor``; a ConfigError when its patches are not the tower's."""
-        data = processor_config(processor)
-        patches = data.get("patch_size", patch_size)
-        if patches != patch_size:
-            raise ConfigError(
-                f"vision.image_processor: patch_size {patches} but the tower's patches are "
-                f"{patch_size} pixels; make them equal"
-            )
-        return cls(processor, patch_size, int(data.get("max_num_patches", NAFLEX_PATCHES)))
-
-    @property
-    def max_tokens(self) -> int:
-        return self.max_num_patches
-
-    def patch_grid(self, size: Size) -> tuple[int, int]:
-        """The patch grid (rows, cols) an image of ``size`` (height, width) is resized to."""
-        from transformers.models.siglip2.image_processing_siglip2 import (
-            get_image_size_for_max_num_patches,
-        )
-
-        height, width = get_image_size_for_max_num_patches(
-            size[0], size[1], self.patch_size, self.max_num_patches
-        )
-        return height // self.patch_size, width // self.patch_size
-
-    def num_tokens(self, size: Size) -> int:
-        rows, cols = self.patch_grid(size)
-        return rows * cols
-
-    def __call__(self, image: Image.Image) -> ImageBatch:
-        if not getattr(self.processor, "do_convert_rgb", True):
-            image = image.convert("RGB")
-        out = self.processor(images=[image], return_tensors="pt")
-        size = (image.height, image.width)
-        grid = tuple(out["spatial_shapes"][0].tolist())
-        if grid != self.patch_grid(size):
-            raise ComponentError(
-                f"the NaFlex processor cut a {image.width}x{image.height} image into {grid} "
-                f"patches, not the {self.patch_grid(size)} counted for its placeholders"
-            )
-        return ImageBatch(out["pixel_values"].float(), (size,), (1,))  # [1, P, 3*p*p]
-
-    def processor_config(self) -> dict[str, Any]:
-        return processor_config(self.processor)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, NaFlexTransform):
-            return NotImplemented
-        return self.processor_config() == other.processor_config()
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.processor_config(), sort_keys=True))
-
-
-def processor_config(processor: Any) -> dict[str, Any]:
-    """An image processor's config as plain JSON, without the processor it belonged to."""
-    data = json.loads(processor.to_json_string())
-    data.pop("processor_class", None)
-    return data
-
-
-def processor_from_config(data: dict[str, Any]) -> Any:
-    """The image processor transformers' ``AutoImageProcessor`` loads from ``data`` (so the
-    class, and its backend, are the ones ``AutoProcessor`` picks for an export)."""
-    from transformers import AutoImageProcessor
-
-    check_inline_config(data, "image_processor")
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(data))
-        try:
-            return AutoImageProcessor.from_pretrained(tmp)
-        except (OSError, ValueError, TypeError) as error:
-            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-            raise ComponentError(
-                f"vision.image_processor: transformers cannot build "
-                f"{data.get('image_processor_type')!r}: {first or type(error).__name__}"
-            ) from None
-
-
-def processor_geometry(data: dict[str, Any]) -> tuple[int, int | None, bool]:
-    """``(output size, shortest-side resize or None, centre crop)`` of an image processor
-    config; a ConfigError unless every image comes out square."""
-    size = _size_dict(data.get("size"))
-    crop = bool(data.get("do_center_crop"))
-    out = _size_dict(data.get("crop_size")) if crop else size
-    height, width = out.get("height"), out.get("width")
-    resized = data.get("do_resize", True) or crop
-    if not resized or not isinstance(height, int) or height != width:
-        kind = data.get("image_processor_type", "image processor")
-        shape = out or "the input size"
-        raise ConfigError(
-            f"vision: the {kind} gives {shape} images, not a fixed square; set `image_size` or "
-            "an inline `image_processor` with a square `size` (or `crop_size` with centre crop)"
-        )
-    resize = size.get("shortest_edge")
-    if resize is None and size.get("height") == size.get("width"):
-        resize = size.get("height")
-    return height, (resize if crop else None), crop
-
-
-def _size_dict(value: Any) -> dict[str, Any]:
-    if isinstance(value, int):  # legacy configs: one number for a square
-        return {"height": value, "width": value}
-    if not isinstance(value, dict):
-        return {}
-    return {k: v for k, v in value.items() if v is not None}
-
-
-def _interpolation(resample: Any) -> str:
-    """Torchvision's name for a processor's ``resample`` (PIL code or interpolation mode)."""
-    value = getattr(resample, "value", resample)
-    if isinstance(value, str):
-        return value
-    return _RESAMPLING.get(value, "bilinear")  # transformers' default for a missing one
-
-
-def _triple(value: Any) -> tuple[float, float, float]:
-    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
-    return (values[0], values[1], values[2])
-
-
-def _inline_size(data: dict[str, Any] | None) -> int | None:
-    """Output size of an inline image processor config, when it gives squares."""
-    if data is None:
-        return None
-    try:
-        return processor_geometry(data)[0]
-    except ConfigError:
-        return None
-
-
 def _image_processor(cfg: HFVisionConfig, config: Any) -> Any:
     """The tower's image processor (inline config, else the checkpoint's, else the standard one
     for its model type) with the ``image_size`` / ``image_mean`` / ``image_std`` overrides."""
@@ -536,95 +323,18 @@ def _image_processor(cfg: HFVisionConfig, config: Any) -> Any:
     if cfg.image_processor is not None:  # as transformers reads it (legacy keys, int sizes)
         data = processor_config(processor_from_config(cfg.image_processor))
     elif cfg.model is not None:
-        loaded = _load_processor(cfg)
+        loaded = checkpoint_processor(cfg.model, cfg.revision)
         data = processor_config(loaded) if loaded is not None else None
     if data is None and is_naflex(config):
-        data = _naflex_processor(config)
+        data = naflex_processor(config)
     if data is None:
-        data = _standard_processor(config, cfg.image_size or _default_size(config))
+        data = standard_processor(config, cfg.image_size or _default_size(config))
     if cfg.image_size is not None:
-        data = _resized(data, cfg.image_size)
+        data = resized_processor(data, cfg.image_size)
     if cfg.max_num_patches is not None:
         data = {**data, "max_num_patches": cfg.max_num_patches}
     if cfg.image_mean is not None or cfg.image_std is not None:
-        mean = cfg.image_mean or _triple(data.get("image_mean", 0.0))
-        std = cfg.image_std or _triple(data.get("image_std", 1.0))
+        mean = cfg.image_mean or as_triple(data.get("image_mean", 0.0))
+        std = cfg.image_std or as_triple(data.get("image_std", 1.0))
         data = {**data, "do_normalize": True, "image_mean": list(mean), "image_std": list(std)}
     return processor_from_config(data)
-
-
-def _standard_processor(
-    config: Any,
-    size: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """The image processor config transformers ships with such a tower, at ``size``."""
-    default_mean, default_std = _DEFAULT_NORM.get(config.model_type, (CLIP_MEAN, CLIP_STD))
-    mean, std = mean or default_mean, std or default_std
-    square = {"height": size, "width": size}
-    common = {
-        "image_mean": list(mean),
-        "image_std": list(std),
-        "resample": 3,  # bicubic
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-    }
-    if config.model_type.startswith("siglip"):
-        return {"image_processor_type": "SiglipImageProcessor", "size": square, **common}
-    kind, resize = "CLIPImageProcessor", size
-    if config.model_type.startswith("dinov2"):
-        kind, resize = "BitImageProcessor", int(size * 256 / 224)
-    return {
-        "image_processor_type": kind,
-        "size": {"shortest_edge": resize},
-        "do_center_crop": True,
-        "crop_size": square,
-        **common,
-    }
-
-
-def _naflex_processor(config: Any) -> dict[str, Any]:
-    """The image processor config transformers ships with a SigLIP2 NaFlex tower."""
-    return {
-        "image_processor_type": "Siglip2ImageProcessor",
-        "patch_size": config.patch_size,
-        "max_num_patches": NAFLEX_PATCHES,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,  # bilinear
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-    }
-
-
-def _resized(data: dict[str, Any], size: int) -> dict[str, Any]:
-    """``data`` giving ``size`` x ``size`` images; a resize before a crop keeps its ratio."""
-    try:
-        current, _, crop = processor_geometry(data)
-    except ConfigError:
-        current, crop = None, bool(data.get("do_center_crop"))
-    if current == size:
-        return data
-    square = {"height": size, "width": size}
-    if not crop:
-        return {**data, "do_resize": True, "size": square}
-    old = _size_dict(data.get("size"))
-    ratio = size / current if current else 1.0
-    resized = {k: int(v * ratio) for k, v in old.items() if isinstance(v, int)}
-    return {**data, "crop_size": square, "size": resized or {"shortest_edge": size}}
-
-
-def _load_processor(cfg: HFVisionConfig) -> Any:
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(cfg.model, revision=cfg.revision)
-    except (OSError, ValueError):
-        return None

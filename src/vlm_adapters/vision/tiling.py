@@ -28,7 +28,11 @@ from vlm_adapters.vision.base import (
     VariableTransform,
     VisionBackbone,
 )
-from vlm_adapters.vision.hf import ProcessorTransform, processor_config, processor_from_config
+from vlm_adapters.vision.hf_processor import (
+    ProcessorTransform,
+    processor_config,
+    processor_from_config,
+)
 
 Grid = tuple[int, int]
 """Tiles as (rows, cols)."""
