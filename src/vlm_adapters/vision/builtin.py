@@ -6,12 +6,8 @@ from vlm_adapters.hookspecs import hookimpl
 from vlm_adapters.registry import ComponentSpec
 from vlm_adapters.vision.fused import FusedVisionConfig, build_fused
 from vlm_adapters.vision.hf import HFVisionBackbone, HFVisionConfig
-from vlm_adapters.vision.timm import (
-    OpenClipVisionConfig,
-    TimmVisionConfig,
-    build_open_clip,
-    build_timm,
-)
+from vlm_adapters.vision.open_clip import OpenClipVisionConfig, build_open_clip
+from vlm_adapters.vision.timm import TimmVisionConfig, build_timm
 
 
 @hookimpl

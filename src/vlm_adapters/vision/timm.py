@@ -1,4 +1,4 @@
-"""timm and open_clip models as vision backbones, through timm's ``forward_intermediates``."""
+"""timm models as vision backbones, through timm's ``forward_intermediates``."""
 
 from __future__ import annotations
 
@@ -25,20 +25,11 @@ TIMM_MODEL_KWARGS = frozenset(
 )  # fmt: skip
 """Architecture options ``timm.create_model`` may get from a config; never a loader option
 (``checkpoint_path``, ``pretrained_cfg``, ``cache_dir``...)."""
-OPEN_CLIP_MODEL_KWARGS = frozenset(
-    {
-        "embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale",
-        "init_logit_bias", "custom_text", "force_quick_gelu", "force_custom_text",
-        "force_patch_dropout", "force_image_size", "force_context_length",
-    }
-)  # fmt: skip
-"""Model options ``open_clip.create_model`` may get from a config; never ``weights_only``, a
-weights path or ``cache_dir``."""
-_OPEN_CLIP_NESTED_LOADERS = ("timm_model_pretrained", "hf_model_pretrained", "hf_model_name")
 _LOCAL_SCHEMA = "local-dir:"
 
 
-def _allowed(kwargs: dict[str, Any], allowed: frozenset[str], library: str) -> dict[str, Any]:
+def allowed_kwargs(kwargs: dict[str, Any], allowed: frozenset[str], library: str) -> dict[str, Any]:
+    """``kwargs`` for ``library``'s model constructor; a ValueError naming any not ``allowed``."""
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ValueError(
@@ -51,10 +42,11 @@ def _allowed(kwargs: dict[str, Any], allowed: frozenset[str], library: str) -> d
 def check_timm_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Validator for ``model_kwargs`` bound for ``timm.create_model`` (also for plugins):
     architecture options from :data:`TIMM_MODEL_KWARGS` only, never a loader option."""
-    return _allowed(kwargs, TIMM_MODEL_KWARGS, "timm.create_model")
+    return allowed_kwargs(kwargs, TIMM_MODEL_KWARGS, "timm.create_model")
 
 
-def _no_local_dir(model: str) -> str:
+def no_local_dir(model: str) -> str:
+    """Validator for a timm / open_clip model name: never a ``local-dir:`` one."""
     if model.startswith(_LOCAL_SCHEMA):
         raise ValueError(
             "a `local-dir:` model would load files (possibly pickles) from that folder; "
@@ -76,49 +68,11 @@ class TimmVisionConfig(VisionConfig):
     )
 
     _kwargs = field_validator("model_kwargs")(lambda v: check_timm_model_kwargs(v))
-    _model = field_validator("model")(_no_local_dir)
+    _model = field_validator("model")(no_local_dir)
 
     def sources(self) -> dict[str, Any]:
         """timm's pretrained weights, when asked for."""
         return {"pretrained": True} if self.pretrained else {}
-
-
-class OpenClipVisionConfig(VisionConfig):
-    """The visual tower of any open_clip model; patch tokens, not the pooled vector."""
-
-    model: str = Field(description="open_clip model name, e.g. ViT-B-16 or hf-hub:org/name.")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag or file path.")
-    feature_layer: int | list[int] = Field(
-        -2, description="Block index (negative from the end), or a list to concatenate."
-    )
-    model_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for open_clip.create_model."
-    )
-    load_weights: bool = Field(
-        True, description="Load the weights an `hf-hub:` model ships (off when rebuilt)."
-    )
-
-    _model = field_validator("model")(_no_local_dir)
-
-    @field_validator("model_kwargs")
-    @classmethod
-    def _kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _allowed(value, OPEN_CLIP_MODEL_KWARGS, "open_clip.create_model")
-        for section in ("vision_cfg", "text_cfg"):
-            nested = value.get(section) or {}
-            if not isinstance(nested, dict):
-                raise ValueError(f"{section} must be a mapping")
-            loaders = [k for k in _OPEN_CLIP_NESTED_LOADERS if nested.get(k)]
-            if loaders:
-                raise ValueError(f"{section}.{loaders[0]} would load weights; remove it")
-        return value
-
-    def sources(self) -> dict[str, Any]:
-        """open_clip's pretrained weights: a tag, a file, or those of an `hf-hub:` model."""
-        found: dict[str, Any] = {"pretrained": self.pretrained} if self.pretrained else {}
-        if self.model.startswith("hf-hub:") and self.load_weights:
-            found["model"] = self.model
-        return found
 
 
 class IntermediatesBackbone(VisionBackbone):
@@ -152,10 +106,9 @@ class IntermediatesBackbone(VisionBackbone):
         return tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)
 
     def rebuild_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this architecture offline (no pretrained weights)."""
+        """Keyword arguments that rebuild this timm architecture offline (no pretrained
+        weights); a tower of another library overrides it."""
         kwargs = self.cfg.model_dump()
-        if isinstance(self.cfg, OpenClipVisionConfig):
-            return {**kwargs, "pretrained": None, "load_weights": False}
         args = {
             k: v
             for k, v in getattr(self.tower, "_model_args", {}).items()
@@ -189,31 +142,5 @@ def build_timm(cfg: TimmVisionConfig) -> IntermediatesBackbone:
         mean=tuple(data["mean"]),
         std=tuple(data["std"]),
         interpolation=data.get("interpolation", "bicubic"),
-    )
-    return IntermediatesBackbone(cfg, tower, transform)
-
-
-def build_open_clip(cfg: OpenClipVisionConfig) -> IntermediatesBackbone:
-    import open_clip
-
-    try:
-        model = open_clip.create_model(
-            cfg.model,
-            pretrained=cfg.pretrained,
-            load_weights=cfg.load_weights,
-            pretrained_text=False,  # only the visual tower is used
-            **cfg.model_kwargs,
-        )
-    except (RuntimeError, OSError, ValueError) as error:
-        raise ComponentError(f"vision.model: {str(error).splitlines()[0][:300]}") from None
-    tower = model.visual
-    pre = tower.preprocess_cfg
-    size = pre["size"] if isinstance(pre["size"], int) else pre["size"][-1]
-    transform = ImageTransform(
-        crop_size=size,
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
-        crop=pre.get("resize_mode", "shortest") == "shortest",
-        interpolation=pre.get("interpolation", "bicubic"),
     )
     return IntermediatesBackbone(cfg, tower, transform)
