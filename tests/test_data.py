@@ -15,12 +15,12 @@ from vlm_adapters.data import (
     DataError,
     LengthGroupedSampler,
     LlavaDataset,
-    SkipCounter,
     Skipped,
     load_records,
 )
 from vlm_adapters.data.processor import VLMProcessor
 from vlm_adapters.demo import build_word_tokenizer, shapes_vocabulary
+from vlm_adapters.training.skips import SkipCounter
 
 N_IMAGE = 4
 

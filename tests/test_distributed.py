@@ -42,7 +42,7 @@ def test_a_killed_two_process_run_resumes_to_bitwise_the_same_weights(tmp_path):
     args = ["--world", "2", "--stage", "finetune", "--fresh-connector", "stages.finetune.epochs=2"]
     args += ["stages.finetune.batch_size=2", "run.save_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    kill = ["--kill-in", "vlm_adapters.training.trainer:prune_checkpoints", "--kill-rank", "0"]
+    kill = ["--kill-in", "vlm_adapters.training.engine:prune_checkpoints", "--kill-rank", "0"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run([*script, str(reference), *args], check=True, env=env, timeout=300)
     crashed = subprocess.run([*script, str(killed), *args, *kill], env=env, timeout=300)

@@ -97,7 +97,7 @@ def test_accelerates_fsdp2_plugin_wraps_the_same_units(tokenizer_dir):
 
 def test_asking_for_fsdp_on_cpu_warns_once_that_the_run_is_not_sharded(tmp_path, caplog):
     from vlm_adapters.training import load_train_config
-    from vlm_adapters.training.trainer import make_accelerator
+    from vlm_adapters.training.engine import make_accelerator
 
     config = load_train_config(write_tiny_config(tmp_path, num_train=4))
     patched = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
@@ -196,9 +196,7 @@ def reference(tmp_path_factory):
 
 
 KILLS = [
-    pytest.param(
-        ["vlm_adapters.training.trainer:prune_checkpoints", "0"], 2, id="after-checkpoint"
-    ),
+    pytest.param(["vlm_adapters.training.engine:prune_checkpoints", "0"], 2, id="after-checkpoint"),
     pytest.param(
         ["vlm_adapters.training.sharded_checkpoint:_write_synced:2", "1"], 2, id="rank-1-saving"
     ),

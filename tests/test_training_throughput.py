@@ -24,7 +24,7 @@ from vlm_adapters.errors import ConfigError
 from vlm_adapters.llm import packed_attention
 from vlm_adapters.llm.packed_attention import check_packing, packing_leak
 from vlm_adapters.training import load_train_config, train
-from vlm_adapters.training.trainer import checked_dataset
+from vlm_adapters.training.data import checked_dataset
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -130,14 +130,14 @@ def record_sharding(path: str) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from vlm_adapters.training.trainer import Trainer
+    from vlm_adapters.training.loop import Trainer
 
-    original = Trainer._clip
+    original = Trainer._update
 
     def local(tensor):  # noqa: ANN001, ANN202
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
-    def clip(self):  # noqa: ANN001, ANN202
+    def update(self):  # noqa: ANN001, ANN202
         out = Path(f"{path}.{self.stage}.{os.environ.get('RANK', '0')}.json")
         if not out.exists():
             params = {
@@ -147,13 +147,14 @@ def record_sharding(path: str) -> None:
                     "numel": p.numel(),
                     "grad": type(p.grad).__name__ if p.grad is not None else None,
                 }
-                for name, p in self.wrapped.named_parameters()
+                for name, p in self.engine.wrapped.named_parameters()
             }
-            units = [n for n, m in self.wrapped.named_modules() if isinstance(m, FSDPModule)]
+            wrapped = self.engine.wrapped.named_modules()
+            units = [n for n, m in wrapped if isinstance(m, FSDPModule)]
             out.write_text(json.dumps({"params": params, "units": units}))
         return original(self)
 
-    Trainer._clip = clip
+    Trainer._update = update
 
 
 def in_file_order() -> None:

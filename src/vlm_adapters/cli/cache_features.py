@@ -66,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
     from vlm_adapters import build_vlm
     from vlm_adapters.errors import ConfigError
+    from vlm_adapters.training.data import checked_dataset
     from vlm_adapters.training.features import describe_fill, fill_feature_cache
     from vlm_adapters.training.recipes import resolve_config
-    from vlm_adapters.training.trainer import checked_dataset, naming_file
+    from vlm_adapters.training.run import naming_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_rest(args, "vlm-adapters cache-features CONFIG", _add_options)

@@ -3,7 +3,7 @@ safe image opening."""
 
 from vlm_adapters.data.collate import DataCollator
 from vlm_adapters.data.dataset import LlavaDataset
-from vlm_adapters.data.records import SkipCounter, Skipped, load_records
+from vlm_adapters.data.records import Skipped, load_records
 from vlm_adapters.data.samplers import LengthGroupedSampler
 from vlm_adapters.errors import DataError
 
@@ -12,7 +12,6 @@ __all__ = [
     "DataError",
     "LengthGroupedSampler",
     "LlavaDataset",
-    "SkipCounter",
     "Skipped",
     "load_records",
 ]

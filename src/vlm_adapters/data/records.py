@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 from array import array
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,46 +201,3 @@ def checked_turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
             "in human turns",
         )
     return [dict(turn) for turn in turns]
-
-
-@dataclass
-class SkipCounter:
-    """Counts samples seen and skipped (by reason) over an epoch, for the end-of-epoch report,
-    and keeps each skipped sample once (by its index in the data file)."""
-
-    seen: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-    samples: dict[int, Skipped] = field(default_factory=dict)
-
-    def update(self, batch: Mapping[str, Any]) -> None:
-        """Count one collated batch."""
-        kept = batch.get("num_samples", len(batch["input_ids"]))  # packed rows hold several
-        self.seen += kept + len(batch["skipped"])
-        self.add(batch["skipped"])
-
-    def add(self, skipped: Sequence[Skipped]) -> None:
-        """Count samples skipped outside a batch (e.g. by the up-front check)."""
-        self.reasons.update(item.reason for item in skipped)
-        for item in skipped:
-            self.samples.setdefault(item.index, item)
-
-    def merge(self, other: SkipCounter) -> None:
-        """Add another process's counts."""
-        self.seen += other.seen
-        self.reasons.update(other.reasons)
-        for index, item in other.samples.items():
-            self.samples.setdefault(index, item)
-
-    def report(self) -> str:
-        """E.g. "skipped 3 of 120 samples: 2 image missing, 1 too long (> 512 tokens)"."""
-        line = f"skipped {sum(self.reasons.values())} of {self.seen} samples"
-        if not self.reasons:
-            return line
-        counts = ", ".join(f"{count} {reason}" for reason, count in self.reasons.most_common())
-        return f"{line}: {counts}"
-
-    def reset(self) -> None:
-        """Start a new epoch."""
-        self.seen = 0
-        self.reasons.clear()
-        self.samples.clear()

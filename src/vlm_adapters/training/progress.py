@@ -80,6 +80,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to ``step`` (a resumed stage logs the later ones again)."""
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
 def plot_loss(metrics_path: Path, png_path: Path, title: str) -> Path | None:
     """Draw loss against step from a metrics JSONL file; None when there is nothing to plot."""
     import matplotlib

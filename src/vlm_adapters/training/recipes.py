@@ -30,7 +30,9 @@ logger = logging.getLogger("vlm_adapters.training")
 PARTS = KINDS
 
 
-def configure_stage(model: Any, stage: str, settings: AlignStage | FinetuneStage) -> None:
+def configure_stage(
+    model: VisionLanguageModel, stage: str, settings: AlignStage | FinetuneStage
+) -> None:
     """Set `requires_grad` for `stage`: align trains the connector; finetune adds LLM/vision."""
     model.requires_grad_(False)
     model.connector.requires_grad_(True)
@@ -73,7 +75,9 @@ def freeze_unreached(vision: nn.Module) -> list[str]:
     return unreached
 
 
-def param_groups(model: Any, settings: AlignStage | FinetuneStage) -> list[dict[str, Any]]:
+def param_groups(
+    model: VisionLanguageModel, settings: AlignStage | FinetuneStage
+) -> list[dict[str, Any]]:
     """AdamW groups per module (vision / connector / LLM lr), no decay on 1-d params."""
     lrs = {
         "vision": getattr(settings, "vision_lr", None) or settings.lr,
@@ -92,7 +96,7 @@ def param_groups(model: Any, settings: AlignStage | FinetuneStage) -> list[dict[
     return [group for group in groups if group["params"]]
 
 
-def describe_trainable(model: Any, stage: str) -> str:
+def describe_trainable(model: VisionLanguageModel, stage: str) -> str:
     """One line per part: trainable / total parameters (what the stage trains and freezes)."""
     lines = [f"stage {stage}: trainable / total parameters"]
     for part in PARTS:
@@ -112,7 +116,7 @@ def _numel(parameter: torch.nn.Parameter) -> int:
     return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
 
 
-def carry_connector(model: Any, directory: Path) -> bool:
+def carry_connector(model: VisionLanguageModel, directory: Path) -> bool:
     """Load the stage-1 connector artifact (``OUT/align/connector``) if there is one."""
     if not (directory / "connector.json").is_file():
         return False

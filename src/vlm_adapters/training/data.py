@@ -1,0 +1,193 @@
+"""A stage's data: its records, the checked dataset, the feature cache fill, the collator
+(packing) and the loader, in an order fixed by the seed, the epoch and the global batch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from vlm_adapters.data import DataCollator, LengthGroupedSampler, LlavaDataset, load_records
+from vlm_adapters.data.collate import PackingCollator
+from vlm_adapters.data.feature_cache import FeatureCache
+from vlm_adapters.data.records import Records, Skipped, sample_id
+from vlm_adapters.data.samplers import TokenBudgetBatchSampler
+from vlm_adapters.errors import ConfigError, TrainingError
+from vlm_adapters.llm import LLMBackend
+from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
+from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.training.config import DatasetConfig, TrainConfig
+from vlm_adapters.training.features import describe_fill, fill_feature_cache
+from vlm_adapters.training.skips import SkipLog
+
+logger = logging.getLogger("vlm_adapters.training")
+
+Sampler = LengthGroupedSampler | TokenBudgetBatchSampler
+Collator = DataCollator | PackingCollator
+
+
+def read_stage_records(stage: str, source: DatasetConfig) -> Records:
+    """The stage's data file and image folder exist; its records (read before any stage
+    runs, so parse errors name the file and line before anything trains)."""
+    if not Path(source.path).is_file():
+        raise ConfigError(f"data.{stage}.path: {source.path} not found")
+    if not source.root().is_dir():
+        raise ConfigError(f"data.{stage}.image_root: {source.root()} is not a directory")
+    return load_records(source.path)
+
+
+def checked_dataset(
+    config: TrainConfig,
+    stage: str,
+    model: VisionLanguageModel,
+    records: Records | None = None,
+) -> tuple[LlavaDataset, list[Skipped], int]:
+    """Stage ``stage``'s dataset for ``model`` after the up-front check of every sample
+    (`LlavaDataset.precheck`): the dataset of the samples that pass, the skipped ones, and the
+    number of records in the file. ``records``: the data file, when already read."""
+    data, source = config.data, config.dataset(stage)
+    records = load_records(source.path) if records is None else records
+    if not records:
+        raise TrainingError(f"{source.path}: no samples; stage {stage} has nothing to train")
+    dataset = LlavaDataset.for_model(
+        model,
+        records,
+        image_root=source.root(),
+        template=source.template,
+        max_length=data.max_length or model.llm.max_positions,
+        on_bad_sample=data.on_bad_sample,
+        max_image_pixels=data.max_image_pixels,
+        source=source.path,
+    )
+    kept, skipped = dataset.precheck()
+    return kept, skipped, len(records)
+
+
+def check_token_budget(dataset: LlavaDataset, budget: int, where: str) -> None:
+    """A micro-batch of ``budget`` tokens must hold the longest sample alone: a smaller
+    budget cannot be honoured (each such sample would make an over-budget batch)."""
+    lengths = [abs(length) for length in dataset.lengths]
+    longest = max(lengths, default=0)
+    if longest <= budget:
+        return
+    position = dataset.positions[lengths.index(longest)]
+    name = sample_id(dataset.records[position], position)
+    prefix = f"{where}: " if where else ""
+    raise ConfigError(
+        f"{prefix}data.max_tokens_per_batch: {budget} tokens cannot hold sample {name!r} of "
+        f"{dataset.source} ({longest} tokens estimated, visual tokens included: the longest); "
+        f"raise it to at least {longest}"
+    )
+
+
+def stage_dataset(
+    config: TrainConfig,
+    stage: str,
+    model: VisionLanguageModel,
+    records: Records | None,
+    skips: SkipLog,
+    accelerator: Accelerator,
+) -> LlavaDataset:
+    """The stage's dataset after the up-front check (its skips recorded in ``skips``),
+    reading the stage's feature cache (filled first) when it has one."""
+    dataset, skipped, num_samples = checked_dataset(config, stage, model, records)
+    skips.start(num_samples)  # a resumed run keeps its list
+    skips.record(skipped, "the up-front check")
+    budget = config.data.max_tokens_per_batch
+    if budget:
+        check_token_budget(dataset, budget, config.where)
+    if config.stage(stage).feature_cache:
+        images = dataset.image_files()
+        dataset.feature_cache = fill_cache(config, stage, model, images, accelerator)
+    return dataset
+
+
+def fill_cache(
+    config: TrainConfig,
+    stage: str,
+    model: VisionLanguageModel,
+    images: list[Path],
+    accelerator: Accelerator,
+) -> FeatureCache:
+    """The stage's feature cache, its missing entries computed by every process (a share
+    each) before any step."""
+    settings = config.stage(stage)
+    if any(p.requires_grad for p in model.vision.parameters()):
+        raise ConfigError(
+            f"stages.{stage}.feature_cache: the vision tower trains in this stage; "
+            "remove feature_cache or freeze the tower"
+        )
+    cache, report = fill_feature_cache(
+        model.vision,
+        settings.feature_cache,
+        images,
+        max_pixels=config.data.max_image_pixels,
+        batch_size=settings.batch_size,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        progress=accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        logger.info("%s: %s", stage, describe_fill(cache, report, len(images)))
+    return cache
+
+
+def packed_attention(llm: LLMBackend, stage: str) -> PackedAttention:
+    """Packed rows attend per sample (`PackedAttention`) where that gives what the samples
+    give alone, else through the masked path; refused if neither does."""
+    attention = PackedAttention(llm)
+    try:
+        check_packing(llm)
+    except ConfigError:
+        was_active = attention.active
+        attention.restore()
+        if not was_active:
+            raise
+        check_packing(llm)
+        logger.warning("%s: packed rows use the masked attention path", stage)
+    return attention
+
+
+def make_collator(
+    config: TrainConfig, stage: str, model: VisionLanguageModel
+) -> tuple[Collator, PackedAttention | None]:
+    """The stage's collator and, when it packs rows, the per-sample attention it installed
+    (the caller restores it when the stage ends)."""
+    pad = model.tokenizer.pad_token_id
+    if not config.data.packing:
+        return DataCollator(pad_token_id=pad), None
+    max_length = config.data.max_length or model.llm.max_positions
+    if max_length is None:
+        raise ConfigError("data.packing: the LLM has no context length; set data.max_length")
+    return PackingCollator(pad, max_length), packed_attention(model.llm, stage)
+
+
+def make_loader(
+    dataset: LlavaDataset, collator: Collator, config: TrainConfig, stage: str, global_batch: int
+) -> tuple[DataLoader, Sampler]:
+    """The stage's loader and its sampler: batches of ``batch_size`` samples grouped by
+    length (of ``global_batch``), or of ``data.max_tokens_per_batch`` tokens."""
+    data, settings, seed = config.data, config.stage(stage), config.run.seed
+    if data.max_tokens_per_batch:
+        budget = TokenBudgetBatchSampler(dataset.lengths, data.max_tokens_per_batch, seed=seed)
+        loader = DataLoader(
+            dataset, batch_sampler=budget, collate_fn=collator, num_workers=data.num_workers
+        )
+        return loader, budget
+    lengths = dataset.lengths if data.group_by_length else [0] * len(dataset)
+    # equal lengths = a plain per-epoch shuffle
+    grouped = LengthGroupedSampler(
+        lengths, global_batch, seed=seed, group_by_modality=data.group_by_length
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=grouped,
+        collate_fn=collator,
+        num_workers=data.num_workers,
+    )
+    return loader, grouped

@@ -1,0 +1,338 @@
+"""One stage's training loop (`Trainer`): epochs, optimizer steps over accumulated
+micro-batches, logging, checkpoints every ``run.save_every`` steps, and the stage's outputs.
+
+The strategy (one process, DDP, FSDP2, DeepSpeed) is the `Engine`'s; what is minimised is
+the `Objective`'s. Every optimizer step divides the summed loss by the objective's weight
+(supervised tokens) of the whole global batch (all processes, all accumulated micro-batches),
+so any split of a global batch trains the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from vlm_adapters._io import remove_stale_temps
+from vlm_adapters.data.records import Records
+from vlm_adapters.errors import TrainingError
+from vlm_adapters.llm.packed_attention import PackedAttention
+from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.training.artifact import save_connector
+from vlm_adapters.training.checkpoint import Position
+from vlm_adapters.training.config import TrainConfig
+from vlm_adapters.training.data import make_collator, make_loader, stage_dataset
+from vlm_adapters.training.engine import Checkpointer, make_accelerator, make_engine
+from vlm_adapters.training.objectives import Batch, Objective, SupervisedObjective
+from vlm_adapters.training.progress import Progress, plot_loss, truncate_metrics
+from vlm_adapters.training.recipes import configure_stage, describe_trainable, param_groups
+from vlm_adapters.training.skips import SkipLog
+
+logger = logging.getLogger("vlm_adapters.training")
+
+
+@dataclass
+class StageSummary:
+    """What one stage did."""
+
+    stage: str
+    steps: int
+    """Optimizer steps taken (windows whose samples were all skipped take none)."""
+    final_loss: float | None
+    seconds: float
+    skipped: int
+    """Distinct samples left out (listed in ``skipped.jsonl``)."""
+    final_dir: str
+
+
+class Trainer:
+    """Trains one stage of an already built `VisionLanguageModel` and writes ``out/<stage>/``.
+
+    ``accelerator`` is the run's (see `make_accelerator`); one is made when not given.
+    ``records``: the stage's data file (`load_records`), when already read. ``objective``:
+    what the stage minimises (the supervised loss by default). Under FSDP2 and DeepSpeed the
+    model is sharded in place; after `fit`, `trained_model` gives it back as a plain module.
+    """
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        config: TrainConfig,
+        stage: str,
+        out: str | Path,
+        accelerator: Accelerator | None = None,
+        records: Records | None = None,
+        objective: Objective | None = None,
+    ) -> None:
+        self.model = model
+        self.records = records  # the stage's data file, when already read
+        self.config = config
+        self.stage = stage
+        self.settings = config.stage(stage)
+        self.dir = Path(out) / stage
+        self.accelerator = accelerator or make_accelerator(config, out)
+        self.accelerator.gradient_accumulation_steps = self.settings.grad_accum
+        self.engine = make_engine(self.accelerator, model)
+        self.objective = objective or SupervisedObjective()
+        self.skips = SkipLog(stage, self.dir, self.accelerator, config.data.max_skip_fraction)
+        self._fallback: Batch | None = None  # last non-empty micro-batch
+        self._steps_done = 0  # optimizer steps before the one being taken
+        self.attention: PackedAttention | None = None  # per-sample attention while packing
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def global_batch(self) -> int:
+        s = self.settings
+        return s.batch_size * s.grad_accum * self.accelerator.num_processes
+
+    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Run the stage (from `resume`, a checkpoint dir or "auto"); return its summary."""
+        try:
+            return self._fit(resume)
+        finally:
+            if self.attention is not None:
+                self.attention.restore()
+
+    def _fit(self, resume: str | Path | None) -> dict[str, Any]:
+        start = time.perf_counter()
+        set_seed(self.config.run.seed)
+        self._setup_model()
+        if self.is_main:
+            remove_stale_temps(self.dir / "checkpoints")
+        loader = self._loader()
+        total = self._total_steps(loader)
+        loader = self._prepare(loader, total)
+        position = self._resume(resume)
+        loss = self._epochs(loader, position, total)
+        if position.step == 0:
+            raise TrainingError(
+                f"stage {self.stage} took no optimizer step: every sample it saw was skipped; "
+                f"see {self.skips.path}"
+            )
+        self._finish()
+        seconds = round(time.perf_counter() - start, 3)
+        final = str(self.dir / "final")
+        summary = StageSummary(
+            self.stage, position.step, loss, seconds, len(self.skips.samples), final
+        )
+        return asdict(summary)
+
+    def _setup_model(self) -> None:
+        configure_stage(self.model, self.stage, self.settings)
+        self.model.template = self.config.dataset(self.stage).template  # saved for inference
+        vision_trains = any(p.requires_grad for p in self.model.vision.parameters())
+        if self.config.run.gradient_checkpointing:
+            self.model.llm.enable_gradient_checkpointing()
+            if vision_trains:
+                self.model.vision.enable_gradient_checkpointing()
+        self.model.train()
+        if not vision_trains:
+            self.model.vision.eval()
+        if self.is_main:
+            logger.info(describe_trainable(self.model, self.stage))
+
+    def _loader(self) -> DataLoader:
+        """Batches in an order fixed by (seed, epoch) and by the global batch size (or the
+        token budget) only."""
+        config, stage, model = self.config, self.stage, self.model
+        dataset = stage_dataset(config, stage, model, self.records, self.skips, self.accelerator)
+        self.records = None  # the dataset holds them
+        collator, self.attention = make_collator(config, stage, model)
+        loader, self.sampler = make_loader(dataset, collator, config, stage, self.global_batch)
+        return loader
+
+    def _total_steps(self, loader: DataLoader) -> int:
+        """Optimizer steps of the stage (``loader`` not yet prepared; micro-batches per
+        process as accelerate shards them: even batches)."""
+        batches = math.ceil(len(loader) / self.accelerator.num_processes)
+        return math.ceil(batches / self.settings.grad_accum) * self.settings.epochs
+
+    def _prepare(self, loader: DataLoader, total: int) -> DataLoader:
+        """The optimizer and scheduler (over ``total`` steps) made, handed to the engine with
+        the model and ``loader``, and the stage's checkpoints; returns the prepared loader."""
+        module = self.engine.place(self.config, self.stage)
+        optimizer = torch.optim.AdamW(param_groups(module, self.settings))
+        self.scheduler = get_scheduler(
+            self.settings.scheduler,
+            optimizer,
+            num_warmup_steps=round(self.settings.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        self.optimizer, loader = self.engine.prepare(module, optimizer, loader)
+        run = self.config.run
+        self.checkpoints: Checkpointer = self.engine.checkpointer(
+            self.dir / "checkpoints", run.keep_last, self.optimizer, self.scheduler
+        )
+        return loader
+
+    def _resume(self, resume: str | Path | None) -> Position:
+        """Load a checkpoint (path or "auto" = newest complete one) or start fresh."""
+        path = self.checkpoints.latest() if resume == "auto" else resume
+        metrics = self.dir / "metrics.jsonl"
+        if path is None:
+            if self.is_main and metrics.exists():
+                metrics.unlink()
+            return Position(seed=self.config.run.seed)
+        position = self.checkpoints.load(Path(path))
+        if self.is_main:
+            logger.info("%s: resumed from %s (step %d)", self.stage, path, position.step)
+            truncate_metrics(metrics, position.step)
+        return position
+
+    def _epochs(self, loader: DataLoader, position: Position, total: int) -> float | None:
+        progress = Progress(
+            self.stage,
+            total,
+            self.dir / "metrics.jsonl",
+            log_every=self.config.run.log_every,
+            enabled=self.is_main,
+            initial=position.step,
+            tracker=self.accelerator if self.config.run.trackers else None,
+        )
+        if self.config.run.trackers:
+            self.accelerator.init_trackers(f"vlm-adapters-{self.stage}", self.config.to_dict())
+        loss = None
+        for epoch in range(position.epoch, self.settings.epochs):
+            loss = self._epoch(loader, position, epoch, progress, total) or loss
+        progress.close()
+        return loss
+
+    def _epoch(
+        self, loader: DataLoader, position: Position, epoch: int, progress: Progress, total: int
+    ) -> float | None:
+        """One epoch from `position` (skipping batches a resumed run already consumed)."""
+        loader.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)  # accelerate does not reach a batch sampler under DDP
+        skip = position.batches_in_epoch if position.epoch == epoch else 0
+        batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+        position.epoch, position.batches_in_epoch = epoch, skip
+        self.skips.epoch.reset()
+        loss = None
+        for window in _windows(iter(batches), self.settings.grad_accum):
+            self._steps_done = position.step
+            record = self._step(window)
+            position.batches_in_epoch += len(window)
+            if record is None:
+                continue
+            position.step += 1
+            loss = record["loss"]
+            progress.step({"step": position.step, "epoch": epoch, **record})
+            self._maybe_save(position, total)
+        position.epoch, position.batches_in_epoch = epoch + 1, 0
+        self.skips.report(epoch)
+        return loss
+
+    def _step(self, window: list[Batch]) -> dict[str, float] | None:
+        """One optimizer step over `window` micro-batches; None when every sample was skipped."""
+        started = time.perf_counter()
+        # dropout depends on (seed, step, process) only, so a resumed run draws the same masks
+        torch.manual_seed(_step_seed(self.config.run.seed, self._steps_done, self.accelerator))
+        for batch in window:
+            self.skips.epoch.update(batch)
+        counts = torch.tensor(
+            [sum(self.objective.weight(b) for b in window), sum(_tokens(b) for b in window)],
+            device=self.accelerator.device,
+        )
+        weight, tokens = self.accelerator.reduce(counts, "sum").tolist()
+        if weight == 0:
+            return None
+        # backward divides by grad_accum and DDP averages over processes: undo both
+        denom = weight / (self.settings.grad_accum * self.accelerator.num_processes)
+        last = len(window) - 1
+        loss_sum = sum(self._micro_step(b, i == last, denom) for i, b in enumerate(window))
+        norm = self._update()
+        device = self.accelerator.device
+        total_loss = self.accelerator.reduce(torch.tensor(loss_sum, device=device), "sum")
+        seconds = time.perf_counter() - started
+        return {
+            "loss": float(total_loss) / weight,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "grad_norm": norm,
+        }
+
+    def _micro_step(self, batch: Batch, last: bool, denom: float) -> float:
+        """Forward + backward of one micro-batch; returns its summed loss. Gradients are
+        reduced across processes on the window's last micro-batch only."""
+        scale = 1.0
+        if batch["input_ids"].numel() == 0:  # every sample skipped
+            if self.accelerator.num_processes == 1 or self._fallback is None:
+                return 0.0
+            batch, scale = self._fallback, 0.0  # keep collective ops in step with other ranks
+        self._fallback = batch
+        self.accelerator.sync_gradients = last
+        sync = contextlib.nullcontext() if last else self.engine.no_sync()
+        with sync, self.engine.autocast():
+            loss = self.objective.loss(self.engine.wrapped, batch, denom)
+            self.accelerator.backward(loss * scale)
+        return float(loss.detach()) * denom * scale
+
+    def _update(self) -> float:
+        """Clip to ``max_grad_norm``, step the optimizer and the scheduler; returns the
+        gradient norm of all processes together (NaN before DeepSpeed's first step)."""
+        self.accelerator.sync_gradients = True
+        norm = self.engine.clip(self.settings.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _maybe_save(self, position: Position, total: int) -> None:
+        every = self.config.run.save_every
+        if every and position.step % every == 0 and position.step != total:
+            self.checkpoints.save(position)
+
+    def _finish(self) -> None:
+        self.accelerator.wait_for_everyone()
+        model = self.engine.full_model()
+        if self.is_main and model is not None:
+            if self.stage == "align":  # before final/, which marks the stage as done
+                save_connector(model, self.dir / "connector")
+            model.save_pretrained(self.dir / "final")
+            plot_loss(self.dir / "metrics.jsonl", self.dir / "loss.png", f"{self.stage} loss")
+            logger.info("%s: saved %s", self.stage, self.dir / "final")
+        if self.config.run.trackers:
+            self.accelerator.end_training()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.free_memory()
+
+    def trained_model(self) -> VisionLanguageModel:
+        """After `fit`: the stage's model as a plain module on every process (for the next
+        stage), with the stage's final weights."""
+        return self.engine.trained_model(self.dir / "final")
+
+
+def _step_seed(seed: int, step: int, accelerator: Accelerator) -> int:
+    return (seed * 1_000_003 + step) * 1_009 + accelerator.process_index
+
+
+def _windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Consecutive lists of `size` micro-batches (the last may be shorter)."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _tokens(batch: Batch) -> int:
+    """Tokens in a batch, padding excluded (packed rows count them in the collator)."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()) if mask is not None else int(batch["num_tokens"])

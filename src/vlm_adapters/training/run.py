@@ -1,0 +1,209 @@
+"""A training run (`train`): the recipe's stages in order in one run directory, which of them
+are finished or resume where, and the stage-1 connector carried into a later stage."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from vlm_adapters._io import remove_tree, safetensors_problem
+from vlm_adapters.chat.templates import check_template
+from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, OutputError
+from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.model.files import WEIGHTS_NAME
+from vlm_adapters.model.lora import load_weights
+from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
+from vlm_adapters.training.checkpoint import checkpoint_problem
+from vlm_adapters.training.config import (
+    DatasetConfig,
+    TrainConfig,
+    check_max_length,
+    save_train_config,
+)
+from vlm_adapters.training.data import read_stage_records
+from vlm_adapters.training.engine import make_accelerator
+from vlm_adapters.training.loop import Trainer
+from vlm_adapters.training.recipes import carry_connector, resolve_config, stages_to_run
+from vlm_adapters.training.rundir import CONFIG_NAME, check_resume_config, locked_run_dir, on_main
+
+logger = logging.getLogger("vlm_adapters.training")
+
+Plan = dict[str, Any]
+"""Per stage: "done" (skip it), a checkpoint to resume from, "auto" or None (fresh)."""
+
+
+def train(
+    config: TrainConfig | dict[str, Any] | str | Path,
+    stage: str = "all",
+    out: str | Path = "runs/vlm",
+    resume: str | Path | None = None,
+    overrides: list[str] | None = None,
+    model: VisionLanguageModel | None = None,
+    *,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    fresh_connector: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Run `stage` ("all" = the recipe, in order) and return a summary per stage.
+
+    `resume`: "auto" continues from the newest complete checkpoints (finished stages are
+    skipped), a checkpoint path continues from there; a changed config is refused unless
+    `allow_config_change`. A stage that already has results in `out` is trained again only
+    with `overwrite`, which also allows a non-empty `out` that is not a run directory (its
+    files are kept). `--stage finetune` needs the stage-1 connector in `out/align/connector`
+    unless `fresh_connector` (or a `model` is passed). `model` defaults to one built from the
+    config; the same model object carries each stage's weights into the next.
+    """
+    from vlm_adapters import build_vlm
+
+    config = resolve_config(config, overrides)
+    out = Path(out)
+    names = stages_to_run(config, stage)
+    datasets = {name: config.dataset(name) for name in names}  # every stage, before any runs
+    with naming_file(config.where):
+        records = {name: read_stage_records(name, source) for name, source in datasets.items()}
+    accelerator = make_accelerator(config, out)
+    with locked_run_dir(out, overwrite=overwrite, state=accelerator.state):
+        plan = on_main(
+            accelerator.state,
+            lambda: _prepare_run(out, config, names, resume, overwrite, allow_config_change),
+        )
+        built_here = model is None
+        if model is None:
+            set_seed(config.run.seed)  # same initial weights on every process and every run
+            with naming_file(config.where):
+                model = build_vlm(config.model)
+        _check_model_fits(config, model, datasets)
+        if "align" not in names:
+            _carry_connector(model, out, required=built_here and not fresh_connector)
+        summaries = {}
+        for name in names:
+            if plan[name] == "done":
+                _load_final(model, out / name / "final", needed=name != names[-1])
+                continue
+            trainer = Trainer(model, config, name, out, accelerator, records.pop(name))
+            summaries[name] = trainer.fit(resume=plan[name])
+            if name != names[-1]:
+                model = trainer.trained_model()
+    return summaries
+
+
+@contextlib.contextmanager
+def naming_file(where: str) -> Iterator[None]:
+    """Prefix config and component errors raised inside with the config file's name."""
+    try:
+        yield
+    except (ConfigError, ComponentError) as error:
+        if not where or str(error).startswith(where):
+            raise
+        raise type(error)(f"{where}: {error}") from None
+
+
+def _check_model_fits(
+    config: TrainConfig, model: VisionLanguageModel, datasets: dict[str, DatasetConfig]
+) -> None:
+    """What needs the built model: the context length and each stage's template tokens."""
+    context = model.llm.max_positions
+    if context is not None:
+        check_max_length(config, context)
+    for source in datasets.values():
+        check_template(model.tokenizer, source.template)
+
+
+def _prepare_run(
+    out: Path,
+    config: TrainConfig,
+    names: list[str],
+    resume: str | Path | None,
+    overwrite: bool,
+    allow_config_change: bool,
+) -> Plan:
+    """On the main process: check the resume config, protect finished stages, save the config."""
+    if resume is not None:
+        check_resume_config(out, config.to_dict(), allow_config_change)
+    plan = _resume_plan(names, out, resume)
+    for name, step in plan.items():
+        if step is None:
+            _clear_stage(out / name, overwrite)
+    if resume is None or allow_config_change or not (out / CONFIG_NAME).is_file():
+        save_train_config(config, out / CONFIG_NAME)
+    return plan
+
+
+_STAGE_OUTPUTS = (
+    "final",
+    "checkpoints",
+    "connector",
+    "metrics.jsonl",
+    "skipped.jsonl",
+    "loss.png",
+)
+
+
+def _clear_stage(directory: Path, overwrite: bool) -> None:
+    """A stage about to start fresh: refuse to replace its results unless `overwrite`."""
+    found = [name for name in _STAGE_OUTPUTS if (directory / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        what = "a finished stage" if "final" in found else "checkpoints of an unfinished run"
+        raise OutputError(
+            f"{directory} already holds {what} ({', '.join(found)}); pass --resume auto to "
+            "continue it, --overwrite to train it again, or choose another --out"
+        )
+    for name in found:
+        remove_tree(directory / name)
+
+
+def _resume_plan(names: list[str], out: Path, resume: str | Path | None) -> Plan:
+    """What each stage does: see `Plan`."""
+    if resume is None:
+        return dict.fromkeys(names)
+    if resume == "auto":
+        plan: Plan = {}
+        for name in names:
+            finished = _finished(out / name)
+            earlier_done = all(value == "done" for value in plan.values())
+            plan[name] = "done" if finished and earlier_done else "auto"
+        return plan
+    path = Path(resume)
+    owner = path.parent.parent.name
+    if owner not in names:
+        raise ConfigError(f"--resume {path}: expected OUT/<stage>/checkpoints/step-N of {names}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"--resume {path}: {problem}; use another one or --resume auto")
+    index = names.index(owner)
+    return {n: ("done" if i < index else path if i == index else None) for i, n in enumerate(names)}
+
+
+def _finished(stage_dir: Path) -> bool:
+    """A stage is done when its final model (and, for align, the connector) is complete."""
+    done = safetensors_problem(stage_dir / "final" / WEIGHTS_NAME) is None
+    if stage_dir.name == "align":
+        done = done and (stage_dir / "connector" / CONNECTOR_CONFIG).is_file()
+    return done
+
+
+def _carry_connector(model: VisionLanguageModel, out: Path, required: bool) -> None:
+    artifact = out / "align" / "connector"
+    if carry_connector(model, artifact):
+        logger.info("finetune: connector loaded from %s", artifact)
+    elif required:
+        raise ConfigError(
+            f"{artifact}: no stage-1 connector; run `--stage align` into this --out first, or "
+            "pass --fresh-connector to fine-tune from an untrained connector"
+        )
+    else:
+        logger.warning("finetune: no %s; the connector trains from its current weights", artifact)
+
+
+def _load_final(model: VisionLanguageModel, final: Path, needed: bool) -> None:
+    logger.info("%s already finished; skipping it", final.parent.name)
+    if needed:
+        load_weights(model, final, WEIGHTS_NAME)
