@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from vlm_adapters._io import (
     atomic_dir,
@@ -31,6 +34,7 @@ from vlm_adapters._io import (
     temp_name,
 )
 from vlm_adapters.errors import CheckpointError
+from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.model.lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
 
@@ -58,7 +62,11 @@ class Position:
 
 
 def save_checkpoint(
-    directory: Path, model: Any, optimizer: Any, scheduler: Any, position: Position
+    directory: Path,
+    model: VisionLanguageModel,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    position: Position,
 ) -> Path:
     """Write one checkpoint atomically (a crash leaves any previous one intact)."""
     remove_stale_temps(directory.parent)
@@ -76,7 +84,9 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> Position:
+def load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler
+) -> Position:
     """Restore everything `save_checkpoint` wrote into live objects; return the position."""
     problem = checkpoint_problem(directory)
     if problem:

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from vlm_adapters._io import atomic_dir, remove_stale_temps
 from vlm_adapters.errors import CheckpointError
@@ -38,7 +41,12 @@ from vlm_adapters.training.checkpoint import (
 
 
 def save_sharded_checkpoint(
-    directory: Path, model: Any, optimizer: Any, scheduler: Any, position: Position, state: Any
+    directory: Path,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    position: Position,
+    state: Any,
 ) -> Path:
     """Write one sharded checkpoint; every process must call it (``state``: accelerate's).
 
@@ -79,7 +87,7 @@ def save_sharded_checkpoint(
 
 
 def load_sharded_checkpoint(
-    directory: Path, model: Any, optimizer: Any, scheduler: Any, state: Any
+    directory: Path, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler, state: Any
 ) -> Position:
     """Restore what `save_sharded_checkpoint` wrote, each process its own part (same world
     size); every process must call it."""
@@ -127,7 +135,7 @@ def _verified_state(directory: Path, state: Any) -> dict[str, Any]:
     return saved
 
 
-def _live_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _live_state(model: nn.Module, optimizer: Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model's and optimizer's state dicts with parameter names as keys (sharded tensors
     under FSDP2); an optimizer that has not stepped yet gets its state made first (a step
     with zero gradients and learning rate)."""
