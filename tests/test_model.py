@@ -164,8 +164,14 @@ def test_a_checkpoint_key_we_never_write_is_refused(tokenizer_dir: str, tmp_path
     _model(tokenizer_dir).save_pretrained(tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "config.json"
     config = json.loads(path.read_text())
-    # what the first version wrote (no template, no LoRA) still loads
-    assert set(config) == {"format", "vision", "connector", "llm", "providers", "versions"}
+    assert set(config) == {
+        "format",
+        "format_version",
+        *("vision", "connector", "llm", "providers", "versions"),
+    }
+    # what the first version wrote (no format_version, template or LoRA) still loads
+    first = {key: value for key, value in config.items() if key != "format_version"}
+    path.write_text(json.dumps(first))
     vlm_adapters.VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
     path.write_text(json.dumps({**config, "rope_scaling": {"factor": 4}}))
     with pytest.raises(CheckpointError) as info:

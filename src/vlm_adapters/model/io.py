@@ -5,6 +5,7 @@ nothing in a checkpoint can enable code or point outside it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,13 @@ from vlm_adapters.chat.templates import TEMPLATES
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
 from vlm_adapters.model import lora
-from vlm_adapters.model.files import CONFIG_NAME, FORMAT, TOKENIZER_DIR, WEIGHTS_NAME
+from vlm_adapters.model.files import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+)
 from vlm_adapters.plugins import BUILTIN_PROVIDER, get_registry, why_unavailable
 from vlm_adapters.registry import KINDS
 
@@ -23,7 +30,15 @@ if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
 
 PARTS = KINDS
-TOP_LEVEL_KEYS = ("format", *PARTS, *lora.CONFIG_KEYS.values(), "template", "providers", "versions")
+TOP_LEVEL_KEYS = (
+    "format",
+    "format_version",
+    *PARTS,
+    *lora.CONFIG_KEYS.values(),
+    "template",
+    "providers",
+    "versions",
+)
 """Every top-level key of config.json any version of vlm-adapters has written."""
 
 
@@ -57,6 +72,7 @@ def checkpoint_config(model: VisionLanguageModel) -> dict[str, Any]:
     template = {"template": model.template} if model.template else {}
     return {
         "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         **sections,
         **lora.lora_checkpoint_config(model),
         **template,
@@ -105,8 +121,31 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise CheckpointError(f"{path}: not a vlm-adapters checkpoint (format={found!r})")
+    return _READERS[format_version(data, path)](data, path)
+
+
+def format_version(data: dict[str, Any], path: Path) -> int:
+    """The format version of a checkpoint file's ``data`` (1 when absent: earlier releases
+    wrote none); one newer than this code reads is refused."""
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: format_version {version!r} is not a version; corrupt")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} was written by a newer vlm-adapters (this one "
+            f"reads up to {FORMAT_VERSION}); upgrade"
+        )
+    return version
+
+
+def _read_v1(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A version-1 config.json, as the loader takes it."""
     check_top_level_keys(data, path)
     return data
+
+
+_READERS: dict[int, Callable[[dict[str, Any], Path], dict[str, Any]]] = {1: _read_v1}
+"""The reader of each format version this code knows."""
 
 
 def check_top_level_keys(data: dict[str, Any], path: Path) -> None:

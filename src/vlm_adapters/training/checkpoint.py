@@ -2,8 +2,8 @@
 
 Layout of ``<stage>/checkpoints/step-000123/`` of an unsharded run (one process, DDP; written
 by the main process): ``model/`` (``save_pretrained``), ``optimizer.safetensors`` (the
-optimizer's tensors, flattened) and ``trainer_state.json`` (position, scheduler, optimizer
-param groups, RNG states). A sharded (FSDP2) run writes its own layout (see
+optimizer's tensors, flattened) and ``trainer_state.json`` (format version, position,
+scheduler, optimizer param groups, RNG states). A sharded (FSDP2) run writes its own layout (see
 `vlm_adapters.training.sharded_checkpoint`); both are verified here. Everything is
 safetensors or JSON.
 """
@@ -35,7 +35,8 @@ from vlm_adapters._io import (
 )
 from vlm_adapters.errors import CheckpointError
 from vlm_adapters.model.core import VisionLanguageModel
-from vlm_adapters.model.files import WEIGHTS_NAME
+from vlm_adapters.model.files import FORMAT_VERSION, WEIGHTS_NAME
+from vlm_adapters.model.io import format_version
 from vlm_adapters.model.lora import ADAPTER_DIRS, CONFIG_KEYS, load_weights
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -75,6 +76,7 @@ def save_checkpoint(
         tensors, groups = flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         state = {
+            "format_version": FORMAT_VERSION,
             "position": asdict(position),
             "scheduler": scheduler.state_dict(),
             "optimizer_groups": groups,
@@ -92,6 +94,7 @@ def load_checkpoint(
     if problem:
         raise CheckpointError(f"{directory}: {problem}; pick another checkpoint or --resume auto")
     state = json.loads((directory / STATE_FILE).read_text())
+    format_version(state, directory / STATE_FILE)
     if state.get("format") == SHARDED:
         raise CheckpointError(
             f"{directory}: written by a sharded (FSDP2) run of {state['world_size']} processes; "

@@ -4,8 +4,8 @@ all have.
 Layout of ``<stage>/checkpoints/step-000123/``: ``shards/shard-0000R-model-00001-of-00001
 .safetensors`` (process R-1's shard of the weights and optimizer tensors, written by torch's
 distributed checkpoint with ``HuggingFaceStorageWriter``), ``rng-rank-0000R.json`` (each
-process's random states) and ``trainer_state.json`` (position, scheduler, optimizer param
-groups, world size and every part with its process and size). Nothing is pickled.
+process's random states) and ``trainer_state.json`` (format version, position, scheduler,
+optimizer param groups, world size and every part with its process and size). Nothing is pickled.
 
 Every process writes into one temporary directory; only when all of them report success does
 the main process write ``trainer_state.json`` and rename the directory into place, so a
@@ -28,6 +28,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from vlm_adapters._io import atomic_dir, remove_stale_temps
 from vlm_adapters.errors import CheckpointError
+from vlm_adapters.model.files import FORMAT_VERSION
+from vlm_adapters.model.io import format_version
 from vlm_adapters.training.checkpoint import (
     SHARDED,
     SHARDS_DIR,
@@ -69,6 +71,7 @@ def save_sharded_checkpoint(
             phase = "finish"
             saved = {
                 "format": SHARDED,
+                "format_version": FORMAT_VERSION,
                 "world_size": state.num_processes,
                 "position": asdict(position),
                 "scheduler": scheduler.state_dict(),
@@ -122,6 +125,7 @@ def _verified_state(directory: Path, state: Any) -> dict[str, Any]:
     if problem:
         raise CheckpointError(f"{directory}: {problem}; pick another checkpoint or --resume auto")
     saved = json.loads((directory / STATE_FILE).read_text())
+    format_version(saved, directory / STATE_FILE)
     if saved.get("format") != SHARDED:
         raise CheckpointError(
             f"{directory}: written by an unsharded run (one process or DDP); this run shards "
