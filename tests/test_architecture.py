@@ -1,9 +1,11 @@
-"""The tree is the architecture: no import cycles (function-local imports included), and the
-model does not depend on how it is trained."""
+"""The tree is the architecture: the layers of docs/architecture.md (read from its table), no
+import of the package root from inside it, no import cycles (function-local imports included),
+and the model does not depend on how it is trained."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 import vlm_adapters
 
 PACKAGE = Path(vlm_adapters.__file__).parent
+ARCHITECTURE = Path(__file__).parents[1] / "docs" / "architecture.md"
+ROOT = "vlm_adapters"
 
 
 def _module_name(path: Path) -> str:
@@ -127,3 +131,114 @@ def test_components_never_import_each_other() -> None:
         for name, targets in GRAPH.items():
             if name.startswith(family):
                 assert not [t for t in targets if t.startswith(others)], name
+
+
+def _layer_table(text: str) -> dict[str, int]:
+    """``{package or top-level module: layer}`` from the markdown table headed ``| Layer |``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Layer |"))
+    layers: dict[str, int] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        layer, names = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        for name in re.findall(r"`([\w.]+)`", names):
+            assert name not in layers, f"{ARCHITECTURE.name}: {name} is in two layers"
+            layers[name] = int(layer)
+    return layers
+
+
+LAYERS = _layer_table(ARCHITECTURE.read_text())
+
+
+def _unit(module: str) -> str:
+    """The table entry ``module`` belongs to: its package or top-level module, or the root."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ROOT
+
+
+def _climbs(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """Imports from a package into its own layer or one above (within a package is free)."""
+    return {
+        (name, target)
+        for name, targets in graph.items()
+        for target in targets
+        if _unit(name) != _unit(target) and LAYERS[_unit(target)] >= LAYERS[_unit(name)]
+    }
+
+
+KNOWN_CLIMBS = {
+    # issue 18 item 2: conversation-level generation moves into model/
+    ("vlm_adapters.model.core", "vlm_adapters.inference.generation"),
+}
+"""Imports that break the layers today, each until the issue-18 item named removes it."""
+
+
+def test_the_layer_table_places_every_package_once() -> None:
+    assert LAYERS[ROOT] == max(LAYERS.values()) and LAYERS["errors"] == 0
+    assert {_unit(name) for name in MODULES} == set(LAYERS)
+
+
+def test_the_layer_check_finds_a_climb_and_a_sideways_import() -> None:
+    graph = {
+        "vlm_adapters.model.core": {"vlm_adapters.training.trainer", "vlm_adapters.data"},
+        "vlm_adapters.vision.hf": {"vlm_adapters.llm.base", "vlm_adapters.vision.base"},
+        "vlm_adapters.cli": {ROOT},
+    }
+    assert _climbs(graph) == {
+        ("vlm_adapters.model.core", "vlm_adapters.training.trainer"),
+        ("vlm_adapters.vision.hf", "vlm_adapters.llm.base"),
+        ("vlm_adapters.cli", ROOT),
+    }
+
+
+def test_no_import_climbs_the_layers_of_docs_architecture() -> None:
+    climbs = _climbs(GRAPH)
+    assert climbs - KNOWN_CLIMBS == set()
+    assert climbs >= KNOWN_CLIMBS  # an exception removed is struck off the list
+
+
+def _root_imports(name: str) -> list[int]:
+    """Lines where module ``name`` imports the package root (``import vlm_adapters``, ``from
+    vlm_adapters import ...``; a submodule named that way included), outside TYPE_CHECKING."""
+    tree = ast.parse(MODULES[name].read_text())
+    skipped = _type_checking_nodes(tree)
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if id(node) not in skipped
+        and (
+            (isinstance(node, ast.Import) and any(a.name == ROOT for a in node.names))
+            or (isinstance(node, ast.ImportFrom) and node.module == ROOT and node.level == 0)
+        )
+    ]
+
+
+def test_nothing_inside_the_package_imports_the_package_root() -> None:
+    found = {name: lines for name in MODULES if name != ROOT and (lines := _root_imports(name))}
+    assert found == {}
+
+
+KNOWN_CONCRETE = {
+    # issue 18 item 3: the backbone declares its tiling (no isinstance on AnyResBackbone)
+    ("vlm_adapters.model.core", "vlm_adapters.vision.tiling"),
+    # issue 18 item 2: the transformers LLaVA(-NeXT) reader moves beside the writer in export/
+    ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf"),
+    ("vlm_adapters.model.hf_llava_next", "vlm_adapters.vision.hf"),
+    # issue 18 item 2: the bitsandbytes code leaves lora.py; model/ names no concrete backend
+    ("vlm_adapters.model.lora", "vlm_adapters.llm.hf"),
+}
+"""Imports of a concrete component module from model/ today, each until the item named."""
+
+
+def test_the_model_uses_components_only_through_their_base_module() -> None:
+    families = {"vision", "connectors", "llm"}
+    found = {
+        (name, target)
+        for name, targets in GRAPH.items()
+        if _unit(name) == "model"
+        for target in targets
+        if _unit(target) in families and not target.endswith(".base")
+    }
+    assert found - KNOWN_CONCRETE == set()
+    assert found >= KNOWN_CONCRETE  # an exception removed is struck off the list

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import vlm_adapters
-from vlm_adapters import ConfigError, apply_overrides, load_config
-from vlm_adapters.config import model_config_from_dict
+from vlm_adapters import ConfigError, load_config
+from vlm_adapters.config import apply_overrides, model_config_from_dict
 from vlm_adapters.testing import tiny_model_config
 
 WriteYaml = Callable[[dict[str, Any]], str]

@@ -20,7 +20,7 @@ import pluggy
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from vlm_adapters import hookspecs
+import vlm_adapters.hookspecs as hookspecs
 from vlm_adapters._env import env_flag
 from vlm_adapters.registry import ComponentSpec, Registry
 

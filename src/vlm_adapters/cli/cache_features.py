@@ -64,8 +64,8 @@ def _device(name: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
-    from vlm_adapters import build_vlm
     from vlm_adapters.errors import ConfigError
+    from vlm_adapters.model.build import build_vlm
     from vlm_adapters.training.data import checked_dataset
     from vlm_adapters.training.features import describe_fill, fill_feature_cache
     from vlm_adapters.training.recipes import resolve_config

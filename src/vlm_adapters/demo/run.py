@@ -44,8 +44,8 @@ def run_demo(
     """
     from accelerate.utils import set_seed
 
-    from vlm_adapters import build_vlm
     from vlm_adapters.inference.evaluation import evaluate
+    from vlm_adapters.model.build import build_vlm
     from vlm_adapters.training import load_train_config, train
 
     start = time.perf_counter()

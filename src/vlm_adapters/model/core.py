@@ -21,15 +21,14 @@ from vlm_adapters.config import (
     model_config_from_dict,
     tile_token_side,
 )
-from vlm_adapters.connectors import Connector
+from vlm_adapters.connectors.base import Connector
 from vlm_adapters.data.processor import ImageInput, Turns, VLMProcessor
 from vlm_adapters.errors import CheckpointError, ConfigError
-from vlm_adapters.llm import LLMBackend
+from vlm_adapters.llm.base import LLMBackend
 from vlm_adapters.model import hf_llava, hf_llava_next, io
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS
-from vlm_adapters.vision import VisionBackbone
-from vlm_adapters.vision.base import ImageBatch, Size, VariableTransform
+from vlm_adapters.vision.base import ImageBatch, Size, VariableTransform, VisionBackbone
 from vlm_adapters.vision.tiling import AnyResBackbone, TilingConfig
 
 Images = torch.Tensor | ImageBatch

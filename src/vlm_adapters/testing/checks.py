@@ -131,7 +131,8 @@ def check_vlm(config: Any) -> Any:
     Checks the loss is finite, gradients reach the connector, and a
     ``save_pretrained`` / ``from_pretrained`` round trip gives identical logits.
     """
-    from vlm_adapters import VisionLanguageModel, build_vlm
+    from vlm_adapters.model.build import build_vlm
+    from vlm_adapters.model.core import VisionLanguageModel
 
     model = build_vlm(config).eval()
     batch = _vlm_batch(model)

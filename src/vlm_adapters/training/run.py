@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from vlm_adapters._io import remove_tree, safetensors_problem
 from vlm_adapters.chat.templates import check_template
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, OutputError
+from vlm_adapters.model.build import build_vlm
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.model.lora import load_weights
@@ -59,8 +60,6 @@ def train(
     unless `fresh_connector` (or a `model` is passed). `model` defaults to one built from the
     config; the same model object carries each stage's weights into the next.
     """
-    from vlm_adapters import build_vlm
-
     config = resolve_config(config, overrides)
     out = Path(out)
     names = stages_to_run(config, stage)
