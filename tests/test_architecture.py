@@ -224,7 +224,8 @@ KNOWN_CONCRETE = {
     ("vlm_adapters.model.core", "vlm_adapters.vision.tiling"),
     # issue 18 item 2: the transformers LLaVA(-NeXT) reader moves beside the writer in export/
     ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf"),
-    ("vlm_adapters.model.hf_llava_next", "vlm_adapters.vision.hf"),
+    ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf_processor"),
+    ("vlm_adapters.model.hf_llava_next", "vlm_adapters.vision.hf_processor"),
     # issue 18 item 2: the bitsandbytes code leaves lora.py; model/ names no concrete backend
     ("vlm_adapters.model.lora", "vlm_adapters.llm.hf"),
 }
