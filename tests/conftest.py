@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,9 @@ from torch import nn  # noqa: E402
 
 from vlm_adapters import VisionLanguageModel, build_vlm  # noqa: E402
 from vlm_adapters.testing import tiny_model_config, tiny_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from bad_input_kit import Case, Shared, check_case, make_shared  # noqa: E402
 
 # The input fuzzer (test_fuzz_inputs.py): the suite runs the same bounded examples every time;
 # `pytest --hypothesis-profile deep` explores further.
@@ -47,6 +52,23 @@ def _forced(model: VisionLanguageModel, token: str) -> VisionLanguageModel:
         head.bias[clone.tokenizer.convert_tokens_to_ids(token)] = 10.0
     clone.llm.model.lm_head = head
     return clone
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    """The bad-input tests' tiny config root, align run and checkpoint (one per module)."""
+    return make_shared(tmp_path_factory)
+
+
+@pytest.fixture
+def run_case(
+    shared: Shared,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Callable[[Case], None]:
+    """``run_case(case)``: a bad-input case through the real CLI, with its checks."""
+    return lambda case: check_case(case, shared, tmp_path, monkeypatch, capsys)
 
 
 @pytest.fixture

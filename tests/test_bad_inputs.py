@@ -25,7 +25,6 @@ from bad_input_kit import (  # noqa: E402
     Case,
     Edit,
     Env,
-    Shared,
     SkipLog,
     _drop,
     _set,
@@ -34,15 +33,7 @@ from bad_input_kit import (  # noqa: E402
     _write_empty,
     _write_png,
     _write_truncated,
-    check_case,
-    make_shared,
 )
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return make_shared(tmp_path_factory)
-
 
 # --- training: config errors ----------------------------------------------------------------
 
@@ -806,11 +797,5 @@ def test_cases_are_many_and_uniquely_named() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_input(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+def test_bad_input(case: Case, run_case: Callable[[Case], None]) -> None:
+    run_case(case)

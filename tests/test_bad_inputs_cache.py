@@ -18,14 +18,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from bad_input_kit import Call, Case, Env, Shared, _set, check_case, make_shared  # noqa: E402
+from bad_input_kit import Call, Case, Env, _set  # noqa: E402
 
 CACHE = "stages.align.feature_cache"
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return make_shared(tmp_path_factory)
 
 
 def _notes(env: Env) -> Path:
@@ -140,14 +135,8 @@ PATCHED_CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_input(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+def test_bad_input(case: Case, run_case: Callable[[Case], None]) -> None:
+    run_case(case)
 
 
 @pytest.mark.parametrize(
@@ -156,10 +145,9 @@ def test_bad_input(
 def test_bad_input_on_this_machine(
     case: Case,
     patch: Callable[[pytest.MonkeyPatch, Path], None],
-    shared: Shared,
+    run_case: Callable[[Case], None],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    patch(monkeypatch, tmp_path)
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+    patch(monkeypatch, tmp_path)  # the same tmp_path and monkeypatch run_case uses
+    run_case(case)

@@ -15,15 +15,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from bad_input_kit import Call, Case, Edit, Env, Shared, _set, check_case, make_shared  # noqa: E402
+from bad_input_kit import Call, Case, Edit, Env, Shared, _set  # noqa: E402
 
 from vlm_adapters._transformers import flash_attention_available  # noqa: E402
 from vlm_adapters.cli import main  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return make_shared(tmp_path_factory)
 
 
 def _override(id: str, override: str, *expect: str) -> Case:
@@ -169,14 +164,8 @@ def _ids(cases: list[Case]) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_bad_config_input(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+def test_bad_config_input(case: Case, run_case: Callable[[Case], None]) -> None:
+    run_case(case)
 
 
 @pytest.mark.skipif(
@@ -185,26 +174,14 @@ def test_bad_config_input(
     reason="FlashAttention runs on this machine",
 )
 @pytest.mark.parametrize("case", NO_FLASH_ATTENTION, ids=_ids(NO_FLASH_ATTENTION))
-def test_flash_attention_without_its_kernel(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+def test_flash_attention_without_its_kernel(case: Case, run_case: Callable[[Case], None]) -> None:
+    run_case(case)
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="an accelerator runs fp16")
 @pytest.mark.parametrize("case", CPU_ONLY, ids=_ids(CPU_ONLY))
-def test_fp16_on_a_cpu(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+def test_fp16_on_a_cpu(case: Case, run_case: Callable[[Case], None]) -> None:
+    run_case(case)
 
 
 def test_import_says_it_ignored_a_trust_remote_code_request(

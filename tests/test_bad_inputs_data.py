@@ -18,17 +18,8 @@ from bad_input_kit import (  # noqa: E402
     Call,
     Case,
     Env,
-    Shared,
     _write_png,
-    check_case,
-    make_shared,
 )
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return make_shared(tmp_path_factory)
-
 
 # --- data files that are not UTF-8 ------------------------------------------------------------
 
@@ -257,11 +248,5 @@ def test_cases_are_uniquely_named() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_input(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+def test_bad_input(case: Case, run_case: Callable[[Case], None]) -> None:
+    run_case(case)

@@ -4,17 +4,13 @@ sample (skipped and listed, or the one-line error of ``data.on_bad_sample: error
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from bad_input_kit import Call, Case, Env, Shared, SkipLog, check_case, make_shared  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return make_shared(tmp_path_factory)
+from bad_input_kit import Call, Case, Env, SkipLog  # noqa: E402
 
 
 def _marker_in_answer(env: Env, indices: tuple[int, ...]) -> None:
@@ -53,11 +49,5 @@ CASES: list[Case] = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_input(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    check_case(case, shared, tmp_path, monkeypatch, capsys)
+def test_bad_input(case: Case, run_case: Callable[[Case], None]) -> None:
+    run_case(case)

@@ -21,21 +21,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vlm_adapters.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from bad_input_kit import Env, Shared, _snapshot, make_shared  # noqa: E402
+from bad_input_kit import Env, Shared, _snapshot  # noqa: E402
 
 FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return make_shared(tmp_path_factory)
 
 
 def _outcome(
