@@ -19,10 +19,11 @@ from vlm_adapters.data import DataCollator, LengthGroupedSampler, LlavaDataset
 from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache, image_encoder
 from vlm_adapters.errors import ConfigError
+from vlm_adapters.geometry import LLAVA_NEXT_GRIDS, AnyResLayout
 from vlm_adapters.testing import tiny_model_config
 from vlm_adapters.testing.tiny import tiny_naflex_config, tiny_tiled_config
 from vlm_adapters.vision.base import ImageBatch
-from vlm_adapters.vision.tiling import LLAVA_NEXT_GRIDS, AnyResLayout, TilingConfig
+from vlm_adapters.vision.tiling import TilingConfig, place
 
 # (width, height): square, wide, tall, panorama, tower, tiny, one pixel, odd sizes, and one
 # whose resized copy is padded on one side only (63x32 in a 64x32 canvas).
@@ -118,7 +119,7 @@ def test_layout_is_llava_next_arithmetic(grids):
     newline = torch.randn(8)
     for height, width in [(h, w) for w, h in SIZES]:
         tiles = torch.randn(layout.num_tiles(height, width), side * side, 8)
-        placed = layout.place(tiles, (height, width), newline)
+        placed = place(layout, tiles, (height, width), newline)
         torch.testing.assert_close(
             placed, theirs.pack(tiles, height, width, newline), rtol=0, atol=0
         )

@@ -1,17 +1,40 @@
-"""vlm-adapters: turn any causal LLM into a LLaVA-style vision-language model."""
+"""vlm-adapters: turn any causal LLM into a LLaVA-style vision-language model.
+
+The public names are imported when first used, so importing a light module of the package
+(``vlm_adapters.geometry``, ``vlm_adapters.errors``) does not import torch.
+"""
 
 from __future__ import annotations
 
-from vlm_adapters.config import ConfigError, ModelConfig
-from vlm_adapters.errors import VLMError
-from vlm_adapters.hookspecs import hookimpl
-from vlm_adapters.model import VisionLanguageModel, VLMOutput, load
-from vlm_adapters.model.build import build_vlm, load_config
-from vlm_adapters.plugins import list_components
-from vlm_adapters.registry import ComponentConfig, ComponentSpec
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlm_adapters.config import ModelConfig
+    from vlm_adapters.errors import ConfigError, VLMError
+    from vlm_adapters.hookspecs import hookimpl
+    from vlm_adapters.model import VisionLanguageModel, VLMOutput, load
+    from vlm_adapters.model.build import build_vlm, load_config
+    from vlm_adapters.plugins import list_components
+    from vlm_adapters.registry import ComponentConfig, ComponentSpec
 
 __version__ = "0.1.0"
 
+_SOURCES = {
+    "ComponentConfig": "vlm_adapters.registry",
+    "ComponentSpec": "vlm_adapters.registry",
+    "ConfigError": "vlm_adapters.errors",
+    "ModelConfig": "vlm_adapters.config",
+    "VLMError": "vlm_adapters.errors",
+    "VLMOutput": "vlm_adapters.model",
+    "VisionLanguageModel": "vlm_adapters.model",
+    "build_vlm": "vlm_adapters.model.build",
+    "hookimpl": "vlm_adapters.hookspecs",
+    "list_components": "vlm_adapters.plugins",
+    "load": "vlm_adapters.model",
+    "load_config": "vlm_adapters.model.build",
+}
+"""Each public name and the module that defines it."""
 
 __all__ = [
     "ComponentConfig",
@@ -27,3 +50,16 @@ __all__ = [
     "load",
     "load_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module on first use."""
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'vlm_adapters' has no attribute {name!r}")
+    value = getattr(import_module(_SOURCES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SOURCES])

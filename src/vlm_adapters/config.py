@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlm_adapters.errors import ComponentError, ConfigError
+from vlm_adapters.geometry import check_token_bound, image_token_bound
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS, ComponentConfig, Section, format_errors
-from vlm_adapters.vision.tiling import AnyResLayout, TilingConfig
+from vlm_adapters.vision.tiling import TilingConfig
 
 SECTIONS = KINDS
 
@@ -196,76 +196,14 @@ def check_compatibility(config: ModelConfig, where: str = "") -> None:
             return
         native = config.vision.params.native_resolution()
         tiling = getattr(config.vision, "tiling", None)
-        bound = image_token_bound(vision[0], native, tiling, config.connector)
-        check_token_bound(bound, tiling, llm[1] if llm is not None else None)
+        grids = tiling.resolved_grids() if tiling is not None else None
+        connector = config.connector
+        bound = image_token_bound(vision[0], native, grids, connector.params, connector.type)
+        budget = tiling.max_visual_tokens if tiling is not None else None
+        context = llm[1] if llm is not None else None
+        check_token_bound(bound, context, tiled=tiling is not None, budget=budget)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
-
-
-def image_token_bound(
-    num_patches: int, native: bool, tiling: TilingConfig | None, connector: Section
-) -> int:
-    """The most visual tokens one image can give: ``num_patches`` (N per image, per tile with
-    ``tiling``, at most per image for a ``native`` resolution tower) through the connector."""
-    params = connector.params
-    if native and tiling is not None:
-        raise ConfigError(
-            "vision.tiling: this tower encodes images at their own size (NaFlex) already; "
-            "tiling is for towers with a fixed input size"
-        )
-    if native and not getattr(params, "per_token", False):
-        raise ConfigError(
-            f"connector: {connector.type!r} cannot take a NaFlex tower's variable number of "
-            "patches per image; use a per-token connector (linear, mlp)"
-        )
-    if native:
-        return num_patches
-    if tiling is None:
-        try:
-            return params.num_output_tokens(num_patches)
-        except ValueError as exc:
-            raise ConfigError(f"connector: {exc}") from None
-    side = tile_token_side(num_patches, connector)
-    return AnyResLayout(tiling.resolved_grids(), 1, side).max_tokens()
-
-
-def tile_token_side(num_patches: int, connector: Section) -> int:
-    """Tokens per tile side after the connector, for AnyRes: the connector must keep the
-    tile's square patch grid (linear, mlp) or shrink it (pool)."""
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise ConfigError(
-            f"vision.tiling: the tower gives {num_patches} patches per image, not a square "
-            "grid that tiles can be laid out on"
-        )
-    try:
-        tokens = connector.params.output_grid(grid, grid)
-    except ValueError as exc:
-        raise ConfigError(f"connector: {exc}") from None
-    if tokens is None:
-        raise ConfigError(
-            f"vision.tiling: the {connector.type!r} connector's tokens have no place on the "
-            "patch grid, so tiles cannot be laid out; use linear, mlp or pool"
-        )
-    return tokens[0]
-
-
-def check_token_bound(bound: int, tiling: TilingConfig | None, context: int | None) -> None:
-    """One image's worst case must fit the tiling budget per sample and the LLM context
-    (samples longer than the context are bad samples already: the budget may exceed it)."""
-    budget = tiling.max_visual_tokens if tiling is not None else None
-    if budget is not None and bound > budget:
-        raise ConfigError(
-            f"vision.tiling.max_visual_tokens: {budget} is below one image's worst case of "
-            f"{bound} visual tokens; raise it, or use fewer tiles (grids, max_tiles)"
-        )
-    if context is not None and bound >= context:
-        tiles = "" if tiling is None else " (with tiling, at most)"
-        raise ConfigError(
-            f"connector: {bound} visual tokens per image{tiles} do not fit the LLM context of "
-            f"{context} positions; use a pooling/query connector or a smaller image size"
-            + ("" if tiling is None else ", or fewer tiles (vision.tiling)")
-        )
 
 
 def llm_context(config: ModelConfig) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from vlm_adapters.connectors.base import Activation, Connector, ConnectorConfig, mlp
+from vlm_adapters.geometry import pool_grid_side, pooled_grid, pooled_tokens
 
 
 class PoolConfig(ConnectorConfig):
@@ -21,21 +21,10 @@ class PoolConfig(ConnectorConfig):
     activation: Activation = Field("gelu", description="MLP activation.")
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
-        side = _grid_side(num_input_tokens)
-        if side % self.factor:
-            raise ValueError(
-                f"pool factor {self.factor} does not divide the {side}x{side} patch grid; "
-                "choose a factor that divides it"
-            )
-        return (side // self.factor) ** 2
+        return pooled_tokens(num_input_tokens, self.factor)
 
     def output_grid(self, rows: int, cols: int) -> tuple[int, int]:
-        if rows % self.factor or cols % self.factor:
-            raise ValueError(
-                f"pool factor {self.factor} does not divide the {rows}x{cols} patch grid; "
-                "choose a factor that divides it"
-            )
-        return rows // self.factor, cols // self.factor
+        return pooled_grid(rows, cols, self.factor)
 
 
 class PoolConnector(Connector):
@@ -51,17 +40,10 @@ class PoolConnector(Connector):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         b, n, d = features.shape
-        side, f = _grid_side(n), self.cfg.factor
+        side, f = pool_grid_side(n), self.cfg.factor
         grid = features.transpose(1, 2).reshape(b, d, side, side)  # [B, D, S, S]
         if self.cfg.mode == "avg":
             grid = F.avg_pool2d(grid, f)  # [B, D, S/f, S/f]
         else:
             grid = F.pixel_unshuffle(grid, f)  # [B, D*f*f, S/f, S/f]
         return self.proj(grid.flatten(2).transpose(1, 2))  # [B, N/f^2, Dllm]
-
-
-def _grid_side(num_tokens: int) -> int:
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"pool needs a square patch grid, got {num_tokens} tokens")
-    return side

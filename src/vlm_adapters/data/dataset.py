@@ -25,7 +25,8 @@ from vlm_adapters.data.feature_cache import FeatureCache
 from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
 from vlm_adapters.data.processor import SampleImages, TokenBudgetError, VLMProcessor
 from vlm_adapters.data.records import BadSample, Skipped, checked_turns, image_paths, sample_id
-from vlm_adapters.vision.base import ImageBatch, Size
+from vlm_adapters.geometry import Size
+from vlm_adapters.vision.base import ImageBatch
 
 Policy = Literal["skip", "error"]
 

@@ -26,7 +26,8 @@ from vlm_adapters.chat.templates import (
     with_image_markers,
 )
 from vlm_adapters.errors import DataError
-from vlm_adapters.vision.base import ImageBatch, Size, VariableTransform
+from vlm_adapters.geometry import Size
+from vlm_adapters.vision.base import ImageBatch, VariableTransform
 
 Turns = Sequence[Mapping[str, Any]]
 ImageInput = Image.Image | Sequence[Image.Image] | None

@@ -13,22 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, IGNORE_INDEX
-from vlm_adapters.config import (
-    ModelConfig,
-    Section,
-    check_token_bound,
-    image_token_bound,
-    model_config_from_dict,
-    tile_token_side,
-)
+from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors.base import Connector
 from vlm_adapters.data.processor import ImageInput, Turns, VLMProcessor
 from vlm_adapters.errors import CheckpointError, ConfigError
+from vlm_adapters.geometry import Size, check_token_bound, image_token_bound, tile_token_side
 from vlm_adapters.llm.base import LLMBackend
 from vlm_adapters.model import hf_llava, hf_llava_next, io
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS
-from vlm_adapters.vision.base import ImageBatch, Size, VariableTransform, VisionBackbone
+from vlm_adapters.vision.base import ImageBatch, VariableTransform, VisionBackbone
 from vlm_adapters.vision.tiling import AnyResBackbone, TilingConfig
 
 Images = torch.Tensor | ImageBatch
@@ -67,7 +61,10 @@ class VisionLanguageModel(nn.Module):
         self.template: str | None = None  # chat template the model was trained with
         self.num_image_tokens = _image_tokens(vision, connector, self.component_types)
         tiling = vision.tiling if isinstance(vision, AnyResBackbone) else None
-        check_token_bound(self.num_image_tokens, tiling, llm.max_positions)  # towers w/o probe
+        budget = tiling.max_visual_tokens if tiling is not None else None
+        check_token_bound(  # towers without a probe
+            self.num_image_tokens, llm.max_positions, tiled=tiling is not None, budget=budget
+        )
 
     @classmethod
     def from_config(cls, config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
@@ -86,7 +83,7 @@ class VisionLanguageModel(nn.Module):
         )
         tiling = getattr(config.vision, "tiling", None)
         if tiling is not None:
-            vision = _tiled(vision, connector, config.connector, tiling)
+            vision = _tiled(vision, connector, config.connector.type, tiling)
         types = {k: getattr(config, k).type for k in KINDS}
         return cls(vision, connector, llm, types)
 
@@ -298,12 +295,12 @@ def _image_tokens(vision: VisionBackbone, connector: Connector, types: dict[str,
     if isinstance(vision, AnyResBackbone):
         return vision.transform.max_tokens
     native = isinstance(vision.transform, VariableTransform)  # a NaFlex tower
-    section = Section(type=types.get("connector", type(connector).__name__), params=connector.cfg)
-    return image_token_bound(vision.num_patches, native, None, section)
+    name = types.get("connector", type(connector).__name__)
+    return image_token_bound(vision.num_patches, native, None, connector.cfg, name)
 
 
 def _tiled(
-    vision: VisionBackbone, connector: Connector, section: Section, tiling: TilingConfig
+    vision: VisionBackbone, connector: Connector, name: str, tiling: TilingConfig
 ) -> AnyResBackbone:
     """``vision`` run on AnyRes tiles; the connector learns the end-of-row token."""
     if isinstance(vision.transform, VariableTransform):
@@ -311,7 +308,7 @@ def _tiled(
             "vision.tiling: this tower encodes images at their own size (NaFlex) already; "
             "tiling is for towers with a fixed input size"
         )
-    side = tile_token_side(vision.num_patches, section)
+    side = tile_token_side(vision.num_patches, connector.cfg, name)
     connector.add_image_newline()
     return AnyResBackbone(vision, tiling, side)
 

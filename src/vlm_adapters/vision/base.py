@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from vlm_adapters.errors import ConfigError
+from vlm_adapters.geometry import Size
 from vlm_adapters.registry import ComponentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,10 +57,6 @@ class ImageTransform:
     def with_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
         """The same resizing and cropping, normalised with ``mean`` and ``std`` instead."""
         return replace(self, mean=tuple(mean), std=tuple(std))
-
-
-Size = tuple[int, int]
-"""An image's (height, width) in pixels."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlm_adapters._transformers import check_inline_config
 from vlm_adapters.errors import ComponentError, ConfigError
+from vlm_adapters.geometry import Size, naflex_patch_grid
 from vlm_adapters.vision.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -29,7 +30,6 @@ from vlm_adapters.vision.base import (
     IMAGENET_STD,
     ImageBatch,
     ImageTransform,
-    Size,
     VariableTransform,
 )
 
@@ -131,14 +131,7 @@ class NaFlexTransform(VariableTransform):
 
     def patch_grid(self, size: Size) -> tuple[int, int]:
         """The patch grid (rows, cols) an image of ``size`` (height, width) is resized to."""
-        from transformers.models.siglip2.image_processing_siglip2 import (
-            get_image_size_for_max_num_patches,
-        )
-
-        height, width = get_image_size_for_max_num_patches(
-            size[0], size[1], self.patch_size, self.max_num_patches
-        )
-        return height // self.patch_size, width // self.patch_size
+        return naflex_patch_grid(size, self.patch_size, self.max_num_patches)
 
     def num_tokens(self, size: Size) -> int:
         rows, cols = self.patch_grid(size)

@@ -11,7 +11,6 @@ transformers ``LlavaNextForConditionalGeneration`` computes the same tokens.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +20,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torchvision.transforms import InterpolationMode
 
+from vlm_adapters.geometry import AnyResLayout, Grid, Size, tile_grids
 from vlm_adapters.vision.base import (
     ImageBatch,
     ImageTransform,
-    Size,
     VariableTransform,
     VisionBackbone,
 )
@@ -33,11 +32,6 @@ from vlm_adapters.vision.hf_processor import (
     processor_config,
     processor_from_config,
 )
-
-Grid = tuple[int, int]
-"""Tiles as (rows, cols)."""
-LLAVA_NEXT_GRIDS: tuple[Grid, ...] = ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
-"""LLaVA-NeXT's grid_pinpoints (336x672, 672x336, 672x672, 336x1008, 1008x336) in tiles."""
 
 
 class TilingConfig(BaseModel):
@@ -79,92 +73,7 @@ class TilingConfig(BaseModel):
         """The grids images are fitted into, in order (earlier wins a tie)."""
         if self.grids is not None:
             return tuple((rows, cols) for rows, cols in self.grids)
-        if self.max_tiles is None:
-            return LLAVA_NEXT_GRIDS
-        n = self.max_tiles
-        return tuple((r, c) for r in range(1, n + 1) for c in range(1, n // r + 1))
-
-
-@dataclass(frozen=True)
-class AnyResLayout:
-    """Where an image's tiles go and which of their tokens are kept: LLaVA-NeXT's arithmetic.
-
-    ``tile`` is the tower's input size in pixels; ``side`` the tokens per tile side after the
-    connector (the patch grid, or less after pooling).
-    """
-
-    grids: tuple[Grid, ...]
-    tile: int
-    side: int = field(repr=False)  # the connector's, not the pixels': not in a cache key
-
-    def best_grid(self, height: int, width: int) -> Grid:
-        """The grid that keeps the most of the image's pixels, then wastes the least."""
-        best, best_kept, best_waste = self.grids[0], -1, math.inf
-        for rows, cols in self.grids:
-            canvas_h, canvas_w = rows * self.tile, cols * self.tile
-            scale = min(canvas_w / width, canvas_h / height)
-            kept = min(int(width * scale) * int(height * scale), width * height)
-            waste = canvas_h * canvas_w - kept
-            if kept > best_kept or (kept == best_kept and waste < best_waste):
-                best, best_kept, best_waste = (rows, cols), kept, waste
-        return best
-
-    def fitted(self, height: int, width: int) -> tuple[Grid, Size]:
-        """The best grid and the image's size inside it (aspect ratio kept, one side full)."""
-        rows, cols = self.best_grid(height, width)
-        canvas_h, canvas_w = rows * self.tile, cols * self.tile
-        by_width, by_height = canvas_w / width, canvas_h / height
-        if by_width < by_height:
-            return (rows, cols), (min(math.ceil(height * by_width), canvas_h), canvas_w)
-        return (rows, cols), (canvas_h, min(math.ceil(width * by_height), canvas_w))
-
-    def kept(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """``(top, rows, left, cols)``: the part of the grid's token map that shows the image
-        (the padding's rows or columns removed, the same number on both sides)."""
-        grid_rows, grid_cols = self.best_grid(height, width)
-        rows, cols = grid_rows * self.side, grid_cols * self.side
-        if width / height > cols / rows:  # padded above and below
-            shown = int(round(height * (cols / width), 7))
-            pad = (rows - shown) // 2
-            return pad, rows - 2 * pad, 0, cols
-        shown = int(round(width * (rows / height), 7))
-        pad = (cols - shown) // 2
-        return 0, rows, pad, cols - 2 * pad
-
-    def num_tiles(self, height: int, width: int) -> int:
-        """Rows of vision input for the image: its overview and its tiles."""
-        rows, cols = self.best_grid(height, width)
-        return 1 + rows * cols
-
-    def num_tokens(self, height: int, width: int) -> int:
-        """Visual tokens of the image: the overview's, then every kept row and its end."""
-        _, rows, _, cols = self.kept(height, width)
-        return self.side**2 + rows * (cols + 1)
-
-    def max_tokens(self) -> int:
-        """The most visual tokens an image can give (its grid with nothing removed)."""
-        return self.side**2 + max(r * self.side * (c * self.side + 1) for r, c in self.grids)
-
-    def place(self, tokens: torch.Tensor, size: Size, newline: torch.Tensor | None) -> torch.Tensor:
-        """One image's tile tokens ``[1 + T, side**2, H]`` (overview first) -> its visual
-        tokens ``[K, H]``: the overview, then the kept grid row by row, each row ended by
-        ``newline`` ``[H]``."""
-        height, width = size
-        (rows, cols), s = self.best_grid(height, width), self.side
-        if tokens.shape[:2] != (1 + rows * cols, s * s):
-            raise ValueError(
-                f"an image of {width}x{height} needs 1 + {rows}x{cols} tiles of {s * s} tokens, "
-                f"got {tokens.shape[0]} of {tokens.shape[1]}"
-            )
-        if newline is None:
-            raise ValueError("AnyRes needs the connector's image_newline token")
-        grid = tokens[1:].view(rows, cols, s, s, -1).permute(0, 2, 1, 3, 4)  # [r, s, c, s, H]
-        grid = grid.reshape(rows * s, cols * s, -1)  # [R, C, H]
-        top, kept_rows, left, kept_cols = self.kept(height, width)
-        grid = grid[top : top + kept_rows, left : left + kept_cols]  # [R', C', H]
-        ends = newline.to(grid.dtype).expand(kept_rows, 1, -1)  # [R', 1, H]
-        rows_out = torch.cat([grid, ends], dim=1).flatten(0, 1)  # [R' * (C' + 1), H]
-        return torch.cat([tokens[0], rows_out])  # [K, H]
+        return tile_grids(self.max_tiles)
 
 
 @dataclass(frozen=True)
@@ -277,7 +186,7 @@ class AnyResBackbone(VisionBackbone):
         newline: torch.Tensor | None = None,
     ) -> torch.Tensor:
         parts = images.split(tokens)  # each [1 + T, M, H]
-        placed = [self.layout.place(p, size, newline) for p, size in zip(parts, images.sizes)]
+        placed = [place(self.layout, p, size, newline) for p, size in zip(parts, images.sizes)]
         return torch.cat(placed)  # [K, H]
 
     def rebuild_kwargs(self) -> dict[str, Any]:
@@ -285,3 +194,27 @@ class AnyResBackbone(VisionBackbone):
 
     def extra_repr(self) -> str:
         return f"grids={list(self.layout.grids)}, tile={self.layout.tile}"
+
+
+def place(
+    layout: AnyResLayout, tokens: torch.Tensor, size: Size, newline: torch.Tensor | None
+) -> torch.Tensor:
+    """One image's tile tokens ``[1 + T, side**2, H]`` (overview first) -> its visual tokens
+    ``[K, H]``: the overview, then the grid ``layout`` keeps, row by row, each row ended by
+    ``newline`` ``[H]``."""
+    height, width = size
+    (rows, cols), s = layout.best_grid(height, width), layout.side
+    if tokens.shape[:2] != (1 + rows * cols, s * s):
+        raise ValueError(
+            f"an image of {width}x{height} needs 1 + {rows}x{cols} tiles of {s * s} tokens, "
+            f"got {tokens.shape[0]} of {tokens.shape[1]}"
+        )
+    if newline is None:
+        raise ValueError("AnyRes needs the connector's image_newline token")
+    grid = tokens[1:].view(rows, cols, s, s, -1).permute(0, 2, 1, 3, 4)  # [r, s, c, s, H]
+    grid = grid.reshape(rows * s, cols * s, -1)  # [R, C, H]
+    top, kept_rows, left, kept_cols = layout.kept(height, width)
+    grid = grid[top : top + kept_rows, left : left + kept_cols]  # [R', C', H]
+    ends = newline.to(grid.dtype).expand(kept_rows, 1, -1)  # [R', 1, H]
+    rows_out = torch.cat([grid, ends], dim=1).flatten(0, 1)  # [R' * (C' + 1), H]
+    return torch.cat([tokens[0], rows_out])  # [K, H]
