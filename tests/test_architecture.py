@@ -220,7 +220,8 @@ def test_nothing_inside_the_package_imports_the_package_root() -> None:
 
 
 KNOWN_CONCRETE = {
-    # issue 18 item 3: the backbone declares its tiling (no isinstance on AnyResBackbone)
+    # building the AnyRes backbone around the tower (its tiling is declared on VisionBackbone);
+    # leaves once tiling is built through the registry
     ("vlm_adapters.model.core", "vlm_adapters.vision.tiling"),
     # issue 18 item 2: the transformers LLaVA(-NeXT) reader moves beside the writer in export/
     ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf"),

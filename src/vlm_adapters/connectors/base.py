@@ -57,6 +57,12 @@ class Connector(nn.Module, ABC):
         std = self.out_dim**-0.5
         self.image_newline = nn.Parameter(torch.randn(self.out_dim) * std)
 
+    def end_of_row(self) -> torch.Tensor | None:
+        """The end-of-row token ``[out_dim]`` once :meth:`add_image_newline` has added it,
+        else None. Any connector whose config keeps the patch grid
+        (:meth:`ConnectorConfig.output_grid`) can learn one."""
+        return self._parameters.get("image_newline")
+
     @abstractmethod
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``[B, N, in_dim] -> [B, M, out_dim]``."""

@@ -25,11 +25,12 @@ from vlm_adapters.chat.jinja import chat_template_jinja
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, stop_token_ids
 from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
+from vlm_adapters.geometry import AnyResLayout
 from vlm_adapters.llm.hf import HFLLM
 from vlm_adapters.model.hf_llava import META_NAME
+from vlm_adapters.vision.base import VisionBackbone
 from vlm_adapters.vision.hf import HFVisionBackbone
 from vlm_adapters.vision.hf_processor import NaFlexTransform, ProcessorTransform
-from vlm_adapters.vision.tiling import AnyResBackbone
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
@@ -41,7 +42,8 @@ def check_exportable(model: VisionLanguageModel) -> str | None:
     """Why ``model`` cannot be written as a transformers LLaVA (LLaVA-NeXT when tiled)
     checkpoint, or None if it can."""
     vision = model.vision
-    tiling = _tiling_reason(vision) if isinstance(vision, AnyResBackbone) else None
+    layout = vision.layout
+    tiling = _tiling_reason(layout, vision.untiled()) if layout is not None else None
     return (
         tiling
         or _vision_reason(_tower(model))
@@ -84,16 +86,15 @@ def to_hf_llava(
 
 def _tower(model: VisionLanguageModel) -> nn.Module:
     """The vision backbone that runs the tower (under AnyRes tiling, the tiled one)."""
-    vision = model.vision
-    return vision.backbone if isinstance(vision, AnyResBackbone) else vision
+    return model.vision.untiled()
 
 
-def _tiling_reason(vision: AnyResBackbone) -> str | None:
-    tower = getattr(vision.backbone, "tower", None)
+def _tiling_reason(layout: AnyResLayout, backbone: VisionBackbone) -> str | None:
+    tower = getattr(backbone, "tower", None)
     size = getattr(getattr(tower, "config", None), "image_size", None)
-    if size is not None and size != vision.layout.tile:
+    if size is not None and size != layout.tile:
         return (
-            f"its tiles are {vision.layout.tile} pixels but the tower's config says image_size "
+            f"its tiles are {layout.tile} pixels but the tower's config says image_size "
             f"{size}, which LLaVA-NeXT takes as the tile size"
         )
     return None
@@ -189,9 +190,9 @@ def _llava_config(model: VisionLanguageModel) -> Any:
         "tie_word_embeddings": text_config["tie_word_embeddings"],
         "dtype": vision.dtype,
     }
-    if not isinstance(model.vision, AnyResBackbone):
-        return LlavaConfig(**common, image_seq_length=model.num_image_tokens)
     layout = model.vision.layout
+    if layout is None:
+        return LlavaConfig(**common, image_seq_length=model.num_image_tokens)
     pinpoints = [[r * layout.tile, c * layout.tile] for r, c in layout.grids]
     tile_tokens = connector.num_output_tokens(vision.num_patches)
     return LlavaNextConfig(**common, image_grid_pinpoints=pinpoints, image_seq_length=tile_tokens)
@@ -212,7 +213,7 @@ def _llava_model(model: VisionLanguageModel) -> nn.Module:
     (no copy)."""
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    tiled = isinstance(model.vision, AnyResBackbone)
+    tiled = model.vision.tiling is not None
     kind = LlavaNextForConditionalGeneration if tiled else LlavaForConditionalGeneration
     with torch.device("meta"):
         llava = kind(_llava_config(model))
@@ -273,7 +274,7 @@ def _processor(model: VisionLanguageModel, template: str) -> Any:
     tokenizer = copy.deepcopy(model.tokenizer)
     tokenizer.chat_template = chat_template_jinja(template, tokenizer)
     vision = _tower(model)
-    kind = LlavaNextProcessor if isinstance(model.vision, AnyResBackbone) else LlavaProcessor
+    kind = LlavaProcessor if model.vision.tiling is None else LlavaNextProcessor
     return kind(
         image_processor=_image_processor(model.vision),
         tokenizer=tokenizer,
@@ -285,11 +286,11 @@ def _processor(model: VisionLanguageModel, template: str) -> Any:
     )
 
 
-def _image_processor(vision: nn.Module) -> Any:
+def _image_processor(vision: VisionBackbone) -> Any:
     """The image processor our preprocessing runs (a copy): the tower's own, so transformers'
     pixels are ours exactly (CLIP-style crop, SigLIP-style resize, DINOv2's, a checkpoint's),
     or the ``LlavaNextImageProcessor`` that tiles with its settings."""
-    if isinstance(vision, AnyResBackbone):
+    if vision.tiling is not None:
         return copy.deepcopy(vision.transform.processor)
     return copy.deepcopy(vision.image_processor)
 

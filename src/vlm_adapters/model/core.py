@@ -60,7 +60,7 @@ class VisionLanguageModel(nn.Module):
         self.component_types = component_types or {}
         self.template: str | None = None  # chat template the model was trained with
         self.num_image_tokens = _image_tokens(vision, connector, self.component_types)
-        tiling = vision.tiling if isinstance(vision, AnyResBackbone) else None
+        tiling = vision.tiling
         budget = tiling.max_visual_tokens if tiling is not None else None
         check_token_bound(  # towers without a probe
             self.num_image_tokens, llm.max_positions, tiled=tiling is not None, budget=budget
@@ -133,7 +133,7 @@ class VisionLanguageModel(nn.Module):
         ``image_newline``; NaFlex: without the padding)."""
         rows = self.encode_images(pixel_values, features)  # [U, M, H]
         images = pixel_values if features is None else features
-        newline = getattr(self.connector, "image_newline", None)
+        newline = self.connector.end_of_row()
         return self.vision.arrange(rows, images, newline)  # [K, H]
 
     def embed(
@@ -292,7 +292,7 @@ class VisionLanguageModel(nn.Module):
 
 def _image_tokens(vision: VisionBackbone, connector: Connector, types: dict[str, str]) -> int:
     """The visual tokens of one image (the most, for variable-size vision)."""
-    if isinstance(vision, AnyResBackbone):
+    if vision.tiling is not None:
         return vision.transform.max_tokens
     native = isinstance(vision.transform, VariableTransform)  # a NaFlex tower
     name = types.get("connector", type(connector).__name__)
@@ -301,7 +301,7 @@ def _image_tokens(vision: VisionBackbone, connector: Connector, types: dict[str,
 
 def _tiled(
     vision: VisionBackbone, connector: Connector, name: str, tiling: TilingConfig
-) -> AnyResBackbone:
+) -> VisionBackbone:
     """``vision`` run on AnyRes tiles; the connector learns the end-of-row token."""
     if isinstance(vision.transform, VariableTransform):
         raise ConfigError(

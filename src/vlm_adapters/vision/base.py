@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision.transforms.functional as TF
@@ -14,7 +14,10 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from vlm_adapters.errors import ConfigError
-from vlm_adapters.geometry import Size
+from vlm_adapters.geometry import AnyResLayout, Size
+
+if TYPE_CHECKING:
+    from vlm_adapters.vision.tiling import TilingConfig
 from vlm_adapters.registry import ComponentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -175,6 +178,14 @@ class VisionBackbone(nn.Module, ABC):
     """Feature tokens N per image (per tile with AnyRes, at most per image with NaFlex)."""
     transform: Callable[[Image.Image], torch.Tensor | ImageBatch]
     """PIL image (any mode) -> normalised ``[3, H, W]`` tensor (or an :class:`ImageBatch`)."""
+    tiling: TilingConfig | None = None
+    """The AnyRes tiling the backbone runs on (``vision.tiling``); None: whole images."""
+    layout: AnyResLayout | None = None
+    """Where a tiled backbone's tiles go and which tokens it keeps; None: whole images."""
+
+    def untiled(self) -> VisionBackbone:
+        """The backbone that runs the tower: this one, or the one a tiling runs on its tiles."""
+        return self
 
     @abstractmethod
     def features(self, pixel_values: torch.Tensor | ImageBatch) -> torch.Tensor:

@@ -189,6 +189,9 @@ class AnyResBackbone(VisionBackbone):
         placed = [place(self.layout, p, size, newline) for p, size in zip(parts, images.sizes)]
         return torch.cat(placed)  # [K, H]
 
+    def untiled(self) -> VisionBackbone:
+        return self.backbone
+
     def rebuild_kwargs(self) -> dict[str, Any]:
         return {**self.backbone.rebuild_kwargs(), "tiling": self.tiling.model_dump()}
 
