@@ -151,6 +151,15 @@ def naflex_patch_grid(size: Size, patch_size: int, max_num_patches: int) -> Grid
     return patches(low, size[0]), patches(low, size[1])
 
 
+def check_tileable(native: bool) -> None:
+    """AnyRes tiles only towers with a fixed input size, not ``native`` resolution ones."""
+    if native:
+        raise ConfigError(
+            "vision.tiling: this tower encodes images at their own size (NaFlex) already; "
+            "tiling is for towers with a fixed input size"
+        )
+
+
 def tile_token_side(num_patches: int, connector: ConnectorShape, name: str) -> int:
     """Tokens per tile side after the ``name`` connector, for AnyRes: it must keep the tile's
     square patch grid (linear, mlp) or shrink it (pool)."""
@@ -182,11 +191,8 @@ def image_token_bound(
     """The most visual tokens one image can give: ``num_patches`` (N per image, per tile on
     AnyRes ``grids``, at most per image for a ``native`` resolution (NaFlex) tower) through the
     ``name`` connector."""
-    if native and grids is not None:
-        raise ConfigError(
-            "vision.tiling: this tower encodes images at their own size (NaFlex) already; "
-            "tiling is for towers with a fixed input size"
-        )
+    if grids is not None:
+        check_tileable(native)
     if native and not connector.per_token:
         raise ConfigError(
             f"connector: {name!r} cannot take a NaFlex tower's variable number of "

@@ -16,8 +16,14 @@ from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, IGNORE_INDEX
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors.base import Connector
 from vlm_adapters.data.processor import ImageInput, Turns, VLMProcessor
-from vlm_adapters.errors import CheckpointError, ConfigError
-from vlm_adapters.geometry import Size, check_token_bound, image_token_bound, tile_token_side
+from vlm_adapters.errors import CheckpointError
+from vlm_adapters.geometry import (
+    Size,
+    check_tileable,
+    check_token_bound,
+    image_token_bound,
+    tile_token_side,
+)
 from vlm_adapters.llm.base import LLMBackend
 from vlm_adapters.model import hf_llava, hf_llava_next, io
 from vlm_adapters.plugins import get_registry
@@ -303,11 +309,7 @@ def _tiled(
     vision: VisionBackbone, connector: Connector, name: str, tiling: TilingConfig
 ) -> VisionBackbone:
     """``vision`` run on AnyRes tiles; the connector learns the end-of-row token."""
-    if isinstance(vision.transform, VariableTransform):
-        raise ConfigError(
-            "vision.tiling: this tower encodes images at their own size (NaFlex) already; "
-            "tiling is for towers with a fixed input size"
-        )
+    check_tileable(isinstance(vision.transform, VariableTransform))
     side = tile_token_side(vision.num_patches, connector.cfg, name)
     connector.add_image_newline()
     return AnyResBackbone(vision, tiling, side)
