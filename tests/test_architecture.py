@@ -167,10 +167,7 @@ def _climbs(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
     }
 
 
-KNOWN_CLIMBS = {
-    # issue 18 item 2: conversation-level generation moves into model/
-    ("vlm_adapters.model.core", "vlm_adapters.inference.generation"),
-}
+KNOWN_CLIMBS: set[tuple[str, str]] = set()
 """Imports that break the layers today, each until the issue-18 item named removes it."""
 
 

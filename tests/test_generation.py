@@ -13,8 +13,8 @@ from torch import nn
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.chat.templates import encode_conversation
 from vlm_adapters.cli import chat, generate, main
-from vlm_adapters.inference.generation import generate as generate_text
-from vlm_adapters.inference.generation import generate_ids, prompt_batch
+from vlm_adapters.model.generation import generate as generate_text
+from vlm_adapters.model.generation import generate_ids, prompt_batch
 from vlm_adapters.testing import tiny_model_config
 
 QUESTIONS = ["what colour is the shape?", "how many shapes are there?", "where is the red shape?"]

@@ -110,7 +110,7 @@ def test_training_generation_and_evaluation_share_ids_and_pixels(tmp_path, token
     from vlm_adapters import build_vlm
     from vlm_adapters.data import DataCollator, LlavaDataset
     from vlm_adapters.inference import evaluate
-    from vlm_adapters.inference.generation import prompt_batch
+    from vlm_adapters.model.generation import prompt_batch
     from vlm_adapters.testing import tiny_model_config
 
     model = build_vlm(tiny_model_config(tokenizer_dir)).eval()

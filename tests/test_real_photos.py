@@ -25,7 +25,7 @@ from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.chat.jinja import chat_template_jinja
 from vlm_adapters.chat.templates import stop_token_ids
 from vlm_adapters.export import to_hf_llava
-from vlm_adapters.inference.generation import prompt_batch
+from vlm_adapters.model.generation import prompt_batch
 from vlm_adapters.testing import tiny_model_config, tiny_vision_config
 from vlm_adapters.vision.base import ImageBatch
 

@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_adapters.inference.generation import resolve_template
+    from vlm_adapters.model.generation import resolve_template
 
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     image = open_image(args.image) if args.image else None
@@ -48,7 +48,7 @@ def _read() -> str | None:
 
 def _answer(model: Any, turns: list[dict[str, str]], image: Any, args: argparse.Namespace) -> str:
     """Stream the assistant's answer to stdout and return it."""
-    from vlm_adapters.inference.generation import generate_ids, text_streamer
+    from vlm_adapters.model.generation import generate_ids, text_streamer
 
     print("assistant> ", end="", flush=True)
     ids = generate_ids(

@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_adapters.inference.generation import generate_ids, text_streamer
+    from vlm_adapters.model.generation import generate_ids, text_streamer
 
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     images = [open_image(args.image) if args.image else None]

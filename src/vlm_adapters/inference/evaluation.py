@@ -22,7 +22,7 @@ from vlm_adapters.chat.templates import IMAGE_MARKER, DataError, normalize_turns
 from vlm_adapters.data import DataCollator, LlavaDataset
 from vlm_adapters.data.images import ImageProblem, confined_path, open_image
 from vlm_adapters.data.records import Skipped, image_paths, sample_id
-from vlm_adapters.inference.generation import generate, resolve_template
+from vlm_adapters.model.generation import generate, resolve_template
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel

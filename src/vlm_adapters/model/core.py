@@ -25,7 +25,7 @@ from vlm_adapters.geometry import (
     tile_token_side,
 )
 from vlm_adapters.llm.base import LLMBackend
-from vlm_adapters.model import hf_llava, hf_llava_next, io
+from vlm_adapters.model import generation, hf_llava, hf_llava_next, io
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS
 from vlm_adapters.vision.base import ImageBatch, VariableTransform, VisionBackbone
@@ -237,12 +237,10 @@ class VisionLanguageModel(nn.Module):
         generation stops at the template's end of turn, exactly as in training. ``images``
         holds one entry per prompt (an image, a list of images, or None); ``<image>`` markers
         say where they go (one image without a marker goes before the question). Keyword
-        arguments: see :func:`vlm_adapters.inference.generate_ids`. With ``raw=True`` the
+        arguments: see :func:`vlm_adapters.model.generation.generate_ids`. With ``raw=True`` the
         prompts are plain text with no template (special-token strings in them stay text),
         and ``kwargs`` go to transformers' ``generate``.
         """
-        from vlm_adapters.inference.generation import generate
-
         if raw:
             batch = self.processor(prompts, images, padding_side="left")
             device = self.llm.device
@@ -252,7 +250,7 @@ class VisionLanguageModel(nn.Module):
         conversations = [
             [{"from": "human", "value": p}] if isinstance(p, str) else p for p in prompts
         ]
-        return generate(self, conversations, images, **kwargs)
+        return generation.generate(self, conversations, images, **kwargs)
 
     def save_pretrained(
         self, directory: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()
