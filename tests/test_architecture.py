@@ -224,8 +224,6 @@ KNOWN_CONCRETE = {
     ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf"),
     ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf_processor"),
     ("vlm_adapters.model.hf_llava_next", "vlm_adapters.vision.hf_processor"),
-    # issue 18 item 2: the bitsandbytes code leaves lora.py; model/ names no concrete backend
-    ("vlm_adapters.model.lora", "vlm_adapters.llm.hf"),
 }
 """Imports of a concrete component module from model/ today, each until the item named."""
 

@@ -31,6 +31,7 @@ from vlm_adapters.model.lora import (
     merge_lora,
     save_lora,
 )
+from vlm_adapters.quantization import quantized_layers
 from vlm_adapters.testing import tiny_model_config, tiny_tokenizer
 from vlm_adapters.training.config import AlignStage, FinetuneStage
 from vlm_adapters.training.recipes import configure_stage, describe_trainable, ensure_lora
@@ -186,7 +187,7 @@ def test_qlora_trains_only_adapters_and_connector(tok_dir, llm_dir, bits):
 
     model = _qlora(tok_dir, llm_dir, bits, randomize=False)
     layer = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
-    quantized = hf.quantized_layers(model)
+    quantized = quantized_layers(model)
     assert is_quantized(model) and model.llm.is_quantized
     assert len(quantized) == 14 and all(isinstance(m, layer) for m in quantized.values())
     assert all(n.startswith("llm.") and "lm_head" not in n for n in quantized)
@@ -216,7 +217,7 @@ def test_qlora_trains_only_adapters_and_connector(tok_dir, llm_dir, bits):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
-    assert all(torch.equal(m.weight, packed[n]) for n, m in hf.quantized_layers(model).items())
+    assert all(torch.equal(m.weight, packed[n]) for n, m in quantized_layers(model).items())
 
 
 @needs_bnb

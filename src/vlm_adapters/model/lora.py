@@ -13,12 +13,12 @@ QLoRA: when the LLM's linear layers are bitsandbytes 4-/8-bit layers (``llm.quan
 peft's k-bit preparation runs before the adapters are attached, ``model.safetensors`` stores
 those layers as bitsandbytes serializes them (packed weights plus their quantization
 statistics, under the plain names), loading checks every stored statistic against what the
-recorded settings produce before handing it to bitsandbytes, and merging dequantizes.
+recorded settings produce before handing it to bitsandbytes, and merging dequantizes (that
+bitsandbytes side is :mod:`vlm_adapters.model.lora_bnb`).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -31,13 +31,9 @@ from torch import nn
 
 from vlm_adapters._io import safetensors_problem
 from vlm_adapters.errors import CheckpointError, ConfigError
-from vlm_adapters.llm.hf import (
-    dequantized_weight,
-    plain_linear,
-    quantized_layers,
-    warn_dequantizing,
-)
 from vlm_adapters.model.files import WEIGHTS_NAME
+from vlm_adapters.model.lora_bnb import load_quantized, merge_into_dequantized, stored_layer
+from vlm_adapters.quantization import quantized_layers, warn_dequantizing
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
@@ -180,7 +176,7 @@ def base_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
         if ".lora_" in key:
             continue
         clean = _clean_key(key, prefixes)
-        if _layer_of(clean, quantized) is not None:  # own copies: statistics may share memory
+        if stored_layer(clean, quantized) is not None:  # own copies: statistics may share memory
             state[clean] = tensor.detach().clone()
             continue
         ident = (tensor.data_ptr(), tuple(tensor.shape))
@@ -236,7 +232,7 @@ def load_weights(model: VisionLanguageModel, directory: Path, weights_name: str)
     absent = sorted(set(base_state_dict(model)) - set(base))
     if absent:
         raise CheckpointError(f"{directory}/{weights_name} lacks weights, e.g. {absent[0]!r}")
-    _load_quantized(model, base, prefixes, Path(directory) / weights_name)
+    load_quantized(_quantized_prefixes(model, prefixes), base, Path(directory) / weights_name)
     model.load_state_dict({live[k]: v for k, v in base.items()}, strict=False)
     for part in lora_parts(model):
         path = Path(directory) / ADAPTER_DIRS[part] / "adapter_model.safetensors"
@@ -273,27 +269,11 @@ def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
     for part in parts:
         owner, attr = slot(model, part)
         wrapped = getattr(owner, attr)
-        _merge_into_dequantized(wrapped)
+        merge_into_dequantized(wrapped)
         setattr(owner, attr, wrapped.merge_and_unload())
     if quantized:
         model.llm.dequantize()
     return model
-
-
-def _merge_into_dequantized(wrapped: nn.Module) -> None:
-    """Replace each LoRA layer on a bitsandbytes layer by a plain linear layer holding the
-    dequantized weight plus the active adapters' updates (peft would quantize the sum again)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    quantized = {id(m) for m in quantized_layers(wrapped).values()}
-    for name, layer in list(wrapped.named_modules()):
-        if not isinstance(layer, BaseTunerLayer) or id(layer.get_base_layer()) not in quantized:
-            continue
-        weight = dequantized_weight(layer.get_base_layer()).float()  # [out, in]
-        for adapter in layer.active_adapters:
-            if adapter in layer.lora_A:
-                weight += layer.get_delta_weight(adapter).float()
-        wrapped.set_submodule(name, plain_linear(layer.get_base_layer(), weight))
 
 
 def _quantized_prefixes(model: nn.Module, prefixes: list[str]) -> dict[str, nn.Module]:
@@ -302,91 +282,6 @@ def _quantized_prefixes(model: nn.Module, prefixes: list[str]) -> dict[str, nn.M
         _clean_key(f"{name}.weight", prefixes)[: -len(".weight")]: layer
         for name, layer in quantized_layers(model).items()
     }
-
-
-def _layer_of(key: str, quantized: dict[str, nn.Module]) -> str | None:
-    """The quantized layer whose packed weight or statistic ``key`` is (never its bias)."""
-    name, _, rest = key.rpartition(".")
-    while name:
-        if name in quantized:
-            return None if rest == "bias" else name
-        name, _, head = name.rpartition(".")
-        rest = f"{head}.{rest}"
-    return None
-
-
-def _load_quantized(
-    model: nn.Module, base: dict[str, torch.Tensor], prefixes: list[str], path: Path
-) -> None:
-    """Rebuild every bitsandbytes layer from its stored packed weight and statistics (taken
-    out of ``base``), after checking them against the live layer, which the recorded settings
-    built: same tensors, shapes and dtypes, same quantization parameters."""
-    quantized = _quantized_prefixes(model, prefixes)
-    stored: dict[str, dict[str, torch.Tensor]] = {}
-    for key in [k for k in base if _layer_of(k, quantized) is not None]:
-        name = _layer_of(key, quantized)
-        stored.setdefault(name, {})[key[len(name) + 1 :]] = base.pop(key)
-    for name, layer in quantized.items():
-        tensors = stored.get(name, {})
-        problem = _quantized_problem(layer, tensors)
-        if problem:
-            raise CheckpointError(f"{path}: {name}: {problem}; the checkpoint is corrupt")
-        _set_quantized(layer, tensors)
-
-
-def _quantized_problem(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> str | None:
-    """Why ``tensors`` cannot be the stored form of ``layer`` (None when they can)."""
-    live = {k: v for k, v in layer.state_dict().items() if k != "bias"}
-    if set(tensors) != set(live):
-        return f"stored {sorted(tensors)} where these settings give {sorted(live)}"
-    for key, want in live.items():
-        got = tensors[key]
-        if key.startswith("weight.quant_state."):  # bitsandbytes' JSON of the small fields
-            problem = _quant_state_problem(got, want)
-            if problem:
-                return problem
-        elif got.dtype != want.dtype or got.shape != want.shape:
-            return (
-                f"{key} is {got.dtype} {list(got.shape)}, expected {want.dtype} {list(want.shape)}"
-            )
-    return None
-
-
-def _quant_state_problem(got: torch.Tensor, want: torch.Tensor) -> str | None:
-    """The stored quantization fields must equal the live ones (the offset is data)."""
-    if got.dtype != torch.uint8 or got.dim() != 1 or got.numel() > 4096:
-        return "the packed quantization state is not a short byte string"
-    try:
-        fields = json.loads(bytes(got.numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return "the packed quantization state is not JSON"
-    expected = json.loads(bytes(want.cpu().numpy()).decode("utf-8"))
-    if not isinstance(fields, dict) or set(fields) != set(expected):
-        return "the packed quantization state has other fields than these settings give"
-    for key, value in expected.items():
-        data = key == "nested_offset" and isinstance(fields[key], (int, float))
-        if not data and fields[key] != value:
-            return f"quantization {key} is {fields[key]!r}, expected {value!r}"
-    return None
-
-
-def _set_quantized(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Put checked packed weights and statistics into a bitsandbytes layer."""
-    import bitsandbytes as bnb
-
-    device = layer.weight.device
-    if isinstance(layer, bnb.nn.Linear4bit):
-        stats = {k[len("weight.") :]: v for k, v in tensors.items() if k != "weight"}
-        layer.weight = bnb.nn.Params4bit.from_prequantized(
-            data=tensors["weight"], quantized_stats=stats, device=device, module=layer
-        )
-        return
-    weight = bnb.nn.Int8Params(
-        tensors["weight"].to(device), requires_grad=False, has_fp16_weights=False
-    )
-    weight.CB, weight.SCB = weight.data, tensors["SCB"].to(device)
-    layer.weight = weight
-    layer.state.CB = layer.state.SCB = None  # the next forward takes them from the weight
 
 
 def slot(model: VisionLanguageModel, part: Part) -> tuple[nn.Module, str]:
