@@ -220,10 +220,6 @@ KNOWN_CONCRETE = {
     # building the AnyRes backbone around the tower (its tiling is declared on VisionBackbone);
     # leaves once tiling is built through the registry
     ("vlm_adapters.model.core", "vlm_adapters.vision.tiling"),
-    # issue 18 item 2: the transformers LLaVA(-NeXT) reader moves beside the writer in export/
-    ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf"),
-    ("vlm_adapters.model.hf_llava", "vlm_adapters.vision.hf_processor"),
-    ("vlm_adapters.model.hf_llava_next", "vlm_adapters.vision.hf_processor"),
 }
 """Imports of a concrete component module from model/ today, each until the item named."""
 

@@ -24,7 +24,7 @@ from PIL import Image
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.chat.jinja import chat_template_jinja
 from vlm_adapters.chat.templates import stop_token_ids
-from vlm_adapters.export import to_hf_llava
+from vlm_adapters.export import from_hf_llava, to_hf_llava
 from vlm_adapters.model.generation import prompt_batch
 from vlm_adapters.testing import tiny_model_config, tiny_vision_config
 from vlm_adapters.vision.base import ImageBatch
@@ -220,7 +220,7 @@ def imported(request, tokenizer_dir: str, tmp_path_factory: pytest.TempPathFacto
     tower, anyres = request.param
     directory = tmp_path_factory.mktemp("llava") / tower
     build_foreign_llava(tokenizer_dir, tower, directory, anyres)
-    ours = VisionLanguageModel.from_hf_llava(directory).eval()
+    ours = from_hf_llava(directory).eval()
     kind = "LlavaNext" if anyres else "Llava"
     theirs = getattr(transformers, f"{kind}ForConditionalGeneration").from_pretrained(directory)
     name = tower + ("-next" if anyres else "")

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from vlm_adapters.config import ModelConfig
     from vlm_adapters.errors import ConfigError, VLMError
     from vlm_adapters.hookspecs import hookimpl
-    from vlm_adapters.model import VisionLanguageModel, VLMOutput, load
+    from vlm_adapters.loading import load
+    from vlm_adapters.model import VisionLanguageModel, VLMOutput
     from vlm_adapters.model.build import build_vlm, load_config
     from vlm_adapters.plugins import list_components
     from vlm_adapters.registry import ComponentConfig, ComponentSpec
@@ -31,7 +32,7 @@ _SOURCES = {
     "build_vlm": "vlm_adapters.model.build",
     "hookimpl": "vlm_adapters.hookspecs",
     "list_components": "vlm_adapters.plugins",
-    "load": "vlm_adapters.model",
+    "load": "vlm_adapters.loading",
     "load_config": "vlm_adapters.model.build",
 }
 """Each public name and the module that defines it."""

@@ -17,7 +17,7 @@ def load_checkpoint(path: str, trust_remote_code: bool = False) -> VisionLanguag
     """A vlm-adapters checkpoint, or a transformers LLaVA checkpoint, ready for inference."""
     import torch
 
-    from vlm_adapters.model import load
+    from vlm_adapters.loading import load
 
     model = load(path, trust_remote_code=trust_remote_code)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlm_adapters.export import from_hf_llava
-    from vlm_adapters.model.hf_llava import ignored_code_request
+    from vlm_adapters.export.hf_llava_read import ignored_code_request
 
     out = output_dir(args, args.source)
     model = from_hf_llava(args.source, template=args.template)

@@ -1,6 +1,6 @@
 """The composed model: vision backbone -> connector -> visual tokens spliced into the LLM;
-its checkpoint format (with LoRA adapters) and the one loader for ours and transformers'."""
+conversation-level generation and its checkpoint format (with LoRA adapters)."""
 
-from vlm_adapters.model.core import VisionLanguageModel, VLMOutput, load
+from vlm_adapters.model.core import VisionLanguageModel, VLMOutput
 
-__all__ = ["VLMOutput", "VisionLanguageModel", "load"]
+__all__ = ["VLMOutput", "VisionLanguageModel"]

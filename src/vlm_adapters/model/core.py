@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, IGNORE_INDEX
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors.base import Connector
 from vlm_adapters.data.processor import ImageInput, Turns, VLMProcessor
-from vlm_adapters.errors import CheckpointError
 from vlm_adapters.geometry import (
     Size,
     check_tileable,
@@ -25,7 +23,7 @@ from vlm_adapters.geometry import (
     tile_token_side,
 )
 from vlm_adapters.llm.base import LLMBackend
-from vlm_adapters.model import generation, hf_llava, hf_llava_next, io
+from vlm_adapters.model import generation, io
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS
 from vlm_adapters.vision.base import ImageBatch, VariableTransform, VisionBackbone
@@ -281,18 +279,6 @@ class VisionLanguageModel(nn.Module):
         """
         return io.load(cls, directory, trust_remote_code=trust_remote_code)
 
-    @classmethod
-    def from_hf_llava(cls, path: str | Path, template: str | None = None) -> VisionLanguageModel:
-        """Load a transformers LLaVA or LLaVA-NeXT checkpoint (directory or hub id) as a
-        trainable model; anything it cannot represent exactly is refused with the reason.
-
-        ``template`` (default: the one recorded by the export, else vicuna_v1) is the chat
-        template the model is used with from then on. Only safetensors weights are read.
-        """
-        if hf_llava.check_source(str(path)) == "llava_next":
-            return hf_llava_next.load(cls, path, template)
-        return hf_llava.load(cls, path, template)
-
 
 def _image_tokens(vision: VisionBackbone, connector: Connector, types: dict[str, str]) -> int:
     """The visual tokens of one image (the most, for variable-size vision)."""
@@ -316,30 +302,3 @@ def _tiled(
 def _dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
     param = next(module.parameters(), None)
     return param.dtype if param is not None else default
-
-
-def load(path: str | Path, *, trust_remote_code: bool = False) -> VisionLanguageModel:
-    """Open a vlm-adapters checkpoint or a transformers LLaVA / LLaVA-NeXT directory alike.
-
-    A transformers directory is recognised from its ``config.json`` (``model_type: llava``
-    or ``llava_next``; any other transformers model is refused with the reason); anything else
-    must be a vlm-adapters checkpoint. See :meth:`VisionLanguageModel.from_pretrained` and
-    :meth:`VisionLanguageModel.from_hf_llava` for what is refused.
-    """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    config = directory / io.CONFIG_NAME
-    try:
-        data = json.loads(config.read_text()) if config.is_file() else {}
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{config}: not valid JSON ({error})") from None
-    kind = data.get("model_type") if isinstance(data, dict) else None
-    if kind in hf_llava.MODEL_TYPES:
-        return VisionLanguageModel.from_hf_llava(directory)
-    if kind is not None and data.get("format") != io.FORMAT:
-        raise CheckpointError(
-            f"{directory}: a transformers {kind!r} checkpoint; vlm-adapters loads transformers "
-            f"LLaVA ({', '.join(hf_llava.MODEL_TYPES)}) checkpoints and its own"
-        )
-    return VisionLanguageModel.from_pretrained(directory, trust_remote_code=trust_remote_code)

@@ -1,14 +1,14 @@
-"""Loading transformers' LLaVA format (``LlavaForConditionalGeneration`` + its processor) as
-a :class:`VisionLanguageModel`: config.json is checked first, only safetensors are read, and a
-checkpoint whose weights do not match its class exactly (missing, unexpected or reshaped
-tensors) is refused, never half-loaded. The helpers here serve LLaVA-NeXT too
-(:mod:`vlm_adapters.model.hf_llava_next`)."""
+"""Reading transformers' LLaVA and LLaVA-NeXT formats (``Llava(Next)ForConditionalGeneration`` +
+its processor) as a :class:`VisionLanguageModel`: config.json is checked first, only safetensors
+are read, and a checkpoint whose weights do not match its class exactly (missing, unexpected or
+reshaped tensors) is refused, never half-loaded. One import serves both formats; what LLaVA-NeXT
+adds (tiling, the end-of-row token) is :mod:`vlm_adapters.export.hf_llava_next_read`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,41 +17,71 @@ from vlm_adapters._transformers import load_or_explain
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES
 from vlm_adapters.connectors.base import ACTIVATIONS
 from vlm_adapters.errors import ExportError
+from vlm_adapters.export.hf_llava_next_read import LlavaNextFormat
+from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.io import asks_for_remote_code
 from vlm_adapters.vision.hf import HFVisionBackbone
 from vlm_adapters.vision.hf_processor import processor_config
-
-if TYPE_CHECKING:
-    from vlm_adapters.model.core import VisionLanguageModel
 
 META_NAME = "vlm_adapters.json"
 """Written beside an export: the chat template name and package versions."""
 PROJECTOR_ACTIVATIONS = tuple(ACTIVATIONS)
 """LLaVA projector activations that have an ``mlp`` connector counterpart."""
-MODEL_TYPES = ("llava", "llava_next")
+
+
+class LlavaFormat:
+    """What the plain LLaVA format adds to the common import: the checkpoint's image processor
+    as the tower's preprocessing, nothing more."""
+
+    def model_class(self) -> type[nn.Module]:
+        """transformers' class for this format."""
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def vision_options(self, config: Any, processor: Any, source: str) -> dict[str, Any]:
+        """The vision section's preprocessing: the checkpoint's image processor as it stands."""
+        return {"image_processor": processor_config(processor.image_processor)}
+
+    def backbone(self, model: VisionLanguageModel) -> HFVisionBackbone:
+        """The transformers tower's backbone: ``model.vision`` itself."""
+        return model.vision
+
+    def finish(
+        self, llava: nn.Module, model: VisionLanguageModel, processor: Any, source: str
+    ) -> None:
+        """Checks and weights beyond the tower, LLM and projector (none here)."""
+
+
+FORMATS = {"llava": LlavaFormat(), "llava_next": LlavaNextFormat()}
+"""Each transformers ``model_type`` vlm-adapters imports, with what it adds."""
+MODEL_TYPES = tuple(FORMATS)
 """The transformers ``model_type`` values vlm-adapters imports."""
 
 
-def load(
-    cls: type[VisionLanguageModel], path: str | Path, template: str | None = None
-) -> VisionLanguageModel:
-    """Build ``cls`` from a transformers LLaVA checkpoint (see
-    ``VisionLanguageModel.from_hf_llava``)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def from_hf_llava(path: str | Path, template: str | None = None) -> VisionLanguageModel:
+    """Load a transformers LLaVA or LLaVA-NeXT checkpoint (directory or hub id) as a trainable
+    model; anything it cannot represent exactly is refused with the reason.
+
+    ``template`` (default: the one recorded by the export, else vicuna_v1) is the chat
+    template the model is used with from then on. Only safetensors weights are read.
+    """
+    from transformers import AutoProcessor
 
     source = str(path)
-    check_source(source, "llava")
-    llava = load_exactly(LlavaForConditionalGeneration, source)
+    form = FORMATS[check_source(source)]
+    llava = load_exactly(form.model_class(), source)
     processor = load_or_explain("import", source, lambda: AutoProcessor.from_pretrained(source))
-    # the checkpoint's image processor is our preprocessing, as it stands
-    vision = {"image_processor": processor_config(processor.image_processor)}
-    model = cls.from_config(model_config(llava, processor, source, vision))
-    check_strategy(llava.config, model.vision)
-    copy_weights(llava, model, model.vision.tower)
+    options = form.vision_options(llava.config, processor, source)
+    model = VisionLanguageModel.from_config(model_config(llava, processor, source, options))
+    form.finish(llava, model, processor, source)
+    backbone = form.backbone(model)
+    check_strategy(llava.config, backbone)
+    copy_weights(llava, model, backbone.tower)
     return with_template(model, path, template)
 
 
-def check_source(source: str, expected: str | None = None) -> str:
+def check_source(source: str) -> str:
     """Read only ``config.json`` and refuse anything but a LLaVA (or LLaVA-NeXT) checkpoint
     with safetensors weights, before any model is built; returns its ``model_type``."""
     from transformers import AutoConfig
@@ -62,7 +92,7 @@ def check_source(source: str, expected: str | None = None) -> str:
     else:
         config = load_or_explain("import", source, lambda: AutoConfig.from_pretrained(source))
         model_type = config.model_type
-    if model_type not in ((expected,) if expected else MODEL_TYPES):
+    if model_type not in MODEL_TYPES:
         classes = "LlavaForConditionalGeneration or LlavaNextForConditionalGeneration"
         raise ExportError(
             f"{source}: not a transformers LLaVA checkpoint (model_type {model_type!r}); "

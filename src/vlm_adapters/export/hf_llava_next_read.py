@@ -1,5 +1,6 @@
-"""Loading transformers' LLaVA-NeXT format (``LlavaNextForConditionalGeneration`` + its
-processor) as a :class:`VisionLanguageModel` with AnyRes tiling (``vision.tiling``).
+"""What transformers' LLaVA-NeXT format (``LlavaNextForConditionalGeneration`` + its processor)
+adds to the LLaVA import (:mod:`vlm_adapters.export.hf_llava_read`): AnyRes tiling
+(``vision.tiling``) and the connector's end-of-row token.
 
 The checkpoint's ``LlavaNextImageProcessor`` becomes the tower's own image processor plus the
 tile grids; the import is refused, with the reason, unless rebuilding that processor from
@@ -8,59 +9,59 @@ them gives back exactly the checkpoint's, and unless its token arithmetic is the
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from vlm_adapters._transformers import load_or_explain
 from vlm_adapters.errors import ExportError
-from vlm_adapters.model.hf_llava import (
-    check_source,
-    check_strategy,
-    copy_weights,
-    load_exactly,
-    model_config,
-    with_template,
-)
 from vlm_adapters.vision.hf_processor import processor_config
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel
+    from vlm_adapters.vision.hf import HFVisionBackbone
 
 _TILING_KEYS = ("image_grid_pinpoints", "do_pad")
 """What a LLaVA-NeXT image processor adds to the tower's own."""
 
 
-def load(
-    cls: type[VisionLanguageModel], path: str | Path, template: str | None = None
-) -> VisionLanguageModel:
-    """Build ``cls`` from a transformers LLaVA-NeXT checkpoint (see
-    ``VisionLanguageModel.from_hf_llava``)."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+class LlavaNextFormat:
+    """LLaVA-NeXT's part of the import: tiling from the image processor, checked both ways,
+    and the end-of-row token."""
 
-    source = str(path)
-    check_source(source, "llava_next")
-    llava = load_exactly(LlavaNextForConditionalGeneration, source)
-    processor = load_or_explain("import", source, lambda: AutoProcessor.from_pretrained(source))
-    _check_token_arithmetic(llava.config, processor, source)
-    theirs = processor_config(processor.image_processor)
-    options = _vision_options(llava.config, theirs, source)
-    model = cls.from_config(model_config(llava, processor, source, options))
-    rebuilt = model.vision.transform.processor_config()
-    if rebuilt != theirs:
-        differs = sorted(
-            k for k in rebuilt.keys() | theirs.keys() if rebuilt.get(k) != theirs.get(k)
-        )
-        raise ExportError(
-            f"{source}: its image processor cannot be rebuilt exactly from the tower's settings "
-            f"and the tile grids (it differs in {', '.join(differs)})"
-        )
-    check_strategy(llava.config, model.vision.backbone)
-    copy_weights(llava, model, model.vision.backbone.tower)
-    with torch.no_grad():
-        model.connector.image_newline.copy_(llava.model.image_newline)
-    return with_template(model, path, template)
+    def model_class(self) -> type[nn.Module]:
+        """transformers' class for this format."""
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration
+
+    def vision_options(self, config: Any, processor: Any, source: str) -> dict[str, Any]:
+        """The tower's image processor and the tile grids, once the processor's token
+        arithmetic is found to be the model's."""
+        _check_token_arithmetic(config, processor, source)
+        return _vision_options(config, processor_config(processor.image_processor), source)
+
+    def backbone(self, model: VisionLanguageModel) -> HFVisionBackbone:
+        """The transformers tower's backbone, under the tiling."""
+        return model.vision.backbone
+
+    def finish(
+        self, llava: nn.Module, model: VisionLanguageModel, processor: Any, source: str
+    ) -> None:
+        """Refuse a model whose rebuilt image processor is not the checkpoint's; copy the
+        end-of-row token."""
+        theirs = processor_config(processor.image_processor)
+        rebuilt = model.vision.transform.processor_config()
+        if rebuilt != theirs:
+            differs = sorted(
+                k for k in rebuilt.keys() | theirs.keys() if rebuilt.get(k) != theirs.get(k)
+            )
+            raise ExportError(
+                f"{source}: its image processor cannot be rebuilt exactly from the tower's "
+                f"settings and the tile grids (it differs in {', '.join(differs)})"
+            )
+        with torch.no_grad():
+            model.connector.image_newline.copy_(llava.model.image_newline)
 
 
 def _vision_options(config: Any, data: dict[str, Any], source: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""transformers' LLaVA format (``LlavaForConditionalGeneration`` + ``LlavaProcessor``), out and in;
+"""Writing transformers' LLaVA format (``LlavaForConditionalGeneration`` + ``LlavaProcessor``);
 with AnyRes tiling (``vision.tiling``), LLaVA-NeXT's (``LlavaNextForConditionalGeneration`` +
 ``LlavaNextProcessor``).
 
@@ -25,9 +25,9 @@ from vlm_adapters.chat.jinja import chat_template_jinja
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, stop_token_ids
 from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
+from vlm_adapters.export.hf_llava_read import META_NAME
 from vlm_adapters.geometry import AnyResLayout
 from vlm_adapters.llm.hf import HFLLM
-from vlm_adapters.model.hf_llava import META_NAME
 from vlm_adapters.vision.base import VisionBackbone
 from vlm_adapters.vision.hf import HFVisionBackbone
 from vlm_adapters.vision.hf_processor import NaFlexTransform, ProcessorTransform
@@ -293,10 +293,3 @@ def _image_processor(vision: VisionBackbone) -> Any:
     if vision.tiling is not None:
         return copy.deepcopy(vision.transform.processor)
     return copy.deepcopy(vision.image_processor)
-
-
-def from_hf_llava(path: str | Path, template: str | None = None) -> VisionLanguageModel:
-    """``VisionLanguageModel.from_hf_llava(path, template)``."""
-    from vlm_adapters.model import VisionLanguageModel
-
-    return VisionLanguageModel.from_hf_llava(path, template)

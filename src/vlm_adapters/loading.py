@@ -1,0 +1,39 @@
+"""The one loader users call (``vlm_adapters.load``): a vlm-adapters checkpoint or a transformers
+LLaVA / LLaVA-NeXT directory, told apart by its ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm_adapters.errors import CheckpointError
+from vlm_adapters.export.hf_llava_read import MODEL_TYPES, from_hf_llava
+from vlm_adapters.model import io
+from vlm_adapters.model.core import VisionLanguageModel
+
+
+def load(path: str | Path, *, trust_remote_code: bool = False) -> VisionLanguageModel:
+    """Open a vlm-adapters checkpoint or a transformers LLaVA / LLaVA-NeXT directory alike.
+
+    A transformers directory is recognised from its ``config.json`` (``model_type: llava``
+    or ``llava_next``; any other transformers model is refused with the reason); anything else
+    must be a vlm-adapters checkpoint. See :meth:`VisionLanguageModel.from_pretrained` and
+    :func:`vlm_adapters.export.from_hf_llava` for what is refused.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    config = directory / io.CONFIG_NAME
+    try:
+        data = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config}: not valid JSON ({error})") from None
+    kind = data.get("model_type") if isinstance(data, dict) else None
+    if kind in MODEL_TYPES:
+        return from_hf_llava(directory)
+    if kind is not None and data.get("format") != io.FORMAT:
+        raise CheckpointError(
+            f"{directory}: a transformers {kind!r} checkpoint; vlm-adapters loads transformers "
+            f"LLaVA ({', '.join(MODEL_TYPES)}) checkpoints and its own"
+        )
+    return VisionLanguageModel.from_pretrained(directory, trust_remote_code=trust_remote_code)
