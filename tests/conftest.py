@@ -61,14 +61,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
 
 
 @pytest.fixture
-def run_case(
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Callable[[Case], None]:
+def run_case(shared: Shared, tmp_path: Path) -> Callable[[Case], None]:
     """``run_case(case)``: a bad-input case through the real CLI, with its checks."""
-    return lambda case: check_case(case, shared, tmp_path, monkeypatch, capsys)
+    return lambda case: check_case(case, shared, tmp_path)
 
 
 @pytest.fixture

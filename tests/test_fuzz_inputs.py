@@ -11,7 +11,6 @@ examples. Inputs that once found a failure are pinned with ``@example``.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -24,10 +23,8 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vlm_adapters.cli import main
-
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from bad_input_kit import Env, Shared, _snapshot  # noqa: E402
+from bad_input_kit import Env, Shared, check_error_line, run_cli  # noqa: E402
 
 FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -38,37 +35,14 @@ def _outcome(
     """Run ``main(argv)`` in ``tmp``: its exit status and stderr, after checking the common
     promises (no exit 1, no traceback, one line on 2, nothing changed outside ``out`` and the
     folders ``also``, relative to ``tmp``, that the user named as outputs)."""
-    before = _snapshot(tmp, out)
-    err = io.StringIO()
-    usage = False
-    with _inside(tmp), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as exit:  # argparse: usage and one error line, status 2
-            code, usage = exit.code, True
-    text = err.getvalue()
-    assert code in (0, 2), f"exit {code} for {argv}:\n{text}"
-    assert "Traceback" not in text, text
-    if code == 2 and not usage:
-        lines = text.strip().splitlines()
-        assert len(lines) == 1, f"expected one line for {argv}, got:\n{text}"
-        assert lines[0].startswith(f"vlm-adapters {argv[0]}: error: "), text
-    after = _snapshot(tmp, out)
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    changed = [k for k in changed if not any(k == a or k.startswith(f"{a}/") for a in also)]
+    outcome = run_cli(argv, tmp, out)
+    assert outcome.code in (0, 2), f"exit {outcome.code} for {argv}:\n{outcome.err}"
+    assert "Traceback" not in outcome.err, outcome.err
+    if outcome.code == 2:
+        check_error_line(argv, outcome)
+    changed = [k for k in outcome.changed if not any(k == a or k.startswith(f"{a}/") for a in also)]
     assert not changed, f"{argv} changed outside --out: {changed}"
-    return int(code or 0), text
-
-
-@contextlib.contextmanager
-def _inside(folder: Path) -> Iterator[None]:
-    """The working directory is ``folder`` (relative paths land in the snapshot)."""
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
+    return outcome.code, outcome.err
 
 
 @contextlib.contextmanager

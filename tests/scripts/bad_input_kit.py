@@ -5,14 +5,16 @@ in one line naming the culprit, with no traceback and nothing outside the run's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,41 +234,73 @@ def _snapshot(root: Path, skip: Path | None) -> dict[str, str]:
     return found
 
 
-def check_case(
-    case: Case,
-    shared: Shared,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@dataclass(frozen=True)
+class Outcome:
+    """What one command did: its exit status, stderr, whether argparse refused the command
+    line, and what it changed outside the folder it may write."""
+
+    code: int
+    err: str
+    usage: bool
+    changed: list[str]
+
+
+def run_cli(argv: list[str], folder: Path, scratch: Path | None) -> Outcome:
+    """``main(argv)`` run in ``folder`` (relative paths land in the snapshot), stderr captured;
+    an exception it lets through fails the test (it would reach the user as a traceback)."""
+    before = _snapshot(folder, scratch)
+    err, usage = io.StringIO(), False
+    with (
+        _inside(folder),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse: usage + error lines, status 2
+            code, usage = exit.code, True
+        except Exception as error:
+            raise AssertionError(f"uncaught {type(error).__name__}: {error}") from error
+    after = _snapshot(folder, scratch)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return Outcome(int(code or 0), err.getvalue(), usage, changed)
+
+
+def check_error_line(argv: list[str], outcome: Outcome) -> None:
+    """An error as users must see it: argparse's usage with status 2, or one line
+    ``vlm-adapters COMMAND: error: ...``; never a traceback."""
+    err = outcome.err
+    assert "Traceback" not in err, err
+    if outcome.usage:
+        assert outcome.code == 2, err
+        assert err.startswith("usage:") and "error:" in err, err
+        return
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line for {argv}, got:\n{err}"
+    assert lines[0].startswith(f"vlm-adapters {argv[0]}: error: "), err
+
+
+@contextlib.contextmanager
+def _inside(folder: Path) -> Iterator[None]:
+    """The working directory is ``folder`` for the block."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def check_case(case: Case, shared: Shared, tmp_path: Path) -> None:
     """Run ``case`` through the real CLI: one line naming ``case.expect`` (or argparse usage),
     exit status not 0, nothing changed outside the run's ``--out``."""
-    monkeypatch.chdir(tmp_path)  # anything written to a relative path shows in the snapshot
     call = case.setup(Env(tmp_path, shared))
-    before = _snapshot(tmp_path, call.scratch)
-    capsys.readouterr()
-    try:
-        code = main(call.argv)
-        usage = False
-    except SystemExit as exit:  # argparse: usage + error lines, status 2
-        code, usage = exit.code, True
-    except Exception as error:  # would reach the user as a traceback
-        raise AssertionError(f"uncaught {type(error).__name__}: {error}") from error
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    if usage:
-        assert code == 2, err
-        assert err.startswith("usage:") and "error:" in err, err
-    else:
-        assert code not in (0, None), f"exit status {code}; stderr: {err}"
-        lines = err.strip().splitlines()
-        assert len(lines) == 1, f"expected one line, got: {err}"
-        assert lines[0].startswith(f"vlm-adapters {call.argv[0]}: error: "), err
-    missing = [text for text in case.expect if text not in err]
-    assert not missing, f"{missing} not named in: {err}"
-    after = _snapshot(tmp_path, call.scratch)
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    assert not changed, f"changed outside --out: {changed}"
+    outcome = run_cli(call.argv, tmp_path, call.scratch)
+    assert outcome.code != 0, f"exit status 0; stderr: {outcome.err}"
+    check_error_line(call.argv, outcome)
+    missing = [text for text in case.expect if text not in outcome.err]
+    assert not missing, f"{missing} not named in: {outcome.err}"
+    assert not outcome.changed, f"changed outside --out: {outcome.changed}"
     for path in call.absent:
         assert not path.exists(), f"{path} exists"
     if call.skipped is not None:
