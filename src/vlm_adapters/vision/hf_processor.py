@@ -49,8 +49,27 @@ _RESAMPLING = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"
 """PIL resampling codes (an image processor's ``resample``) -> torchvision interpolation names."""
 
 
+class ByProcessorConfig:
+    """Equality and hashing of a transform that wraps a transformers image processor: two are
+    equal when they are of one class and their processor configs are."""
+
+    processor: Any
+
+    def processor_config(self) -> dict[str, Any]:
+        """The processor's JSON config (``preprocessor_config.json``); rebuilds it offline."""
+        return processor_config(self.processor)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.processor_config() == other.processor_config()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.processor_config(), sort_keys=True))
+
+
 @dataclass(frozen=True, eq=False)
-class ProcessorTransform(ImageTransform):
+class ProcessorTransform(ByProcessorConfig, ImageTransform):
     """A transformers image processor as an :class:`ImageTransform`: PIL image (any mode) ->
     exactly the processor's ``pixel_values`` for it.
 
@@ -90,21 +109,9 @@ class ProcessorTransform(ImageTransform):
         data = {**self.processor_config(), "image_mean": list(mean), "image_std": list(std)}
         return ProcessorTransform.of(processor_from_config({**data, "do_normalize": True}))
 
-    def processor_config(self) -> dict[str, Any]:
-        """The processor's JSON config (``preprocessor_config.json``); rebuilds it offline."""
-        return processor_config(self.processor)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ProcessorTransform):
-            return NotImplemented
-        return self.processor_config() == other.processor_config()
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.processor_config(), sort_keys=True))
-
 
 @dataclass(frozen=True, eq=False)
-class NaFlexTransform(VariableTransform):
+class NaFlexTransform(ByProcessorConfig, VariableTransform):
     """A SigLIP2 NaFlex image processor: each image resized, its aspect ratio kept, to at most
     ``max_num_patches`` patches of ``patch_size`` pixels, as one patch sequence padded to
     ``[1, max_num_patches, 3 * patch_size**2]``. An image gives one token per patch."""
@@ -149,17 +156,6 @@ class NaFlexTransform(VariableTransform):
                 f"patches, not the {self.patch_grid(size)} counted for its placeholders"
             )
         return ImageBatch(out["pixel_values"].float(), (size,), (1,))  # [1, P, 3*p*p]
-
-    def processor_config(self) -> dict[str, Any]:
-        return processor_config(self.processor)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, NaFlexTransform):
-            return NotImplemented
-        return self.processor_config() == other.processor_config()
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.processor_config(), sort_keys=True))
 
 
 def processor_config(processor: Any) -> dict[str, Any]:
