@@ -4,6 +4,10 @@ Both sides get the same composition, the same weights and the same batch; each s
 measured in its own subprocess, so peak RSS is per side. See benchmarks/README.md.
 
     python benchmarks/train_step.py [--case align|full|both] [--steps N] [--warmup N] [--rounds N]
+        [--compile]
+
+``--compile`` compiles our side as ``run.compile: true`` does (each decoder layer and vision
+block); transformers' side stays eager, the baseline the ratios are against.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ def _spawn(
     cmd = [sys.executable, __file__, "--worker", side, "--dir", tmp, "--case", case]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--image-token-id", str(image_token_id)]
+    cmd += ["--compile"] if args.compile else []
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -119,6 +124,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=_positive, default=2, help="Untimed steps first.")
     parser.add_argument(
         "--rounds", type=_positive, default=1, help="Runs per side, alternating the order."
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="Compile our side as run.compile: true does."
     )
     parser.add_argument("--worker", choices=["prepare", "ours", "theirs"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -145,6 +153,10 @@ def _run_worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(SEED)
     build = _build_ours if args.worker == "ours" else _build_theirs
     model, step = build(tmp, args.case, args.image_token_id)
+    if args.compile and args.worker == "ours":
+        from vlm_adapters.training.compiling import compile_blocks
+
+        compile_blocks(model)
     return _measure(model, step, _batch(args.image_token_id), args.steps, args.warmup)
 
 

@@ -10,7 +10,8 @@ the same result for less work and lets SDPA use its causal kernels.
 
 It runs only where `PackedAttention` switched a model to it, and only for the plain call:
 position ids for every row, no KV cache, no sliding window, soft-capping, attention sinks or
-position bias. Any other call goes to transformers' own SDPA with the mask, unchanged. The
+position bias. Any other call, and every call inside ``torch.compile`` (``run.compile``: the
+spans come from the position ids' values), goes to transformers' own SDPA with the mask. The
 trainer checks a packed row against the same samples alone before the first step
 (`check_packing`) and goes back to the masked path if they differ.
 """
@@ -45,7 +46,8 @@ def packed_sdpa(
     positions = kwargs.get("position_ids")
     batch, _, length, _ = query.shape
     plain = (
-        positions is not None
+        not torch.compiler.is_compiling()  # its spans are data: compiled code takes the mask
+        and positions is not None
         and tuple(positions.shape) == (batch, length)
         and key.shape[2] == length  # no KV cache
         and all(kwargs.get(name) is None for name in _SPECIAL)

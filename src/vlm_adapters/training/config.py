@@ -143,6 +143,11 @@ class RunConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (LLM, and the tower if it trains)."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer and vision block: slower first steps, "
+        "faster ones after; the same losses as eager.",
+    )
     save_every: int = Field(0, ge=0, description="Optimizer steps; 0 = end of stage only.")
     keep_last: int = Field(2, gt=0, description="Intermediate checkpoints kept per stage.")
     log_every: int = Field(10, gt=0)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from vlm_adapters.llm.packed_attention import PackedAttention
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.training.artifact import save_connector
 from vlm_adapters.training.checkpoint import Position
+from vlm_adapters.training.compiling import compile_blocks
 from vlm_adapters.training.config import TrainConfig
 from vlm_adapters.training.data import make_collator, make_loader, stage_dataset
 from vlm_adapters.training.engine import Checkpointer, make_accelerator, make_engine
@@ -89,6 +90,7 @@ class Trainer:
         self._fallback: Batch | None = None  # last non-empty micro-batch
         self._steps_done = 0  # optimizer steps before the one being taken
         self.attention: PackedAttention | None = None  # per-sample attention while packing
+        self._uncompile: Callable[[], None] = lambda: None  # takes run.compile off again
 
     @property
     def is_main(self) -> bool:
@@ -106,6 +108,7 @@ class Trainer:
         finally:
             if self.attention is not None:
                 self.attention.restore()
+            self._uncompile()
 
     def _fit(self, resume: str | Path | None) -> dict[str, Any]:
         start = time.perf_counter()
@@ -165,6 +168,8 @@ class Trainer:
         """The optimizer and scheduler (over ``total`` steps) made, handed to the engine with
         the model and ``loader``, and the stage's checkpoints; returns the prepared loader."""
         module = self.engine.place(self.config, self.stage)
+        if self.config.run.compile:
+            self._uncompile = compile_blocks(module)
         optimizer = torch.optim.AdamW(param_groups(module, self.settings))
         self.scheduler = get_scheduler(
             self.settings.scheduler,

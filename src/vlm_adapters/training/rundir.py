@@ -33,6 +33,7 @@ RUN_ENTRIES = (CONFIG_NAME, LOCK_NAME, "align", "finetune")
 """What a training run writes at the top of its directory."""
 RUNTIME_KEYS = frozenset(
     {
+        "run.compile",
         "run.save_every",
         "run.keep_last",
         "run.log_every",
