@@ -117,7 +117,9 @@ def test_two_sharded_processes_train_like_one_process(tmp_path):
     """Both stages; in finetune the LLM and the vision tower train and clipping is active.
     During the step every parameter and gradient is a DTensor holding half of the tensor;
     the final weights (gathered into an ordinary directory) and every logged grad_norm (the
-    global one) equal a single process's on the same global batch."""
+    global one) equal a single process's on the same global batch. The sharded run compiles
+    its blocks (``run.compile``) and the single process does not: compiled FSDP2 trains like
+    eager."""
     config = write_tiny_config(tmp_path, num_train=8)
     settings = ["stages.finetune.train_vision=full", "stages.finetune.max_grad_norm=0.5"]
     # 2 processes x batch 1 x 2 accumulated = one process's batch of 4
@@ -125,7 +127,8 @@ def test_two_sharded_processes_train_like_one_process(tmp_path):
         f"stages.{s}.{k}" for s in ("align", "finetune") for k in ("batch_size=1", "grad_accum=2")
     ]
     record = str(tmp_path / "seen")
-    _sharded(config, tmp_path / "two", *settings, *split, "--record-sharding", record)
+    compiled = "run.compile=true"
+    _sharded(config, tmp_path / "two", *settings, *split, compiled, "--record-sharding", record)
     train(config, "all", tmp_path / "one", overrides=settings)
     for stage in ("align", "finetune"):
         final = f"{stage}/final"
