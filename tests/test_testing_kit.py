@@ -4,7 +4,7 @@ fixtures are available to any test suite."""
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -117,8 +117,24 @@ class HiddenState(GoodConnector):
         HiddenState.width = 9
 
 
-def _spec(factory: Any, name: str = "probe") -> ComponentSpec:
-    return ComponentSpec("connector", name, factory, WidthConfig, "test connector")
+class WrongGridConfig(WidthConfig):
+    def output_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        return rows // 2, cols // 2  # but every token is kept
+
+
+class PerTokenConfig(WidthConfig):
+    per_token: ClassVar[bool] = True
+
+
+class FixedCount(GoodConnector):
+    """Claims per_token, yet always gives the built number of tokens."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features[:, :1]).expand(-1, self.num_input_tokens, -1)
+
+
+def _spec(factory: Any, name: str = "probe", config: type = WidthConfig) -> ComponentSpec:
+    return ComponentSpec("connector", name, factory, config, "test connector")
 
 
 @pytest.mark.parametrize(
@@ -127,10 +143,13 @@ def _spec(factory: Any, name: str = "probe") -> ComponentSpec:
         (WrongCount, "num_output_tokens"),
         (UnusedParam, "never used in forward"),
         (HiddenState, "does not load|rebuilding"),
+        ((GoodConnector, WrongGridConfig), r"config.output_grid\(4, 4\) = \(2, 2\) but num_out"),
+        ((FixedCount, PerTokenConfig), r"per_token is set, but 15 features gave \(1, 16, 32\)"),
     ],
 )
 def test_broken_connectors_fail_clearly(factory: Any, match: str) -> None:
-    spec = _spec(factory)
+    factory, config = factory if isinstance(factory, tuple) else (factory, WidthConfig)
+    spec = _spec(factory, config=config)
     with registered(spec), pytest.raises(AssertionError, match=match):
         check_connector(spec)
 

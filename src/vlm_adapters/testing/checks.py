@@ -24,6 +24,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlm_adapters.connectors import Connector
+from vlm_adapters.errors import ConfigError
+from vlm_adapters.geometry import square_side
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import ComponentConfig, ComponentSpec
@@ -63,6 +65,7 @@ def check_connector(
     features = torch.randn(batch_size, num_input_tokens, in_dim)  # [B, N, Dv]
     expected = (batch_size, declared, out_dim)
     _check_output(spec, connector, features, expected)
+    _check_grid(spec, connector, num_input_tokens)
     _check_dtypes(spec, connector, features, expected, ((True, True),))
     _check_trainable(spec, connector, features, require_all=True)
     _check_frozen(spec, connector, features, passes_grad=True)
@@ -103,12 +106,21 @@ def check_vision_backbone(
 def check_llm_backend(
     spec_or_name: SpecOrName, config: ConfigLike = None, *, batch_size: int = 2, length: int = 6
 ) -> LLMBackend:
-    """Check an LLM backend: tokenizer with image and pad tokens, embed / body / logits."""
+    """Check an LLM backend member by member: the sizes (``hidden_size``, ``vocab_size``,
+    ``max_positions``), the tokenizer's image and pad tokens, ``embed`` / ``body`` / ``logits``
+    against ``full_logits``, and ``generate`` with the keyword arguments vlm-adapters passes
+    (a streamer that must receive every returned token, stop ids, greedy and seeded sampling).
+    A backend whose ``body`` cannot keep packed samples apart (``position_ids``) gets a
+    :class:`ConformanceWarning`: ``data.packing`` will be refused for it.
+    """
     spec, cfg = _resolve("llm", spec_or_name, config)
     llm = _build(spec, spec.factory, cfg, LLMBackend)
+    _check_sizes(spec, llm)
     _check_tokens(spec, llm)
     ids = torch.randint(0, len(llm.tokenizer), (batch_size, length))  # [B, T]
     _check_llm_pieces(spec, llm, ids)
+    _check_generate(spec, llm, ids[:1])
+    _check_packing(spec, llm)
     runner = _LLMRunner(llm)
     expected = (batch_size, length, llm.vocab_size)
     _check_output(spec, runner, ids, expected)
@@ -403,6 +415,45 @@ def _expect_same(
     )
 
 
+def _check_grid(spec: ComponentSpec, connector: Connector, num_input_tokens: int) -> None:
+    """What AnyRes and NaFlex towers rely on: ``output_grid`` (when it gives a grid) holds
+    exactly the declared tokens and ``end_of_row()`` gives the learned end-of-row token; a
+    ``per_token`` connector takes any number of features."""
+    cfg, declared = connector.cfg, connector.num_output_tokens(num_input_tokens)
+    side = square_side(num_input_tokens)
+    try:
+        grid = cfg.output_grid(side, side) if side is not None else None
+    except ValueError:  # refuses this grid (a pool factor that does not divide it)
+        grid = None
+    if grid is not None:
+        rows, cols = grid
+        _expect(
+            rows * cols == declared,
+            f"{_label(spec)}: config.output_grid({side}, {side}) = {grid} but "
+            f"num_output_tokens({num_input_tokens}) = {declared}; output_grid must give the "
+            "grid the tokens lie on, row by row (AnyRes lays tile tokens out on it), or None",
+        )
+        clone = copy.deepcopy(connector)
+        clone.add_image_newline()
+        newline = clone.end_of_row()
+        _expect(
+            isinstance(newline, torch.Tensor) and tuple(newline.shape) == (connector.out_dim,),
+            f"{_label(spec)}: after add_image_newline(), end_of_row() gave {_describe(newline)}; "
+            f"it must return the learned end-of-row token [out_dim={connector.out_dim}] that "
+            "AnyRes puts after every row of tokens",
+        )
+    if cfg.per_token and num_input_tokens > 1:
+        fewer = torch.randn(1, num_input_tokens - 1, connector.in_dim)  # [1, N - 1, Dv]
+        with torch.no_grad():
+            out = _run(spec, connector, fewer, f"on {num_input_tokens - 1} features (per_token)")
+        _expect(
+            tuple(out.shape) == (1, num_input_tokens - 1, connector.out_dim),
+            f"{_label(spec)}: per_token is set, but {num_input_tokens - 1} features gave "
+            f"{tuple(out.shape)}; a per-token connector maps every feature to one token "
+            "(NaFlex towers give a variable number), else leave per_token False",
+        )
+
+
 def _check_probe(spec: ComponentSpec, cfg: Any, backbone: VisionBackbone) -> None:
     """``VisionConfig.probe()``, when it answers, predicts the built backbone's sizes."""
     if not isinstance(cfg, VisionConfig):
@@ -442,6 +493,58 @@ def _check_preprocess(spec: ComponentSpec, backbone: VisionBackbone, batch: int)
     return torch.randn_like(pixels)
 
 
+LLM_MEMBERS: dict[str, str] = {
+    "hidden_size": "the `hidden_size` property: the width H of the embeddings (int)",
+    "vocab_size": "the `vocab_size` property: rows of the output head, the logits' last "
+    "dimension V (int)",
+    "max_positions": "the `max_positions` property: the context length in tokens, or None",
+    "embed": "`embed(input_ids [B, T]) -> [B, T, H]`",
+    "body": "`body(inputs_embeds [B, T, H], attention_mask [B, T] | None, **kwargs) -> "
+    "[B, T, H]`: the decoder without its head",
+    "logits": "`logits(hidden [..., H]) -> [..., V]`: the output head",
+    "full_logits": "`full_logits(input_ids [B, T], attention_mask=None) -> [B, T, V]`: the "
+    "model's own forward on text, which logits(body(embed(ids))) must reproduce",
+    "generate": "`generate(inputs_embeds [B, T, H], attention_mask [B, T] | None, *, "
+    "max_new_tokens, eos_token_id, pad_token_id, do_sample, temperature, top_p, top_k, "
+    "use_cache, streamer) -> new ids [B, new]`",
+}
+"""What each member of the LLM backend protocol must do (the kit's failure messages)."""
+
+_DEFAULT = (
+    "the default reads a transformers causal LM in `self.model`; a backend that holds anything "
+    "else must implement "
+)
+
+
+def _member(spec: ComponentSpec, llm: LLMBackend, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``llm.<name>`` (called with the arguments when given); a failure names the member."""
+    try:
+        value = getattr(llm, name)
+        return value(*args, **kwargs) if args or kwargs else value
+    except AssertionError:
+        raise
+    except Exception as exc:  # reported as a conformance failure naming the member
+        raise AssertionError(
+            f"{_label(spec)}: `{name}` failed ({type(exc).__name__}: {exc}); {_DEFAULT}"
+            f"{LLM_MEMBERS[name]}"
+        ) from exc
+
+
+def _check_sizes(spec: ComponentSpec, llm: LLMBackend) -> None:
+    for name in ("hidden_size", "vocab_size"):
+        value = _member(spec, llm, name)
+        _expect(
+            isinstance(value, int) and value > 0,
+            f"{_label(spec)}: `{name}` is {value!r}, not a positive int; implement "
+            f"{LLM_MEMBERS[name]}",
+        )
+    context = _member(spec, llm, "max_positions")
+    _expect(
+        context is None or (isinstance(context, int) and context > 0),
+        f"{_label(spec)}: `max_positions` is {context!r}; implement {LLM_MEMBERS['max_positions']}",
+    )
+
+
 def _check_tokens(spec: ComponentSpec, llm: LLMBackend) -> None:
     tok, vocab = llm.tokenizer, llm.vocab_size
     _expect(tok is not None, f"{_label(spec)}: set `self.tokenizer`")
@@ -452,27 +555,33 @@ def _check_tokens(spec: ComponentSpec, llm: LLMBackend) -> None:
     )
     _expect(tok.pad_token_id is not None, f"{_label(spec)}: the tokenizer needs a pad token")
     _expect(len(tok) <= vocab, f"{_label(spec)}: tokenizer ({len(tok)}) > embeddings ({vocab})")
-    _expect(
-        isinstance(llm.hidden_size, int) and llm.hidden_size > 0,
-        f"{_label(spec)}: hidden_size must be a positive int",
-    )
 
 
 def _check_llm_pieces(spec: ComponentSpec, llm: LLMBackend, ids: torch.Tensor) -> None:
     """embed -> body -> logits equals the wrapped causal LM's own forward."""
     mask = torch.ones_like(ids)
+    expected = (*ids.shape, llm.hidden_size)
     with torch.no_grad():
-        embeds = llm.embed(ids)  # [B, T, H]
+        embeds = _member(spec, llm, "embed", ids)  # [B, T, H]
         _expect(
-            embeds.shape == (*ids.shape, llm.hidden_size),
-            f"{_label(spec)}: embed gave {tuple(embeds.shape)}, expected "
-            f"{(*ids.shape, llm.hidden_size)} (hidden_size)",
+            tuple(embeds.shape) == expected,
+            f"{_label(spec)}: embed gave {tuple(embeds.shape)}, expected {expected} (hidden_size)",
         )
-        pieces = llm.logits(llm.body(embeds, mask))  # [B, T, V]
-        whole = llm.full_logits(ids, mask)
+        hidden = _member(spec, llm, "body", embeds, mask)  # [B, T, H]
+        _expect(
+            tuple(hidden.shape) == expected,
+            f"{_label(spec)}: body gave {tuple(hidden.shape)}, expected {expected}",
+        )
+        pieces = _member(spec, llm, "logits", hidden)  # [B, T, V]
+        _expect(
+            tuple(pieces.shape) == (*ids.shape, llm.vocab_size),
+            f"{_label(spec)}: logits gave {tuple(pieces.shape)}, expected "
+            f"{(*ids.shape, llm.vocab_size)} (vocab_size)",
+        )
+        whole = _member(spec, llm, "full_logits", ids, mask)
     _expect(
-        torch.allclose(pieces, whole, atol=1e-5),
-        f"{_label(spec)}: logits(body(embed(ids))) differs from model(ids).logits; the "
+        tuple(whole.shape) == tuple(pieces.shape) and torch.allclose(pieces, whole, atol=1e-5),
+        f"{_label(spec)}: logits(body(embed(ids))) differs from full_logits(ids); the "
         "pieces must reproduce the causal LM",
     )
     llm.requires_grad_(False)
@@ -483,6 +592,132 @@ def _check_llm_pieces(spec: ComponentSpec, llm: LLMBackend, ids: torch.Tensor) -
         f"{_label(spec)}: fully frozen, body/logits must still pass gradients to the input "
         "embeddings (stage 1 trains the connector through the frozen LLM)",
     )
+
+
+class _RecordingStreamer:
+    """A transformers-style streamer (``put`` / ``end``) that keeps every token it is given."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.tokens += torch.as_tensor(value).reshape(-1).tolist()
+
+    def end(self) -> None:
+        self.ended = True
+
+
+_GREEDY = {"do_sample": False, "temperature": None, "top_p": None}
+_HOT = {"do_sample": True, "temperature": 100.0, "top_p": 1.0, "top_k": None}
+_NEW_TOKENS = 4
+
+
+def _generate(
+    spec: ComponentSpec,
+    llm: LLMBackend,
+    embeds: torch.Tensor,
+    stops: list[int],
+    sampling: dict[str, Any],
+    streamer: Any = None,
+) -> list[int]:
+    """One prompt's new ids, called as vlm-adapters' generation calls ``generate``."""
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    with torch.no_grad():
+        out = _member(
+            spec,
+            llm,
+            "generate",
+            embeds,
+            mask,
+            max_new_tokens=_NEW_TOKENS,
+            eos_token_id=stops,
+            pad_token_id=llm.tokenizer.pad_token_id,
+            use_cache=True,
+            streamer=streamer,
+            **sampling,
+        )
+    _expect(
+        isinstance(out, torch.Tensor)
+        and out.dim() == 2
+        and out.shape[0] == 1
+        and 1 <= out.shape[1] <= _NEW_TOKENS
+        and not out.is_floating_point(),
+        f"{_label(spec)}: generate returned {_describe(out)} for one prompt and "
+        f"max_new_tokens={_NEW_TOKENS}; it must return the new token ids only, [B, new] with "
+        f"1 <= new <= max_new_tokens",
+    )
+    return out[0].tolist()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _check_generate(spec: ComponentSpec, llm: LLMBackend, ids: torch.Tensor) -> None:
+    """``generate`` as the CLI calls it: the streamer receives exactly the returned tokens,
+    greedy decoding is deterministic, ``eos_token_id`` stops it, sampling follows
+    ``do_sample``/``temperature`` and is reproducible with a seed."""
+    with torch.no_grad():
+        embeds = llm.embed(ids)  # [1, T, H]
+    stops = [llm.image_token_id]  # rarely generated; the CLI passes the template's stop ids
+    streamer = _RecordingStreamer()
+    greedy = _generate(spec, llm, embeds, stops, _GREEDY, streamer)
+    _expect(
+        streamer.tokens == greedy,
+        f"{_label(spec)}: the streamer received {streamer.tokens or 'nothing'} but generate "
+        f"returned {greedy}; `generate` must call `streamer.put(new_ids)` for every new token "
+        "as it comes (and `streamer.end()` at the end), or `vlm-adapters generate` and `chat` "
+        "show nothing while it runs",
+    )
+    _expect(
+        streamer.ended,
+        f"{_label(spec)}: `generate` never called `streamer.end()`; call it once generation ends",
+    )
+    again = _generate(spec, llm, embeds, stops, _GREEDY)
+    _expect(
+        again == greedy,
+        f"{_label(spec)}: greedy generate is not deterministic: {greedy} then {again}",
+    )
+    first = _generate(spec, llm, embeds, [greedy[0]], _GREEDY)
+    _expect(
+        first == greedy[:1],
+        f"{_label(spec)}: with eos_token_id=[{greedy[0]}] generate returned {first}; it must "
+        "stop after the first token in `eos_token_id` (the chat template's end of turn)",
+    )
+    sampled = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        sampled.append(_generate(spec, llm, embeds, stops, _HOT))
+    torch.manual_seed(0)
+    _expect(
+        _generate(spec, llm, embeds, stops, _HOT) == sampled[0],
+        f"{_label(spec)}: sampling is not reproducible: the same torch seed gave different ids",
+    )
+    _expect(
+        any(row != greedy for row in sampled),
+        f"{_label(spec)}: with do_sample=True and temperature=100, three seeds all gave the "
+        f"greedy answer {greedy}; `generate` must sample when do_sample is True (with "
+        "`temperature`, `top_p` and `top_k`)",
+    )
+
+
+def _check_packing(spec: ComponentSpec, llm: LLMBackend) -> None:
+    """Warn when packed rows would leak between samples (``data.packing`` is then refused)."""
+    from vlm_adapters.llm.packed_attention import check_packing
+
+    try:
+        check_packing(llm)
+    except ConfigError as exc:
+        warnings.warn(
+            f"{_label(spec)}: data.packing will be refused ({exc}); to support it, `body` must "
+            "take `position_ids` [B, T] restarting at 0 at every packed sample and keep each "
+            "sample's attention inside it",
+            ConformanceWarning,
+            stacklevel=3,
+        )
 
 
 class _LLMRunner(nn.Module):
