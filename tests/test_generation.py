@@ -104,6 +104,35 @@ def test_generate_command_streams_the_answer(
     assert capsys.readouterr().out.strip() == "red red red"
 
 
+def _silent(model: VisionLanguageModel) -> VisionLanguageModel:
+    """``model`` with an LLM backend whose ``generate`` ignores the streamer."""
+    generate_new = model.llm.generate
+
+    def ignoring(embeds, mask, streamer=None, **kwargs):  # noqa: ANN001, ANN202
+        return generate_new(embeds, mask, **kwargs)
+
+    model.llm.generate = ignoring
+    return model
+
+
+def test_the_cli_prints_the_answer_when_the_streamer_got_nothing(
+    model: VisionLanguageModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    forced,
+) -> None:
+    stub = _silent(forced(model, "red"))
+    monkeypatch.setattr(generate, "load_checkpoint", lambda path, trust=False: stub)
+    monkeypatch.setattr(chat, "load_checkpoint", lambda path, trust=False: stub)
+    argv = ["ckpt", "--max-new-tokens", "2"]
+    assert main(["generate", *argv, "--prompt", QUESTIONS[0]]) == 0
+    assert capsys.readouterr().out == "red red\n"  # once, though nothing streamed
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", *argv]) == 0
+    assert "assistant> red red\nyou> " in capsys.readouterr().out
+
+
 def test_chat_command_reads_turns_and_commands_from_stdin(
     model: VisionLanguageModel,
     tmp_path: Path,

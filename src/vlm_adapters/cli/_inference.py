@@ -74,6 +74,42 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def stream_answer(
+    model: VisionLanguageModel, turns: list[dict[str, str]], image: Any, args: argparse.Namespace
+) -> str:
+    """The answer to ``turns`` about ``image`` (None: text only), printed to stdout as it is
+    generated, and returned. If the streamer received nothing (an LLM backend whose
+    ``generate`` ignores ``streamer``), the answer is printed once it is complete."""
+    from transformers import TextStreamer
+
+    from vlm_adapters.model.generation import generate_ids
+
+    # The prompt reaches the LLM as embeddings: transformers' first put (the prompt's ids) is
+    # empty and a backend need not make it, so no put is skipped as the prompt.
+    streamer = _Counting(TextStreamer(model.tokenizer, skip_special_tokens=True))
+    kwargs = generation_kwargs(args)
+    ids = generate_ids(model, [turns], [image], streamer=streamer, **kwargs)[0]
+    answer = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    if not streamer.tokens:
+        print(answer, flush=True)
+    return answer
+
+
+class _Counting:
+    """A streamer that passes tokens on to ``streamer`` and counts them."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer = streamer
+        self.tokens = 0
+
+    def put(self, value: Any) -> None:
+        self.tokens += value.numel()
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+
 def open_image(path: str) -> Any:
     """The image at ``path`` as RGB; a one-line error when it is missing, corrupt or too big."""
     from vlm_adapters.data.images import open_image as open_checked

@@ -7,9 +7,9 @@ from typing import Any
 
 from vlm_adapters.cli._inference import (
     add_generation_options,
-    generation_kwargs,
     load_checkpoint,
     open_image,
+    stream_answer,
 )
 from vlm_adapters.errors import DataError
 
@@ -48,13 +48,8 @@ def _read() -> str | None:
 
 def _answer(model: Any, turns: list[dict[str, str]], image: Any, args: argparse.Namespace) -> str:
     """Stream the assistant's answer to stdout and return it."""
-    from vlm_adapters.model.generation import generate_ids, text_streamer
-
     print("assistant> ", end="", flush=True)
-    ids = generate_ids(
-        model, [turns], [image], streamer=text_streamer(model), **generation_kwargs(args)
-    )[0]
-    return model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return stream_answer(model, turns, image, args)
 
 
 def _command(line: str, image: Any, turns: list[dict[str, str]]) -> tuple[Any, list]:

@@ -7,9 +7,9 @@ from typing import Any
 
 from vlm_adapters.cli._inference import (
     add_generation_options,
-    generation_kwargs,
     load_checkpoint,
     open_image,
+    stream_answer,
 )
 
 
@@ -22,11 +22,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_adapters.model.generation import generate_ids, text_streamer
-
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
-    images = [open_image(args.image) if args.image else None]
-    turns = [{"from": "human", "value": args.prompt}]
-    streamer = text_streamer(model)
-    generate_ids(model, [turns], images, streamer=streamer, **generation_kwargs(args))
+    image = open_image(args.image) if args.image else None
+    stream_answer(model, [{"from": "human", "value": args.prompt}], image, args)
     return 0

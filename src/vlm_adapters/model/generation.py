@@ -89,10 +89,3 @@ def generate(
     """Decoded answers (see :func:`generate_ids` for the keyword arguments)."""
     ids = generate_ids(model, conversations, images, **kwargs)
     return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
-
-
-def text_streamer(model: VisionLanguageModel) -> Any:
-    """A streamer that prints new tokens to stdout as they are generated (batch of one)."""
-    from transformers import TextStreamer
-
-    return TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
