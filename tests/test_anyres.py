@@ -307,7 +307,9 @@ def _config(tokenizer_dir: str, vision: dict, connector: str | dict = "mlp", **l
             tiny_tiled_config("hf"),
             "qformer",
             {},
-            r"vision.tiling: the 'qformer' connector's tokens have no place on the patch grid",
+            r"vision.tiling: the 'qformer' connector's tokens have no place on the patch grid, "
+            r"so tiles cannot be laid out; use linear, mlp or pool, or implement "
+            r"`output_grid\(rows, cols\)` on the connector's config",
         ),
         (
             tiny_tiled_config("hf"),

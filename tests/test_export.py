@@ -238,6 +238,18 @@ def test_unexportable_compositions_say_why(
     assert not (tmp_path / "out").exists()
 
 
+def test_every_unsupported_component_is_named_in_one_message(
+    tokenizer_dir: str, tmp_path: Path
+) -> None:
+    model = build_vlm(tiny_model_config(tokenizer_dir, "timm", "qformer"))
+    with pytest.raises(ExportError) as info:
+        to_hf_llava(model, tmp_path / "out")
+    message = str(info.value)
+    vision, connector = message.index("not a transformers vision model"), message.index("qformer")
+    assert vision < connector < message.index("save_pretrained")
+    assert "use connector type `linear` or `mlp`" in message and "\n" not in message
+
+
 def test_export_command(tokenizer_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     build_vlm(tiny_model_config(tokenizer_dir, connector="pool")).save_pretrained(tmp_path / "pool")
     assert main(["export", str(tmp_path / "pool"), "--out", str(tmp_path / "out")]) == 2

@@ -176,7 +176,9 @@ def tile_token_side(num_patches: int, connector: ConnectorShape, name: str) -> i
     if tokens is None:
         raise ConfigError(
             f"vision.tiling: the {name!r} connector's tokens have no place on the "
-            "patch grid, so tiles cannot be laid out; use linear, mlp or pool"
+            "patch grid, so tiles cannot be laid out; use linear, mlp or pool, or implement "
+            "`output_grid(rows, cols)` on the connector's config (the grid its tokens lie on, "
+            "row by row; see Writing a plugin)"
         )
     return tokens[0]
 
@@ -196,7 +198,8 @@ def image_token_bound(
     if native and not connector.per_token:
         raise ConfigError(
             f"connector: {name!r} cannot take a NaFlex tower's variable number of "
-            "patches per image; use a per-token connector (linear, mlp)"
+            "patches per image; use a per-token connector (linear, mlp), or set `per_token = "
+            "True` on the connector's config if it maps every feature to one token"
         )
     if native:
         return num_patches

@@ -40,16 +40,15 @@ _HINT = "the vlm-adapters format (`model.save_pretrained(dir)`) holds any compos
 
 def check_exportable(model: VisionLanguageModel) -> str | None:
     """Why ``model`` cannot be written as a transformers LLaVA (LLaVA-NeXT when tiled)
-    checkpoint, or None if it can."""
-    vision = model.vision
-    layout = vision.layout
-    tiling = _tiling_reason(layout, vision.untiled()) if layout is not None else None
-    return (
-        tiling
-        or _vision_reason(_tower(model))
-        or _connector_reason(model)
-        or _llm_reason(model.llm)
-    )
+    checkpoint, every unsupported component named (``; ``-separated), or None if it can."""
+    layout = model.vision.layout
+    reasons = [
+        _tiling_reason(layout, model.vision.untiled()) if layout is not None else None,
+        _vision_reason(_tower(model)),
+        _connector_reason(model),
+        _llm_reason(model.llm),
+    ]
+    return "; ".join(reason for reason in reasons if reason) or None
 
 
 def to_hf_llava(
@@ -131,7 +130,8 @@ def _connector_reason(model: VisionLanguageModel) -> str | None:
     if not isinstance(connector, MLPConnector):
         return (
             f"the connector {model.component_types.get('connector', type(connector).__name__)!r} "
-            "has no counterpart in LLaVA's projector (linear, activation, linear)"
+            "has no counterpart in LLaVA's projector (linear, activation, linear); use "
+            "connector type `linear` or `mlp`"
         )
     cfg = connector.cfg
     if cfg.depth > 2:
@@ -148,7 +148,10 @@ def _llm_reason(llm: nn.Module) -> str | None:
     from transformers import MODEL_MAPPING
 
     if not isinstance(llm, HFLLM):
-        return f"the LLM backend is a {type(llm).__name__}, not a transformers causal LM"
+        return (
+            f"the LLM backend is a {type(llm).__name__}, not a transformers causal LM (llm "
+            "type `hf`)"
+        )
     config = llm.transformers_model.config
     base = MODEL_MAPPING.get(type(config), None)
     if base is None or not isinstance(llm.transformers_model.get_decoder(), base):
