@@ -18,7 +18,13 @@ from vlm_adapters import ComponentSpec
 from vlm_adapters.cli import main
 from vlm_adapters.config import ConfigError
 from vlm_adapters.scaffold import KINDS, new_plugin
-from vlm_adapters.testing import registered, tiny_model_config
+from vlm_adapters.testing import (
+    check_connector,
+    check_llm_backend,
+    check_vlm,
+    registered,
+    tiny_model_config,
+)
 from vlm_adapters.vision import VisionConfig
 
 
@@ -51,12 +57,16 @@ def test_cli_writes_the_package_and_refuses_to_overwrite(
 
 
 def test_generated_packages_install_and_pass_their_own_tests(tmp_path: Path) -> None:
-    """A real pip install (into a --target dir, so the venv is untouched) of all three kinds."""
+    """A real pip install (into a --target dir, so the venv is untouched) of all three kinds,
+    one package each, and of one package holding two kinds."""
     roots = [new_plugin(f"scaffolded-{kind}", kind, tmp_path) for kind in KINDS]
+    roots.append(
+        new_plugin("scaffolded", ["vision", "connector"], tmp_path, components=["sv", "sc"])
+    )
     site = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip, "--target", str(site), *map(str, roots)], check=True, timeout=300)
-    assert len(list(site.glob("vlm_adapters_scaffolded_*.dist-info"))) == 3
+    assert len(list(site.glob("vlm_adapters_scaffolded*.dist-info"))) == 4
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     tests = [str(root / "tests") for root in roots]
     result = subprocess.run(
@@ -64,7 +74,81 @@ def test_generated_packages_install_and_pass_their_own_tests(tmp_path: Path) -> 
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "9 passed" in result.stdout
+    assert "15 passed" in result.stdout
+
+
+def test_several_kinds_in_one_package_with_their_own_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["new-plugin", "acme", "--kind", "connector", "--name", "window-mlp"]
+    assert main([*argv, "--kind", "llm", "--name", "tiny_lm", "--out", str(tmp_path)]) == 0
+    root, package = tmp_path / "vlm-adapters-acme", "src/vlm_adapters_acme"
+    assert "wrote" in capsys.readouterr().out
+    pyproject = (root / "pyproject.toml").read_text()
+    assert '[project.entry-points.vlm_adapters]\nacme = "vlm_adapters_acme.plugin"\n' in pyproject
+    for rel in ("connector.py", "llm.py", "plugin.py"):
+        assert (root / package / rel).is_file()
+    assert {p.name for p in (root / "tests").iterdir()} == {"test_connector.py", "test_llm.py"}
+    plugin = (root / package / "plugin.py").read_text()
+    assert 'name="window_mlp"' in plugin and 'name="tiny_lm"' in plugin
+    assert "def register_connectors()" in plugin and "def register_llm_backends()" in plugin
+    assert main([*argv, "--kind", "llm", "--out", str(tmp_path / "b")]) == 2
+    assert "1 component names for 2 kinds; give one --name per --kind" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kinds", "names", "match"),
+    [
+        (["llm", "llm"], None, r"kinds \['llm', 'llm'\]: give each kind once"),
+        (["connector"], ["Bad"], "component name 'Bad': use lower-case letters"),
+        (["vision", "connector"], ["mine", "mlp"], "a connector named 'mlp' already exists"),
+    ],
+)
+def test_bad_multi_kind_requests_are_clear(
+    tmp_path: Path, kinds: list[str], names: list[str] | None, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        new_plugin("pkg", kinds, tmp_path, components=names)
+    assert not (tmp_path / "vlm-adapters-pkg").exists()
+
+
+def test_generated_components_show_the_optional_members_commented(tmp_path: Path) -> None:
+    root = new_plugin("opt", list(KINDS), tmp_path)
+    source = {kind: (root / f"src/vlm_adapters_opt/{kind}.py").read_text() for kind in KINDS}
+    for member in ("def output_grid(", "def num_output_tokens(", "per_token: ClassVar"):
+        assert f"    # {member}" in source["connector"]
+    for member in ("def native_resolution(", "def enable_gradient_checkpointing("):
+        assert f"    # {member}" in source["vision"]
+    for member in ("def hidden_size(", "def vocab_size(", "def max_positions(", "def embed(",
+                   "def body(", "def logits(", "def full_logits(", "def generate("):  # fmt: skip
+        assert f"    # {member}" in source["llm"], member
+    assert "streamer.put" in source["llm"] and "position_ids" in source["llm"]
+
+
+def test_a_multi_kind_package_passes_the_kit_from_its_source_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer_dir: str
+) -> None:
+    """Not installed: imported from its src/ with PYTHONPATH, registered for the block."""
+    root = new_plugin("duo", ["connector", "llm"], tmp_path, components=["duo_mlp", "duo_lm"])
+    monkeypatch.syspath_prepend(str(root / "src"))
+    try:
+        plugin = importlib.import_module("vlm_adapters_duo.plugin")
+        specs = [*plugin.register_connectors(), *plugin.register_llm_backends()]
+        assert [(s.kind, s.name) for s in specs] == [("connector", "duo_mlp"), ("llm", "duo_lm")]
+        with registered(*specs, provider="vlm-adapters-duo"):
+            assert check_connector("duo_mlp").num_output_tokens(9) == 9
+            llm = check_llm_backend("duo_lm", {"tokenizer": tokenizer_dir})
+            assert type(llm).__name__ == "DuoLmLLM"
+            config = tiny_model_config(
+                tokenizer_dir,
+                connector={"type": "duo_mlp"},
+                llm={"type": "duo_lm", "tokenizer": tokenizer_dir},
+            )
+            model = check_vlm(config)
+        assert type(model.connector).__name__ == "DuoMlpConnector"
+    finally:
+        for name in [m for m in sys.modules if m.startswith("vlm_adapters_duo")]:
+            del sys.modules[name]
 
 
 # ----------------------- a vision plugin from the scaffold fails early, like the built-ins
