@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from vlm_adapters.loading import load
     from vlm_adapters.model import VisionLanguageModel, VLMOutput
     from vlm_adapters.model.build import build_vlm, load_config
+    from vlm_adapters.model.lora import merge_lora
     from vlm_adapters.plugins import list_components
     from vlm_adapters.registry import ComponentConfig, ComponentSpec
 
@@ -30,12 +31,15 @@ _SOURCES = {
     "VLMOutput": "vlm_adapters.model",
     "VisionLanguageModel": "vlm_adapters.model",
     "build_vlm": "vlm_adapters.model.build",
+    "export": "vlm_adapters.export",
     "hookimpl": "vlm_adapters.hookspecs",
     "list_components": "vlm_adapters.plugins",
     "load": "vlm_adapters.loading",
     "load_config": "vlm_adapters.model.build",
+    "merge_lora": "vlm_adapters.model.lora",
 }
-"""Each public name and the module that defines it."""
+"""Each public name and the module that defines it (``export`` is the callable package
+``vlm_adapters.export`` itself: ``vlm_adapters.export(model, out_dir, format="hf-llava")``)."""
 
 __all__ = [
     "ComponentConfig",
@@ -46,10 +50,12 @@ __all__ = [
     "VLMOutput",
     "VisionLanguageModel",
     "build_vlm",
+    "export",
     "hookimpl",
     "list_components",
     "load",
     "load_config",
+    "merge_lora",
 ]
 
 
@@ -57,7 +63,8 @@ def __getattr__(name: str) -> Any:
     """A public name, imported from its module on first use."""
     if name not in _SOURCES:
         raise AttributeError(f"module 'vlm_adapters' has no attribute {name!r}")
-    value = getattr(import_module(_SOURCES[name]), name)
+    module = import_module(_SOURCES[name])
+    value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
     globals()[name] = value
     return value
 

@@ -38,7 +38,24 @@ class ModelConfig(BaseModel):
     llm: Section = Field(description="The LLM backend section (`type` + its options).")
 
     def to_dict(self) -> dict[str, Any]:
+        """The YAML shape: ``{vision: {type: ..., ...}, connector: ..., llm: ...}``."""
         return {k: getattr(self, k).to_dict() for k in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> ModelConfig:
+        """Validate the YAML shape (the ``vision`` / ``connector`` / ``llm`` sections of
+        ``data``; other keys are ignored) without building anything: each section against its
+        component, then what the sections imply together. A problem is one ConfigError line
+        naming the key (and ``where``, e.g. the file)."""
+        return model_config_from_dict(data, where)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> ModelConfig:
+        """As :meth:`from_dict` for a dict of YAML-shaped sections; pydantic's own validation
+        for anything else (a dict of :class:`~vlm_adapters.registry.Section` objects)."""
+        if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in SECTIONS):
+            return model_config_from_dict(obj)
+        return super().model_validate(obj, **kwargs)
 
 
 def parse_section(kind: str, raw: Any, where: str = "") -> Section:

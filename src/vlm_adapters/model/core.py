@@ -269,15 +269,37 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, trust_remote_code: bool = False
+        cls,
+        source: str | Path,
+        *,
+        trust_remote_code: bool = False,
+        dtype: io.DTypeLike = None,
+        device_map: io.DeviceMap = None,
+        revision: str | None = None,
     ) -> VisionLanguageModel:
-        """Load a directory written by :meth:`save_pretrained` (no network access needed).
+        """Load a directory written by :meth:`save_pretrained` (no network access needed), or a
+        hub id of one (its configs, safetensors and tokenizer files are downloaded, at
+        ``revision`` when given).
+
+        ``dtype`` as in transformers: ``"auto"`` or None keeps the dtypes the checkpoint
+        records; a floating torch dtype (or its name, e.g. ``"bfloat16"``) builds every
+        component in it. ``device_map`` places the whole model on one device: ``"cpu"``,
+        ``"cuda"``, ``"cuda:1"``, ``"mps"``, a device index, ``{"": device}``, or ``"auto"`` (the
+        first accelerator, else the CPU); splitting a model across devices (other dicts,
+        ``"balanced"``) is refused. A quantized (bitsandbytes) checkpoint takes neither.
 
         Only JSON and safetensors are read. A checkpoint never enables code: one whose config
         asks for ``trust_remote_code`` is refused unless you pass ``trust_remote_code=True``,
         and one that names weights or files outside itself is refused.
         """
-        return io.load(cls, directory, trust_remote_code=trust_remote_code)
+        return io.load(
+            cls,
+            source,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            device_map=device_map,
+            revision=revision,
+        )
 
 
 def _image_tokens(vision: VisionBackbone, connector: Connector, types: dict[str, str]) -> int:

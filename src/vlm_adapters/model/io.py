@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors.torch import load_model, save_model
 
 from vlm_adapters._io import atomic_dir, package_versions, safetensors_problem
+from vlm_adapters._transformers import FLOAT_DTYPES, load_or_explain
 from vlm_adapters.chat.templates import TEMPLATES
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, TrustError
@@ -40,6 +42,15 @@ TOP_LEVEL_KEYS = (
     "versions",
 )
 """Every top-level key of config.json any version of vlm-adapters has written."""
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+"""What is downloaded of a hub checkpoint: configs, safetensors weights and tokenizer files
+(never pickles or code)."""
+DTypeLike = str | torch.dtype | None
+"""``dtype`` of :meth:`VisionLanguageModel.from_pretrained`: ``"auto"``/None, a floating torch
+dtype or its name."""
+DeviceMap = str | int | torch.device | dict[str, Any] | None
+"""``device_map`` of :meth:`VisionLanguageModel.from_pretrained`: one device, ``"auto"`` or
+``{"": device}``."""
 
 
 def save(
@@ -82,13 +93,23 @@ def checkpoint_config(model: VisionLanguageModel) -> dict[str, Any]:
 
 
 def load(
-    cls: type[VisionLanguageModel], directory: str | Path, *, trust_remote_code: bool = False
+    cls: type[VisionLanguageModel],
+    source: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    dtype: DTypeLike = None,
+    device_map: DeviceMap = None,
+    revision: str | None = None,
 ) -> VisionLanguageModel:
     """Build ``cls`` from a checkpoint's config.json and load its weights (see
     ``VisionLanguageModel.from_pretrained``)."""
-    directory = Path(directory)
+    torch_dtype, device = placement(dtype, device_map)
+    directory = checkpoint_dir(source, revision)
     data = read_checkpoint_config(directory)
     config = _checkpoint_model_config(data, directory, trust_remote_code)
+    if getattr(config.llm.params, "quantization", None) is not None:
+        _refuse_placing_quantized(directory, torch_dtype, device_map)
+    config = _with_dtype(config, torch_dtype)
     weights = directory / WEIGHTS_NAME
     problem = safetensors_problem(weights)
     if problem:
@@ -105,7 +126,141 @@ def load(
             f"({str(error).strip().splitlines()[0][:200]})"
         ) from None
     model.template = data.get("template")
-    return model
+    return place(model, torch_dtype, device)
+
+
+def checkpoint_dir(source: str | Path, revision: str | None = None) -> Path:
+    """The local directory of ``source``: itself, or a hub id's snapshot (at ``revision``) of
+    its configs, safetensors and tokenizer files (see :data:`HUB_FILES`)."""
+    path = Path(source)
+    if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(
+                f"{source}: revision={revision!r} applies to hub ids, and this is a local "
+                "directory; remove revision"
+            )
+        return path
+    if path.exists() or not _is_repo_id(str(source)):
+        raise CheckpointError(f"{source}: no such checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        load_or_explain(
+            "checkpoint",
+            str(source),
+            lambda: snapshot_download(
+                str(source), revision=revision, allow_patterns=list(HUB_FILES)
+            ),
+        )
+    )
+
+
+def _is_repo_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return not text.startswith((".", "~"))
+
+
+def placement(dtype: DTypeLike, device_map: DeviceMap) -> tuple[torch.dtype | None, Any]:
+    """``(dtype, device)`` that ``dtype`` and ``device_map`` ask for (None: as the checkpoint
+    has it), checked before anything is loaded."""
+    return _torch_dtype(dtype), _device(device_map)
+
+
+def place(
+    model: VisionLanguageModel, dtype: torch.dtype | None, device: Any
+) -> VisionLanguageModel:
+    """``model`` cast to ``dtype`` (its floating-point weights) and moved to ``device``."""
+    kwargs = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+    return model.to(**kwargs) if kwargs else model
+
+
+def _torch_dtype(dtype: DTypeLike) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if isinstance(name, str) and name in FLOAT_DTYPES:
+        return getattr(torch, name)
+    raise ConfigError(
+        f"dtype={dtype!r}: use 'auto' (as the checkpoint records), a floating torch dtype or one "
+        f"of {', '.join(FLOAT_DTYPES)}"
+    )
+
+
+def _device(device_map: DeviceMap) -> torch.device | None:
+    """The one device ``device_map`` names; the whole model goes there (never split)."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        return _device(device_map[""])
+    if device_map == "auto":
+        return torch.device(_first_accelerator())
+    if isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
+        try:
+            device = torch.device(device_map)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is not None and device.type != "meta":
+            _check_available(device, device_map)
+            return device
+    raise ConfigError(
+        f"device_map={device_map!r}: vlm-adapters places the whole model on one device; pass "
+        "one ('cpu', 'cuda', 'cuda:1', 'mps'), 'auto' (the first accelerator, else the CPU) or "
+        "{'': device}"
+    )
+
+
+def _first_accelerator() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _check_available(device: torch.device, asked: Any) -> None:
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"device_map={asked!r}: this machine has {count} CUDA device(s); use 'cpu' or "
+                "'auto'"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device_map={asked!r}: MPS is not available here; use 'cpu' or 'auto'")
+
+
+def _refuse_placing_quantized(
+    directory: Path, dtype: torch.dtype | None, device_map: DeviceMap
+) -> None:
+    """A quantized (bitsandbytes) checkpoint loads as its settings say, where bitsandbytes puts
+    it: dtype and device_map cannot change that."""
+    asked = [f"{k}={v!r}" for k, v in (("dtype", dtype), ("device_map", device_map)) if v]
+    if asked:
+        raise CheckpointError(
+            f"{directory}: a quantized (bitsandbytes) checkpoint loads in the dtypes its "
+            "llm section records, on the current CUDA device (the CPU without one); remove "
+            f"{' and '.join(asked)}, or merge it first (vlm_adapters.merge_lora)"
+        )
+
+
+def _with_dtype(config: ModelConfig, dtype: torch.dtype | None) -> ModelConfig:
+    """``config`` with every component that takes a ``dtype`` built in ``dtype`` (the others
+    are cast after loading)."""
+    if dtype is None:
+        return config
+    name = str(dtype).removeprefix("torch.")
+    sections = {}
+    for kind in PARTS:
+        section = getattr(config, kind)
+        if "dtype" in type(section.params).model_fields:
+            params = section.params.model_copy(update={"dtype": name})
+            sections[kind] = section.model_copy(update={"params": params})
+    return config.model_copy(update=sections)
 
 
 def read_checkpoint_config(directory: Path) -> dict[str, Any]:
