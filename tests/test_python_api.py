@@ -1,5 +1,6 @@
 """The Python face: load_config and ModelConfig on the YAML shape, export and merge_lora from
-the package root, from_pretrained / load with dtype, device_map and a hub revision."""
+the package root, from_pretrained / load with dtype, device_map and a hub revision, and the
+warnings when the tokenizer and the LLM disagree."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import vlm_adapters
 from vlm_adapters import ConfigError, ModelConfig, VisionLanguageModel
+from vlm_adapters.demo import build_word_tokenizer, shapes_vocabulary
 from vlm_adapters.errors import CheckpointError, ExportError
+from vlm_adapters.llm.hf import TokenizerWarning, tokenizer_disagreements
 from vlm_adapters.model.lora import LoraSettings, apply_lora, has_lora
+from vlm_adapters.plugins import get_registry
 from vlm_adapters.testing import tiny_model_config
 
 
@@ -172,3 +177,63 @@ def test_hub_misses_and_local_revisions_are_one_line(saved: Path, tmp_path: Path
     nested = tmp_path / "runs" / "x" / "final"  # not a hub id: only "no such directory"
     with pytest.raises(CheckpointError, match=r"final: no such checkpoint directory$"):
         vlm_adapters.load(nested)
+
+
+# the tokenizer and the LLM disagree
+
+
+def _llama(vocab_size: int, eos: int | list[int] = 2) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        eos_token_id=eos,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_a_matching_tokenizer_gives_no_warning(tokenizer_dir: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer_disagreements(tokenizer, _llama(len(tokenizer) + 8)) == []
+    assert tokenizer_disagreements(tokenizer, _llama(len(tokenizer), eos=[7, 2])) == []
+
+
+def test_more_tokens_than_embedding_rows_is_warned(tokenizer_dir: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    [problem] = tokenizer_disagreements(tokenizer, _llama(16))
+    assert problem.startswith(f"{len(tokenizer)} tokens but the LLM has 16 embedding rows")
+
+
+def test_an_eos_token_missing_or_not_the_llms_is_warned() -> None:
+    tokenizer = build_word_tokenizer(shapes_vocabulary())
+    tokenizer.chat_template = None
+    [problem] = tokenizer_disagreements(tokenizer, _llama(len(tokenizer), eos=9))
+    assert problem.startswith("its eos token '</s>' (id 2) is not the LLM's (eos_token_id [9])")
+    tokenizer.eos_token = None
+    [problem] = tokenizer_disagreements(tokenizer, _llama(len(tokenizer)))
+    assert problem.startswith("no end-of-text (eos) token")
+
+
+def test_chat_template_markers_that_are_not_single_tokens_are_warned() -> None:
+    tokenizer = build_word_tokenizer(shapes_vocabulary())  # chatml template, no chatml tokens
+    [problem] = tokenizer_disagreements(tokenizer, _llama(len(tokenizer)))
+    assert problem.startswith("its chat template's markers <|im_start|>, <|im_end|> are not")
+
+
+def test_a_word_vocabulary_read_as_subwords_is_warned_when_the_llm_is_built(
+    tokenizer_dir: str, tmp_path: Path
+) -> None:
+    """The reported case: a word-level tokenizer saved beside a Qwen2 config, which
+    transformers then reads as a Qwen2 (byte-level BPE) tokenizer."""
+    directory = tmp_path / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(directory)
+    (directory / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    section = tiny_model_config(str(directory), llm="qwen2")["llm"]
+    with pytest.warns(TokenizerWarning) as record:
+        get_registry().create("llm", section)
+    messages = [str(w.message) for w in record]
+    assert any("breaks words of its own vocabulary into characters or drops" in m for m in messages)
+    assert all(m.startswith(f"llm tokenizer {str(directory)!r}: ") for m in messages)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+import warnings
 from importlib import metadata
 from typing import Any, Literal
 
@@ -204,6 +206,7 @@ class HFLLM(LLMBackend):
         self.cfg = cfg
         self.tokenizer = _load_tokenizer(cfg)
         self.model = _load_model(cfg)
+        warn_tokenizer_disagreements(self.tokenizer, self.model, cfg.tokenizer or cfg.model)
         _keep_portable_layout(self.model)
         self.image_token_id = _add_special_tokens(self.tokenizer, self.model, cfg)
 
@@ -286,6 +289,129 @@ def _load_model(cfg: HFLLMConfig) -> Any:
             **quantized,
         ),
     )
+
+
+class TokenizerWarning(UserWarning):
+    """The tokenizer and the LLM disagree: training would go on, on garbage."""
+
+
+def warn_tokenizer_disagreements(tokenizer: Any, model: Any, source: str | None) -> None:
+    """Warn (:class:`TokenizerWarning`) once per way the tokenizer loaded from ``source`` and the
+    causal LM disagree (see :func:`tokenizer_disagreements`), before tokens are added."""
+    for problem in tokenizer_disagreements(tokenizer, model):
+        warnings.warn(f"llm tokenizer {source!r}: {problem}", TokenizerWarning, stacklevel=2)
+
+
+def tokenizer_disagreements(tokenizer: Any, model: Any) -> list[str]:
+    """How the tokenizer and the causal LM disagree, one line each: more tokens than
+    embedding rows, an end-of-text token missing or not the LLM's, chat-template markers that
+    are not single tokens, and words of the vocabulary split into characters (a tokenizer
+    class that does not match the saved vocabulary)."""
+    found = [
+        _vocabulary_problem(tokenizer, model),
+        _eos_problem(tokenizer, model),
+        _marker_problem(tokenizer),
+        _splitting_problem(tokenizer),
+    ]
+    return [problem for problem in found if problem]
+
+
+def _vocabulary_problem(tokenizer: Any, model: Any) -> str | None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return None
+    return (
+        f"{len(tokenizer)} tokens but the LLM has {rows} embedding rows: ids {rows} and above "
+        "would get new, untrained rows; use the tokenizer the LLM was trained with"
+    )
+
+
+def _eos_problem(tokenizer: Any, model: Any) -> str | None:
+    if tokenizer.eos_token_id is None:
+        return (
+            "no end-of-text (eos) token: answers cannot end (plain, vicuna_v1 and mistral "
+            "templates end turns with it); give the tokenizer an eos token"
+        )
+    generation = getattr(model, "generation_config", None)
+    llm_ids = _ids(getattr(model.config.get_text_config(), "eos_token_id", None)) | _ids(
+        getattr(generation, "eos_token_id", None)
+    )
+    if not llm_ids or tokenizer.eos_token_id in llm_ids:
+        return None
+    return (
+        f"its eos token {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}) is not the LLM's "
+        f"(eos_token_id {sorted(llm_ids)}): the tokenizer may belong to another model"
+    )
+
+
+def _ids(value: Any) -> set[int]:
+    if isinstance(value, int):
+        return {value}
+    return {v for v in value if isinstance(v, int)} if isinstance(value, (list, tuple)) else set()
+
+
+_MARKER = re.compile(r"<\|[^<>|\s]{1,40}\|>|<[a-z]+(?:_[a-z]+)+>")
+"""Chat-template markers: ``<|im_start|>``, ``<|eot_id|>``, ``<start_of_turn>``..."""
+_SAMPLE_CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def _marker_problem(tokenizer: Any) -> str | None:
+    """The markers the tokenizer's own chat template renders that it does not encode as one
+    token each."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template(_SAMPLE_CHAT, tokenize=False)
+    except Exception:  # a template that needs other roles: nothing to check it with
+        return None
+    split = [
+        marker
+        for marker in dict.fromkeys(_MARKER.findall(str(text)))
+        if _pieces(tokenizer, marker) != 1
+    ]
+    if not split:
+        return None
+    return (
+        f"its chat template's markers {', '.join(split)} are not single tokens: add them as "
+        "special tokens (tokenizer.add_special_tokens) or use a template the tokenizer has"
+    )
+
+
+def _pieces(tokenizer: Any, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return 0 if tokenizer.unk_token_id in ids else len(ids)
+
+
+def _splitting_problem(tokenizer: Any, sample: int = 16) -> str | None:
+    """Words of the tokenizer's own vocabulary encoded as characters (or as nothing): a
+    word-level vocabulary read by a subword class (e.g. one saved beside a Qwen2 config and
+    reloaded as ``Qwen2Tokenizer``)."""
+    words = _vocabulary_words(tokenizer, sample)
+    split = [word for word in words if not 0 < _pieces(tokenizer, word) < len(word)]
+    if len(words) < 3 or 2 * len(split) <= len(words):
+        return None
+    example = split[0]
+    return (
+        f"{type(tokenizer).__name__} breaks words of its own vocabulary into characters or "
+        f"drops them ({len(split)} of {len(words)} tried, e.g. {example!r} -> "
+        f"{tokenizer.tokenize(example)}): its class does not fit the saved vocabulary; save "
+        "the tokenizer with the class it was built with (tokenizer_class) or load it with it"
+    )
+
+
+def _vocabulary_words(tokenizer: Any, count: int) -> list[str]:
+    """Up to ``count`` plain words (ASCII letters, four or more) spread over the vocabulary."""
+    vocab = tokenizer.get_vocab()
+    added = set(tokenizer.get_added_vocab())
+    tokens = [t for t in sorted(vocab, key=vocab.__getitem__) if t not in added]
+    words: list[str] = []
+    for token in tokens[:: max(1, len(tokens) // (50 * count))]:
+        text = tokenizer.convert_tokens_to_string([token]).strip()
+        if len(text) >= 4 and text.isascii() and text.isalpha():
+            words.append(text)
+            if len(words) == count:
+                break
+    return words
 
 
 def _add_special_tokens(tokenizer: Any, model: Any, cfg: HFLLMConfig) -> int:
