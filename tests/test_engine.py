@@ -28,7 +28,7 @@ def test_a_text_only_batch_trains_in_every_stage(tmp_path):
     config = write_tiny_config(tmp_path, num_train=8)
     with_text_only(tmp_path, config, "tttttttt", stage="align")
     with_text_only(tmp_path, config, "tttttttt", stage="finetune")
-    summary = train(config, "all", tmp_path / "out")
+    summary = train(config, "all", tmp_path / "out").summary
     assert summary["align"]["steps"] == 2 and summary["finetune"]["steps"] == 2
 
 
@@ -159,7 +159,7 @@ def test_every_shipped_recipe_runs_two_steps_on_tiny_local_models(tmp_path, loca
     if "config" in recipe_data["llm"]:
         overrides = [o for o in overrides if not o.startswith("llm.model=")]
         overrides += [f"llm.tokenizer={llm}"]
-    summary = train(EXAMPLES / recipe, "all", tmp_path / "out", overrides=overrides)
+    summary = train(EXAMPLES / recipe, "all", tmp_path / "out", overrides=overrides).summary
     assert all(stage["steps"] == 2 for stage in summary.values()), summary
 
 

@@ -32,7 +32,8 @@ def config_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(config_path, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
-    return out, train(config_path, "all", out, overrides=["run.save_every=1", "run.keep_last=2"])
+    settings = ["run.save_every=1", "run.keep_last=2"]
+    return out, train(config_path, "all", out, overrides=settings).summary
 
 
 def _losses(stage_dir: Path) -> list[float]:
@@ -97,10 +98,11 @@ def test_align_trains_only_the_connector_and_finetune_adds_the_llm(config_path, 
 
 def test_accumulating_two_half_batches_equals_one_full_batch(config_path, tmp_path):
     small = ["stages.finetune.batch_size=2", "stages.finetune.grad_accum=2"]
-    full = train(config_path, "finetune", tmp_path / "full", fresh_connector=True)["finetune"]
+    full = train(config_path, "finetune", tmp_path / "full", fresh_connector=True)
     accum = train(
         config_path, "finetune", tmp_path / "accum", overrides=small, fresh_connector=True
-    )["finetune"]
+    )
+    full, accum = full.summary["finetune"], accum.summary["finetune"]
     assert full["steps"] == accum["steps"] == 4
     assert accum["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
     assert max_weight_diff(Path(full["final_dir"]), Path(accum["final_dir"])) < 1e-5
@@ -132,7 +134,9 @@ def test_skipped_samples_are_counted_and_an_all_skipped_batch_takes_no_step(tmp_
     images = sorted((tmp_path / "shapes" / "images").glob("train_*"))
     for image in images[1:]:  # 7 of 8 images are corrupt: one batch of 4 is all skipped
         image.write_bytes(b"not a png")
-    summary = train(config, "align", tmp_path / "out", overrides=["data.max_skip_fraction=1"])
+    summary = train(
+        config, "align", tmp_path / "out", overrides=["data.max_skip_fraction=1"]
+    ).summary
     assert summary["align"]["skipped"] == 7 and summary["align"]["steps"] == 1
     assert len((tmp_path / "out" / "align" / "metrics.jsonl").read_text().splitlines()) == 1
     listed = (tmp_path / "out" / "align" / "skipped.jsonl").read_text().splitlines()
@@ -147,7 +151,9 @@ def test_the_epoch_skip_count_is_the_rows_of_skipped_jsonl(tmp_path, caplog):
     images[1].unlink()
     images[2].write_bytes(b"not a png")  # skipped when its batch is built
     caplog.set_level(logging.INFO, logger="vlm_adapters.training")
-    summary = train(config, "align", tmp_path / "out", overrides=["data.max_skip_fraction=1"])
+    summary = train(
+        config, "align", tmp_path / "out", overrides=["data.max_skip_fraction=1"]
+    ).summary
     rows = (tmp_path / "out" / "align" / "skipped.jsonl").read_text().splitlines()
     assert len(rows) == summary["align"]["skipped"] == 3
     assert "align epoch 0: skipped 3 of 8 samples: 2 image missing, 1 image unreadable" in (
@@ -163,7 +169,8 @@ def test_finetune_alone_carries_the_stage1_connector_and_lora_trains(run, config
         "stages.finetune.lora.alpha=8",
     ]
     (tmp_path / "align").symlink_to(out / "align")
-    summary = train(config_path, "finetune", tmp_path, overrides=lora, overwrite=True)["finetune"]
+    result = train(config_path, "finetune", tmp_path, overrides=lora, overwrite=True)
+    summary = result.summary["finetune"]
     losses = _losses(tmp_path / "finetune")
     assert summary["steps"] == 4 and losses[-1] < losses[0]
     config = load_train_config(config_path, lora)

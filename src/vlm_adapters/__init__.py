@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from vlm_adapters.model.lora import merge_lora
     from vlm_adapters.plugins import list_components
     from vlm_adapters.registry import ComponentConfig, ComponentSpec
+    from vlm_adapters.training.callbacks import TrainerCallback
+    from vlm_adapters.training.run import train
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ _SOURCES = {
     "ComponentSpec": "vlm_adapters.registry",
     "ConfigError": "vlm_adapters.errors",
     "ModelConfig": "vlm_adapters.config",
+    "TrainerCallback": "vlm_adapters.training.callbacks",
     "VLMError": "vlm_adapters.errors",
     "VLMOutput": "vlm_adapters.model",
     "VisionLanguageModel": "vlm_adapters.model",
@@ -37,6 +40,7 @@ _SOURCES = {
     "load": "vlm_adapters.loading",
     "load_config": "vlm_adapters.model.build",
     "merge_lora": "vlm_adapters.model.lora",
+    "train": "vlm_adapters.training.run",
 }
 """Each public name and the module that defines it (``export`` is the callable package
 ``vlm_adapters.export`` itself: ``vlm_adapters.export(model, out_dir, format="hf-llava")``)."""
@@ -46,6 +50,7 @@ __all__ = [
     "ComponentSpec",
     "ConfigError",
     "ModelConfig",
+    "TrainerCallback",
     "VLMError",
     "VLMOutput",
     "VisionLanguageModel",
@@ -56,6 +61,7 @@ __all__ = [
     "load",
     "load_config",
     "merge_lora",
+    "train",
 ]
 
 

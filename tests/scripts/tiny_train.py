@@ -202,7 +202,7 @@ def main() -> None:
         args.resume,
         args.overrides,
         fresh_connector=args.fresh_connector,
-    )
+    ).summary
     state = PartialState()
     assert state.num_processes == args.world, f"world size {state.num_processes} != {args.world}"
     if state.is_main_process:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = parse_rest(args, "vlm-adapters train CONFIG", _add_options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    summaries = train(
+    result = train(
         args.config,
         stage=opts.stage,
         out=opts.out,
@@ -63,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
         fresh_connector=opts.fresh_connector,
     )
     if PartialState().is_main_process:
-        print(json.dumps(summaries, indent=2))
+        print(json.dumps(result.summary, indent=2))
     return 0

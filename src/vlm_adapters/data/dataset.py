@@ -24,11 +24,13 @@ from vlm_adapters.chat.templates import (
 from vlm_adapters.data.feature_cache import FeatureCache
 from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
 from vlm_adapters.data.processor import SampleImages, TokenBudgetError, VLMProcessor
-from vlm_adapters.data.records import BadSample, Skipped, checked_turns, image_paths, sample_id
+from vlm_adapters.data.records import BadSample, Skipped, checked_turns, record_images, sample_id
 from vlm_adapters.geometry import Size
 from vlm_adapters.vision.base import ImageBatch
 
 Policy = Literal["skip", "error"]
+ImageSource = Path | Image.Image
+"""A sample's image: a checked file, or a PIL image given in memory."""
 
 
 class LlavaDataset(Dataset):
@@ -44,6 +46,8 @@ class LlavaDataset(Dataset):
     `source` (the data file) and `positions` (each item's index in it) name skipped samples.
     :meth:`precheck` finds the problems that need no decoding or tokenizing, for the whole
     file, up front.
+    A record's ``image`` may hold PIL images instead of paths (records given in memory); they
+    pass the same checks, but not through a feature cache, which keys on files.
     A single-image sample without a marker gets `<image>\\n` before its first human turn.
     With variable-size vision (a processor whose transform counts tokens per image size:
     AnyRes, NaFlex), each image's placeholders follow its size (read from the file's header).
@@ -143,8 +147,9 @@ class LlavaDataset(Dataset):
             return self._estimate(record)
         return self._estimate(record, sum(self._token_counts(paths)))
 
-    def _image_files(self, record: Mapping[str, Any]) -> list[Path]:
-        return [self._image_file(relative) for relative in image_paths(record)]
+    def _image_files(self, record: Mapping[str, Any]) -> list[ImageSource]:
+        images = record_images(record)
+        return [self._image_file(i) if isinstance(i, str) else i for i in images]
 
     def _image_file(self, relative: str) -> Path:
         """The checked file of ``relative`` (inside image_root, present), remembered: an
@@ -161,10 +166,16 @@ class LlavaDataset(Dataset):
 
     def image_files(self) -> list[Path]:
         """The distinct image files of the samples (checked ones after `precheck`), in order
-        of first use."""
+        of first use; in-memory images are not files (a DataError)."""
         files: dict[Path, None] = {}
         for position in self.positions:
-            files.update(dict.fromkeys(self._image_files(self.records[position])))
+            for image in self._image_files(self.records[position]):
+                if not isinstance(image, Path):
+                    raise DataError(
+                        f"{self.source}: sample {position} holds an in-memory image, which a "
+                        "feature cache cannot key; give the images as files or use no cache"
+                    )
+                files[image] = None
         return list(files)
 
     @property
@@ -187,18 +198,21 @@ class LlavaDataset(Dataset):
         per_image = self.processor.num_image_tokens
         return words + (max(num_images, 1) * per_image if visual is None else visual)
 
-    def _sample_images(self, paths: list[Path]) -> SampleImages:
+    def _sample_images(self, paths: list[ImageSource]) -> SampleImages:
         """What the processor counts tokens from: image sizes for variable vision."""
         return [self._size(path) for path in paths] if self.processor.variable else len(paths)
 
-    def _token_counts(self, paths: list[Path]) -> list[int]:
+    def _token_counts(self, paths: list[ImageSource]) -> list[int]:
         try:
             return self.processor.token_counts(self._sample_images(paths))
         except TokenBudgetError as error:
             raise BadSample("too many visual tokens", str(error)) from None
 
-    def _size(self, path: Path) -> Size:
-        """(height, width) of an image file from its header (no decoding), remembered."""
+    def _size(self, path: ImageSource) -> Size:
+        """(height, width) of an image file from its header (no decoding), remembered; of an
+        in-memory image from the image."""
+        if isinstance(path, Image.Image):
+            return self._within_limit("an in-memory image", path.height, path.width)
         if path not in self._sizes:
             try:
                 with warnings.catch_warnings():
@@ -209,11 +223,14 @@ class LlavaDataset(Dataset):
                 raise BadSample("image too large", f"{path}: {error}") from None
             except (OSError, SyntaxError, ValueError) as error:
                 raise BadSample("image unreadable", f"{path}: {error}") from None
-            if height * width > self.max_image_pixels:
-                detail = f"{path} is {width}x{height}, over data.max_image_pixels"
-                raise BadSample("image too large", detail)
-            self._sizes[path] = (height, width)
+            self._sizes[path] = self._within_limit(str(path), height, width)
         return self._sizes[path]
+
+    def _within_limit(self, name: str, height: int, width: int) -> Size:
+        if height * width > self.max_image_pixels:
+            detail = f"{name} is {width}x{height}, over data.max_image_pixels"
+            raise BadSample("image too large", detail)
+        return height, width
 
     def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
         paths = self._image_files(record)
@@ -236,7 +253,7 @@ class LlavaDataset(Dataset):
             **self._images(paths),
         }
 
-    def _images(self, paths: list[Path]) -> dict[str, torch.Tensor | ImageBatch | None]:
+    def _images(self, paths: list[ImageSource]) -> dict[str, torch.Tensor | ImageBatch | None]:
         """``pixel_values`` ``[I, 3, H, W]``, or ``image_features`` ``[I, N, D]`` read from the
         feature cache (an entry that cannot be trusted makes the sample a bad one); an
         :class:`ImageBatch` of either for variable-size vision (one cache entry per image,
@@ -264,11 +281,21 @@ class LlavaDataset(Dataset):
         if all(label == IGNORE_INDEX for label in labels):
             raise BadSample("no supervised tokens", "no assistant answer gets a label")
 
-    def _pixels(self, paths: list[Path]) -> torch.Tensor | ImageBatch | None:
+    def _pixels(self, paths: list[ImageSource]) -> torch.Tensor | ImageBatch | None:
         if not paths:
             return None
-        try:
-            images = [open_image(path, self.max_image_pixels) for path in paths]
-        except ImageProblem as problem:
-            raise BadSample(problem.reason, problem.detail) from None
+        images = [self._open(path) for path in paths]
         return self.processor.images(images)  # [num_images, 3, H, W] or an ImageBatch
+
+    def _open(self, image: ImageSource) -> Image.Image:
+        """The image as RGB, decoded (a file's size checked before decoding)."""
+        if isinstance(image, Path):
+            try:
+                return open_image(image, self.max_image_pixels)
+            except ImageProblem as problem:
+                raise BadSample(problem.reason, problem.detail) from None
+        self._size(image)
+        try:
+            return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:
+            raise BadSample("image unreadable", f"an in-memory image: {error}") from None

@@ -1,14 +1,18 @@
-"""LLaVA-format data records: reading a JSON / JSONL data file, checking a record, sample ids,
-and the samples left out of training."""
+"""LLaVA-format data records: reading a JSON / JSONL data file, records given in memory
+(PIL images in place of paths, a `datasets.Dataset`), checking a record, sample ids, and the
+samples left out of training."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from vlm_adapters.chat.templates import IMAGE_MARKER, normalize_turns
 from vlm_adapters.errors import DataError
@@ -63,6 +67,56 @@ class Records(Sequence[dict[str, Any]]):
         return json.loads(self.text[self.starts[index] : self.ends[index]])
 
 
+RecordSource = Sequence[Mapping[str, Any]]
+"""A stage's samples: a data file's `Records`, or records in memory (`memory_records`)."""
+
+IN_MEMORY = "<in-memory: "
+"""How a run's ``config.yaml`` names data given in memory: ``<in-memory: N records, HASH>``."""
+
+
+def memory_records(data: Any, where: str) -> RecordSource:
+    """Samples given in memory, checked like a file's: a list of LLaVA records whose
+    ``image`` may be PIL images (or paths), or a `datasets.Dataset` with a ``conversations``
+    column (checked by its columns: reading its rows would decode every image). ``where``
+    names the data in errors."""
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, list):
+        if "conversations" not in columns:
+            raise DataError(
+                f"{where}: the dataset has no 'conversations' column (it has "
+                f"{', '.join(columns) or 'none'}); rename the column of the turns to it"
+            )
+        return data
+    if not isinstance(data, (list, tuple)):
+        raise DataError(
+            f"{where}: expected a data file, a list of records or a datasets.Dataset, got "
+            f"{type(data).__name__}"
+        )
+    for index, record in enumerate(data):
+        _checked(where, record, f"[{index}]")
+    return list(data)
+
+
+def describe_memory(records: RecordSource) -> str:
+    """What a run records for in-memory data: the count and a digest of the content (the
+    pixels of in-memory images included; a `datasets.Dataset`'s own fingerprint)."""
+    fingerprint = getattr(records, "_fingerprint", None)
+    if not isinstance(fingerprint, str):
+        digest = hashlib.sha256()
+        for record in records:
+            digest.update(json.dumps(record, sort_keys=True, default=_pixel_digest).encode())
+        fingerprint = digest.hexdigest()
+    return f"{IN_MEMORY}{len(records)} records, {fingerprint[:16]}>"
+
+
+def _pixel_digest(value: Any) -> str:
+    if not isinstance(value, Image.Image):
+        raise TypeError(f"{type(value).__name__} in a record is neither JSON nor a PIL image")
+    digest = hashlib.sha256(f"{value.mode} {value.size}".encode())
+    digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def load_records(path: str | Path) -> Records:
     """Samples of a LLaVA JSON file (a list) or JSONL file (`.jsonl`, one sample per line);
     a malformed file is a DataError naming the line, or the sample without `conversations`."""
@@ -90,7 +144,7 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def _checked(path: Path, record: Any, where: str) -> None:
+def _checked(path: str | Path, record: Any, where: str) -> None:
     if not isinstance(record, dict) or "conversations" not in record:
         raise DataError(
             f"{path}{where} has no 'conversations' field; each sample needs "
@@ -167,16 +221,26 @@ def sample_id(record: Mapping[str, Any], index: int) -> str:
     return str(record.get("id", f"#{index}"))
 
 
-def image_paths(record: Mapping[str, Any]) -> list[str]:
-    """The record's `image` field as a list of paths (empty for text-only samples)."""
+def record_images(record: Mapping[str, Any]) -> list[str | Image.Image]:
+    """The record's `image` field as a list of paths and in-memory PIL images (empty for
+    text-only samples)."""
     image = record.get("image")
     if image is None:
         return []
-    if isinstance(image, str):
-        return [image]
-    if isinstance(image, list) and all(isinstance(path, str) for path in image):
-        return image
-    raise BadSample("bad image field", f"'image' must be a path or a list of paths: {image!r}")
+    images = image if isinstance(image, list) else [image]
+    if all(isinstance(item, (str, Image.Image)) for item in images):
+        return images
+    raise BadSample(
+        "bad image field", f"'image' must be a path, a PIL image or a list of them: {image!r}"
+    )
+
+
+def image_paths(record: Mapping[str, Any]) -> list[str]:
+    """The record's `image` field as a list of paths (empty for text-only samples)."""
+    images = record_images(record)
+    if all(isinstance(image, str) for image in images):
+        return images  # type: ignore[return-value]
+    raise BadSample("bad image field", "'image' must be a path or a list of paths here")
 
 
 def checked_turns(record: Mapping[str, Any]) -> list[dict[str, Any]]:

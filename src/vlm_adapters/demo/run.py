@@ -62,7 +62,7 @@ def run_demo(
     template = cfg.data.finetune.template
     before = evaluate(model, records, data.root, template)
     _report_eval("before training", before, data.chance)
-    stages = train(cfg, "all", out, model=model, overwrite=True)  # our own earlier demo
+    stages = train(cfg, "all", out, model=model, overwrite=True).summary  # our earlier demo
     after = evaluate(model, records, data.root, template)
     _report_eval("after training", after, data.chance)
     _print_samples(after["samples"])

@@ -1,10 +1,13 @@
-"""A stage's data: its records, the checked dataset, the feature cache fill, the collator
-(packing) and the loader, in an order fixed by the seed, the epoch and the global batch."""
+"""A stage's data: its records (a file, or given in memory), the checked dataset, the feature
+cache fill, the collator (packing) and the loader, in an order fixed by the seed, the epoch and
+the global batch."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -12,13 +15,20 @@ from torch.utils.data import DataLoader
 from vlm_adapters.data import DataCollator, LengthGroupedSampler, LlavaDataset, load_records
 from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache
-from vlm_adapters.data.records import Records, Skipped, sample_id
+from vlm_adapters.data.records import (
+    IN_MEMORY,
+    RecordSource,
+    Skipped,
+    describe_memory,
+    memory_records,
+    sample_id,
+)
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 from vlm_adapters.errors import ConfigError, TrainingError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
 from vlm_adapters.model.core import VisionLanguageModel
-from vlm_adapters.training.config import DatasetConfig, TrainConfig
+from vlm_adapters.training.config import STAGES, DatasetConfig, TrainConfig
 from vlm_adapters.training.features import describe_fill, fill_feature_cache
 from vlm_adapters.training.skips import SkipLog
 
@@ -28,25 +38,80 @@ Sampler = LengthGroupedSampler | TokenBudgetBatchSampler
 Collator = DataCollator | PackingCollator
 
 
-def read_stage_records(stage: str, source: DatasetConfig) -> Records:
-    """The stage's data file and image folder exist; its records (read before any stage
-    runs, so parse errors name the file and line before anything trains)."""
-    if not Path(source.path).is_file():
-        raise ConfigError(f"data.{stage}.path: {source.path} not found")
+DataSources = Any
+"""Data given in Python (``train(data=...)``): one source for every stage that runs, or a
+mapping of stage names (``align``, ``finetune``, ``eval``) to sources; a source is a data
+file's path, a list of LLaVA records (``image`` may hold PIL images) or a
+`datasets.Dataset`."""
+
+
+def with_given_data(
+    raw: dict[str, Any], data: DataSources, stages: list[str]
+) -> tuple[dict[str, Any], dict[str, RecordSource]]:
+    """The raw config with the data given in Python in ``data.<stage>.path`` (in-memory
+    records named by `describe_memory`), and the in-memory records by stage. One source
+    serves every stage of ``stages``."""
+    if isinstance(data, Mapping):
+        unknown = sorted(set(map(str, data)) - {*STAGES, "eval"})
+        if unknown or not data:
+            raise ConfigError(
+                f"data: {', '.join(map(repr, unknown)) or 'an empty mapping'} is not a stage; "
+                f"map {', '.join(STAGES)} or eval to their data, or give one source for all"
+            )
+    sources = dict(data) if isinstance(data, Mapping) else dict.fromkeys(stages, data)
+    sections = dict(raw.get("data") or {})
+    memory: dict[str, RecordSource] = {}
+    for name, source in sources.items():
+        section = dict(sections.get(name) or {})
+        if isinstance(source, (str, Path)):
+            section["path"] = str(source)
+        else:
+            memory[name] = memory_records(source, f"data[{name!r}]")
+            section["path"] = describe_memory(memory[name])
+        sections[name] = section
+    return {**raw, "data": sections}, memory
+
+
+def read_stage_records(
+    stage: str, source: DatasetConfig, memory: RecordSource | None = None
+) -> RecordSource:
+    """The stage's records: ``memory`` when given, else its data file's (the file and image
+    folder exist; read before any stage runs, so parse errors name the file and line before
+    anything trains)."""
     if not source.root().is_dir():
         raise ConfigError(f"data.{stage}.image_root: {source.root()} is not a directory")
+    if memory is not None:
+        return memory
+    if source.path.startswith(IN_MEMORY):
+        raise ConfigError(
+            f"data.{stage}.path: {source.path} stands for records given in Python; pass the "
+            f"same records again (train(..., data=...)) to resume, or set a data file"
+        )
+    if not Path(source.path).is_file():
+        raise ConfigError(f"data.{stage}.path: {source.path} not found")
     return load_records(source.path)
+
+
+def check_memory_cache(config: TrainConfig, memory: Mapping[str, RecordSource]) -> None:
+    """In-memory records train without a feature cache, which keys on image files."""
+    for stage in STAGES:
+        if stage in memory and config.stage(stage).feature_cache:
+            raise ConfigError(
+                f"stages.{stage}.feature_cache: the stage's data is given in memory, and the "
+                "feature cache keys on image files; remove feature_cache or give a data file"
+            )
 
 
 def checked_dataset(
     config: TrainConfig,
     stage: str,
     model: VisionLanguageModel,
-    records: Records | None = None,
+    records: RecordSource | None = None,
 ) -> tuple[LlavaDataset, list[Skipped], int]:
     """Stage ``stage``'s dataset for ``model`` after the up-front check of every sample
     (`LlavaDataset.precheck`): the dataset of the samples that pass, the skipped ones, and the
-    number of records in the file. ``records``: the data file, when already read."""
+    number of records in the file. ``records``: the data file, when already read, or the
+    stage's in-memory records."""
     data, source = config.data, config.dataset(stage)
     records = load_records(source.path) if records is None else records
     if not records:
@@ -86,7 +151,7 @@ def stage_dataset(
     config: TrainConfig,
     stage: str,
     model: VisionLanguageModel,
-    records: Records | None,
+    records: RecordSource | None,
     skips: SkipLog,
     accelerator: Accelerator,
 ) -> LlavaDataset:

@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from vlm_adapters._io import remove_stale_temps
-from vlm_adapters.data.records import Records
+from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import TrainingError
 from vlm_adapters.llm.packed_attention import PackedAttention
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.training.artifact import save_connector
-from vlm_adapters.training.checkpoint import Position
+from vlm_adapters.training.callbacks import CallbackHandler
+from vlm_adapters.training.checkpoint import Position, step_dir
 from vlm_adapters.training.compiling import compile_blocks
 from vlm_adapters.training.config import TrainConfig
 from vlm_adapters.training.data import make_collator, make_loader, stage_dataset
@@ -54,15 +55,19 @@ class StageSummary:
     seconds: float
     skipped: int
     """Distinct samples left out (listed in ``skipped.jsonl``)."""
-    final_dir: str
+    final_dir: str | None
+    """The stage's final model; None when a callback stopped the stage."""
+    stopped_at: str | None = None
+    """When a callback stopped the stage: its checkpoint, which ``resume="auto"`` continues."""
 
 
 class Trainer:
     """Trains one stage of an already built `VisionLanguageModel` and writes ``out/<stage>/``.
 
     ``accelerator`` is the run's (see `make_accelerator`); one is made when not given.
-    ``records``: the stage's data file (`load_records`), when already read. ``objective``:
-    what the stage minimises (the supervised loss by default). Under FSDP2 and DeepSpeed the
+    ``records``: the stage's data file (`load_records`), when already read, or its in-memory
+    records. ``objective``: what the stage minimises (the supervised loss by default).
+    ``callbacks``: the run's (`CallbackHandler`). Under FSDP2 and DeepSpeed the
     model is sharded in place; after `fit`, `trained_model` gives it back as a plain module.
     """
 
@@ -73,8 +78,9 @@ class Trainer:
         stage: str,
         out: str | Path,
         accelerator: Accelerator | None = None,
-        records: Records | None = None,
+        records: RecordSource | None = None,
         objective: Objective | None = None,
+        callbacks: CallbackHandler | None = None,
     ) -> None:
         self.model = model
         self.records = records  # the stage's data file, when already read
@@ -86,6 +92,9 @@ class Trainer:
         self.accelerator.gradient_accumulation_steps = self.settings.grad_accum
         self.engine = make_engine(self.accelerator, model)
         self.objective = objective or SupervisedObjective()
+        self.callbacks = callbacks or CallbackHandler([], Path(out))
+        if self.accelerator.num_processes > 1:
+            self.callbacks.agree = self._anyone
         self.skips = SkipLog(stage, self.dir, self.accelerator, config.data.max_skip_fraction)
         self._fallback: Batch | None = None  # last non-empty micro-batch
         self._steps_done = 0  # optimizer steps before the one being taken
@@ -126,11 +135,14 @@ class Trainer:
                 f"stage {self.stage} took no optimizer step: every sample it saw was skipped; "
                 f"see {self.skips.path}"
             )
-        self._finish()
+        stopped = self.callbacks.control.should_stop and position.step < total
+        checkpoint = self._stop(position) if stopped else None
+        if not stopped:
+            self._finish()
         seconds = round(time.perf_counter() - start, 3)
-        final = str(self.dir / "final")
+        final = None if stopped else str(self.dir / "final")
         summary = StageSummary(
-            self.stage, position.step, loss, seconds, len(self.skips.samples), final
+            self.stage, position.step, loss, seconds, len(self.skips.samples), final, checkpoint
         )
         return asdict(summary)
 
@@ -210,9 +222,13 @@ class Trainer:
         )
         if self.config.run.trackers:
             self.accelerator.init_trackers(f"vlm-adapters-{self.stage}", self.config.to_dict())
+        state = self.callbacks.state
+        state.stage, state.total_steps, state.is_main = self.stage, total, self.is_main
         loss = None
         for epoch in range(position.epoch, self.settings.epochs):
             loss = self._epoch(loader, position, epoch, progress, total) or loss
+            if self.callbacks.control.should_stop:
+                break
         progress.close()
         return loss
 
@@ -235,8 +251,12 @@ class Trainer:
                 continue
             position.step += 1
             loss = record["loss"]
-            progress.step({"step": position.step, "epoch": epoch, **record})
+            logs = {"step": position.step, "epoch": epoch, **record}
+            progress.step(logs)
+            stop = self._event("on_log", position, logs=logs)
             self._maybe_save(position, total)
+            if stop:
+                return loss  # the position stays inside this epoch
         position.epoch, position.batches_in_epoch = epoch + 1, 0
         self.skips.report(epoch)
         return loss
@@ -300,6 +320,37 @@ class Trainer:
         every = self.config.run.save_every
         if every and position.step % every == 0 and position.step != total:
             self.checkpoints.save(position)
+            path = step_dir(self.checkpoints.directory, position.step)
+            self._event("on_save", position, path=path)
+
+    def _stop(self, position: Position) -> str:
+        """A callback stopped the stage: its checkpoint at this step (written unless
+        ``run.save_every`` just wrote it), which a resume continues from."""
+        path = step_dir(self.checkpoints.directory, position.step)
+        every = self.config.run.save_every
+        if not (every and position.step % every == 0):
+            self.checkpoints.save(position)
+            self._event("on_save", position, path=path)
+        if self.config.run.trackers:
+            self.accelerator.end_training()
+        if self.is_main:
+            logger.info(
+                "%s: stopped by a callback at step %d of %d; resume=\"auto\" continues from %s",
+                self.stage, position.step, self.callbacks.state.total_steps, path,
+            )  # fmt: skip
+        return str(path)
+
+    def _event(self, name: str, position: Position | None, **data: Any) -> bool:
+        """Call the callbacks' ``name`` event (at ``position``, when given); returns whether
+        the run should stop."""
+        if position is not None:
+            self.callbacks.state.step, self.callbacks.state.epoch = position.step, position.epoch
+        return self.callbacks.event(name, **data)
+
+    def _anyone(self, stop: bool) -> bool:
+        """Whether any process asks to stop."""
+        flag = torch.tensor(int(stop), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum"))
 
     def _finish(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -313,6 +364,7 @@ class Trainer:
         if self.config.run.trackers:
             self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
+        self._event("on_save", None, path=self.dir / "final")
         self.accelerator.free_memory()
 
     def trained_model(self) -> VisionLanguageModel:

@@ -1,41 +1,77 @@
 """A training run (`train`): the recipe's stages in order in one run directory, which of them
-are finished or resume where, and the stage-1 connector carried into a later stage."""
+are finished or resume where, the stage-1 connector carried into a later stage, the model and
+data given in Python, callbacks, and the evaluation after each stage."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import set_seed
 
 from vlm_adapters._io import remove_tree, safetensors_problem
 from vlm_adapters.chat.templates import check_template
+from vlm_adapters.config import SECTIONS, VisionSection, apply_overrides, parse_section, read_yaml
+from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, OutputError
+from vlm_adapters.inference.evaluation import answer_loss
 from vlm_adapters.model.build import build_vlm
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.model.lora import load_weights
+from vlm_adapters.registry import Section
 from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
+from vlm_adapters.training.callbacks import CallbackHandler, TrainerCallback
 from vlm_adapters.training.checkpoint import checkpoint_problem
 from vlm_adapters.training.config import (
+    STAGES,
     DatasetConfig,
     TrainConfig,
     check_max_length,
     save_train_config,
+    train_config_from_dict,
 )
-from vlm_adapters.training.data import read_stage_records
+from vlm_adapters.training.data import (
+    DataSources,
+    check_memory_cache,
+    read_stage_records,
+    with_given_data,
+)
 from vlm_adapters.training.engine import make_accelerator
 from vlm_adapters.training.loop import Trainer
-from vlm_adapters.training.recipes import carry_connector, resolve_config, stages_to_run
-from vlm_adapters.training.rundir import CONFIG_NAME, check_resume_config, locked_run_dir, on_main
+from vlm_adapters.training.recipes import carry_connector, stages_to_run
+from vlm_adapters.training.rundir import (
+    CONFIG_NAME,
+    check_resume_config,
+    config_differences,
+    locked_run_dir,
+    on_main,
+)
 
 logger = logging.getLogger("vlm_adapters.training")
 
 Plan = dict[str, Any]
 """Per stage: "done" (skip it), a checkpoint to resume from, "auto" or None (fresh)."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    model: VisionLanguageModel
+    """The trained model (a stopped stage's: its weights at the step it stopped)."""
+    summary: dict[str, dict[str, Any]]
+    """Per stage that ran: steps, final_loss, seconds, skipped, final_dir, stopped_at (the
+    checkpoint of a stage a callback stopped) and, with ``data.eval``, eval_loss."""
+    out: Path
+    """The run directory."""
+    stopped: bool = False
+    """Whether a callback stopped the run (``resume="auto"`` continues it)."""
 
 
 def train(
@@ -46,26 +82,76 @@ def train(
     overrides: list[str] | None = None,
     model: VisionLanguageModel | None = None,
     *,
+    data: DataSources = None,
+    callbacks: Iterable[TrainerCallback] | None = None,
     overwrite: bool = False,
     allow_config_change: bool = False,
     fresh_connector: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Run `stage` ("all" = the recipe, in order) and return a summary per stage.
+) -> TrainResult:
+    """Run `stage` ("all" = the recipe, in order); return the model and a summary per stage.
 
+    `config`: a YAML path, a dict of the YAML's shape or a `TrainConfig`. `model` defaults to
+    one built from the config; when given, the config's vision / connector / llm sections
+    come from it (a section that says otherwise is refused) and the same object carries each
+    stage's weights into the next. `data`: the stages' data given in Python instead of
+    ``data.<stage>.path`` (see `DataSources`); the run's config.yaml names in-memory records
+    by their count and digest, and a resume needs them again. `callbacks`: `TrainerCallback`
+    instances, called at each logged step, saved checkpoint, evaluation (``data.eval``, after
+    each stage) and stage end; one can stop the run.
     `resume`: "auto" continues from the newest complete checkpoints (finished stages are
     skipped), a checkpoint path continues from there; a changed config is refused unless
     `allow_config_change`. A stage that already has results in `out` is trained again only
     with `overwrite`, which also allows a non-empty `out` that is not a run directory (its
     files are kept). `--stage finetune` needs the stage-1 connector in `out/align/connector`
-    unless `fresh_connector` (or a `model` is passed). `model` defaults to one built from the
-    config; the same model object carries each stage's weights into the next.
+    unless `fresh_connector` (or a `model` is passed). Progress is logged at INFO (with a
+    bar on a terminal) when the program has not configured logging.
     """
-    config = resolve_config(config, overrides)
-    out = Path(out)
+    with _default_logging():
+        handler = CallbackHandler(callbacks, Path(out))
+        raw, where = _raw_config(config, overrides)
+        if model is not None:
+            raw = with_model_sections(raw, model, where)
+        memory: dict[str, RecordSource] = {}
+        if data is not None:
+            raw, memory = with_given_data(raw, data, _named_stages(raw, stage))
+        config = train_config_from_dict(raw, where)
+        check_memory_cache(config, memory)
+        return _run(
+            config,
+            stage,
+            Path(out),
+            resume,
+            model,
+            memory,
+            handler,
+            overwrite=overwrite,
+            allow_config_change=allow_config_change,
+            fresh_connector=fresh_connector,
+        )
+
+
+def _run(
+    config: TrainConfig,
+    stage: str,
+    out: Path,
+    resume: str | Path | None,
+    model: VisionLanguageModel | None,
+    memory: dict[str, RecordSource],
+    callbacks: CallbackHandler,
+    *,
+    overwrite: bool,
+    allow_config_change: bool,
+    fresh_connector: bool,
+) -> TrainResult:
     names = stages_to_run(config, stage)
     datasets = {name: config.dataset(name) for name in names}  # every stage, before any runs
+    if config.data.eval is not None:
+        datasets["eval"] = config.data.eval
     with naming_file(config.where):
-        records = {name: read_stage_records(name, source) for name, source in datasets.items()}
+        records = {
+            name: read_stage_records(name, source, memory.get(name))
+            for name, source in datasets.items()
+        }
     accelerator = make_accelerator(config, out)
     with locked_run_dir(out, overwrite=overwrite, state=accelerator.state):
         plan = on_main(
@@ -85,11 +171,166 @@ def train(
             if plan[name] == "done":
                 _load_final(model, out / name / "final", needed=name != names[-1])
                 continue
-            trainer = Trainer(model, config, name, out, accelerator, records.pop(name))
-            summaries[name] = trainer.fit(resume=plan[name])
-            if name != names[-1]:
+            trainer = Trainer(
+                model, config, name, out, accelerator, records.pop(name), callbacks=callbacks
+            )
+            summary = trainer.fit(resume=plan[name])
+            if summary["stopped_at"] is None:
                 model = trainer.trained_model()
-    return summaries
+                if "eval" in records:
+                    metrics = _evaluate(model, config, name, records["eval"], accelerator.state)
+                    summary.update(metrics)
+                    callbacks.event("on_evaluate", metrics=metrics)
+            callbacks.event("on_stage_end", summary=summary)
+            summaries[name] = summary
+            if callbacks.control.should_stop:
+                break
+    return TrainResult(model, summaries, out, callbacks.control.should_stop)
+
+
+def _raw_config(
+    config: TrainConfig | dict[str, Any] | str | Path, overrides: list[str] | None
+) -> tuple[dict[str, Any], str]:
+    """The config as YAML-shaped data with the dotted ``overrides``, and where it is from."""
+    if isinstance(config, (str, Path)):
+        raw, where = read_yaml(config), str(config)
+    elif isinstance(config, TrainConfig):
+        raw, where = config.to_dict(), config.where
+    elif isinstance(config, dict):
+        raw, where = config, ""
+    else:
+        raise ConfigError(
+            f"config: expected a YAML path, a dict or a TrainConfig, got {type(config).__name__}"
+        )
+    return apply_overrides(raw, overrides or []), where
+
+
+def _named_stages(raw: dict[str, Any], stage: str) -> list[str]:
+    """The stages ``stage`` names in the raw config (validated later)."""
+    if stage != "all":
+        return [stage]
+    recipe = raw.get("recipe")
+    return [str(name) for name in recipe] if isinstance(recipe, list) else list(STAGES)
+
+
+def model_sections(model: VisionLanguageModel) -> dict[str, Section]:
+    """The vision / connector / llm sections ``model`` was built from (each component's
+    ``cfg`` and registered type), which rebuild it."""
+    sections: dict[str, Section] = {}
+    for kind in SECTIONS:
+        module = getattr(model, kind)
+        tiling = module.tiling if kind == "vision" else None
+        params = getattr(module.untiled() if tiling else module, "cfg", None)
+        name = model.component_types.get(kind)
+        if name is None or params is None:
+            raise ConfigError(
+                f"model=: its {kind} does not say how it was built (no registered type or "
+                "`cfg`); pass a model from vlm_adapters.build_vlm or vlm_adapters.load"
+            )
+        sections[kind] = (
+            VisionSection(type=name, params=params, tiling=tiling)
+            if tiling
+            else Section(type=name, params=params)
+        )
+    return sections
+
+
+def with_model_sections(
+    raw: dict[str, Any], model: VisionLanguageModel, where: str = ""
+) -> dict[str, Any]:
+    """``raw`` with the model sections of ``model`` (what config.yaml records, so a resume
+    rebuilds the same model); a section of ``raw`` that says otherwise (another type, or a
+    value it sets that the model's section holds otherwise) is a ConfigError naming both."""
+    actual = model_sections(model)
+    problems = []
+    for kind, section in actual.items():
+        if raw.get(kind) is not None:
+            problems += _contradictions(kind, parse_section(kind, raw[kind], where), section)
+    if problems:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(
+            f"{prefix}the config contradicts the model given as model= ({'; '.join(problems)}); "
+            "remove those sections (the model's own are used) or pass the model they describe"
+        )
+    return {**raw, **{kind: section.to_dict() for kind, section in actual.items()}}
+
+
+def _contradictions(kind: str, given: Section, actual: Section) -> list[str]:
+    """``kind.key: X in the config, Y in the model`` for the type, and every value ``given``
+    sets (explicitly) that ``actual`` holds otherwise; a value the model leaves unset (e.g. a
+    hub id of a model loaded from a checkpoint) contradicts nothing."""
+    if given.type != actual.type:
+        return [f"{kind}.type: {given.type!r} in the config, {actual.type!r} in the model"]
+    mine = given.params.model_dump(mode="json", include=given.params.model_fields_set)
+    theirs = actual.params.model_dump(mode="json")
+    for section, data in ((given, mine), (actual, theirs)):
+        tiling = getattr(section, "tiling", None)
+        data["tiling"] = tiling.model_dump(mode="json") if tiling is not None else None
+    return [
+        f"{kind}.{key}: {old!r} in the config, {new!r} in the model"
+        for key, old, new in config_differences(mine, _within(theirs, mine))
+        if new is not None and old is not None
+    ]
+
+
+def _within(actual: Any, given: Any) -> Any:
+    """``actual`` cut to the keys ``given`` has (recursively)."""
+    if isinstance(actual, dict) and isinstance(given, dict):
+        return {key: _within(actual.get(key), value) for key, value in given.items()}
+    return actual
+
+
+@contextlib.contextmanager
+def _default_logging() -> Iterator[None]:
+    """Progress lines at INFO on stderr, as the CLI prints them, while the program has
+    configured no logging of its own (no handler on the root or our logger)."""
+    package = logging.getLogger("vlm_adapters")
+    if logging.getLogger().handlers or package.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+def _evaluate(
+    model: VisionLanguageModel,
+    config: TrainConfig,
+    stage: str,
+    records: RecordSource,
+    state: Any,
+) -> dict[str, Any]:
+    """After ``stage``: the teacher-forced loss per answer token on ``data.eval``, computed on
+    the main process and given to every process."""
+    source = config.data.eval
+    assert source is not None
+
+    def work() -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                loss = answer_loss(
+                    model,
+                    records,
+                    source.root(),
+                    source.template,
+                    config.stage(stage).batch_size,
+                    source=source.path,
+                )
+        finally:
+            model.train(was_training)
+        logger.info("%s: eval loss %.4f on %d samples", stage, loss, len(records))
+        return {"eval_loss": loss, "eval_samples": len(records)}
+
+    return on_main(state, work) or {}
 
 
 @contextlib.contextmanager
@@ -110,7 +351,7 @@ def _check_model_fits(
     context = model.llm.max_positions
     if context is not None:
         check_max_length(config, context)
-    for source in datasets.values():
+    for source in datasets.values():  # the eval data's too
         check_template(model.tokenizer, source.template)
 
 
