@@ -199,9 +199,7 @@ def test_the_run_records_the_models_sections_and_a_resume_rebuilds_it(
     assert again.model.llm.model.config.model_type == "qwen2"
 
 
-def test_in_memory_data_errors_are_one_line(
-    tokenizer_dir: str, data: dict, tmp_path: Path
-) -> None:
+def test_in_memory_data_errors_are_one_line(tokenizer_dir: str, data: dict, tmp_path: Path) -> None:
     import datasets
 
     config = _config(tokenizer_dir)
