@@ -156,11 +156,16 @@ def test_every_shipped_recipe_runs_two_steps_on_tiny_local_models(tmp_path, loca
         "stages.finetune.lora.r=4",
         "stages.finetune.lora.alpha=8",
     ]
+    if recipe_data["data"].get("eval"):  # evaluated after each stage
+        root = data["align"]["image_root"]
+        overrides += [f"data.eval.path={root}/eval.json", f"data.eval.image_root={root}"]
     if "config" in recipe_data["llm"]:
         overrides = [o for o in overrides if not o.startswith("llm.model=")]
         overrides += [f"llm.tokenizer={llm}"]
     summary = train(EXAMPLES / recipe, "all", tmp_path / "out", overrides=overrides).summary
     assert all(stage["steps"] == 2 for stage in summary.values()), summary
+    if recipe_data["data"].get("eval"):
+        assert all(stage["eval_samples"] == 4 for stage in summary.values()), summary
 
 
 def test_tower_parameters_after_the_feature_layer_are_frozen(tmp_path):

@@ -58,7 +58,9 @@ class DataConfig(_Strict):
 
     align: DatasetConfig | None = None
     finetune: DatasetConfig | None = None
-    eval: DatasetConfig | None = None
+    eval: DatasetConfig | None = Field(
+        None, description="Evaluated after each stage: eval_loss (per answer token) in its summary."
+    )
     max_length: int | None = Field(
         None, gt=0, description="Longer samples are bad samples; null = the LLM's context."
     )
