@@ -49,7 +49,7 @@ def test_a_compiled_stage_trains_like_eager_and_leaves_nothing_compiled(tmp_path
     settings = [*SETTINGS, "run.compile=true"]
     compiled = train(config, "finetune", tmp_path / "compiled", overrides=settings, model=model)
     assert counters["stats"]["unique_graphs"] > graphs  # inductor really compiled blocks
-    assert compiled["finetune"]["steps"] == eager["finetune"]["steps"] == 4
+    assert compiled.summary["finetune"]["steps"] == eager.summary["finetune"]["steps"] == 4
     losses, expected = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
     assert max(abs(a - b) for a, b in zip(losses, expected, strict=True)) < 1e-5
     final = Path("finetune/final")
