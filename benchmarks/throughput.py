@@ -64,7 +64,7 @@ The align stage uses caption pairs instead, as LLaVA's stage 1 does (LCS-558K: o
 With the scale part (skip it with ``--skip-scale``), a 665,000-record file of the same mix is
 written, and two things are measured: the seconds from starting ``vlm-adapters train`` (a tiny
 model, stage finetune, vicuna_v1, one epoch, batch 256, length-grouped) to its first optimizer
-step, and the resident memory that ``load_records`` + ``LlavaDataset.precheck`` +
+step, and the resident memory that ``load_records`` + ``ConversationDataset.precheck`` +
 ``LengthGroupedSampler`` add in a fresh process that holds the tiny model. Not a test: see
 docs/performance.md.
 
@@ -870,17 +870,17 @@ def _loader(
 
 
 def _dataset(tmp: Path, stage: str, cached: bool, ours: Any = None) -> tuple[Any, int]:
-    """The checked LlavaDataset of ``stage`` (and the pad id), built with our processor (with
+    """The checked ConversationDataset of ``stage`` (and the pad id), built with our processor (with
     ``ours``, the trained model's: AnyRes counts each image's tokens from its size); the
     feature cache is that of ``ours`` (whose weights key the entries)."""
     from vlm_adapters import build_vlm
-    from vlm_adapters.data import LlavaDataset, load_records
+    from vlm_adapters.data import ConversationDataset, load_records
     from vlm_adapters.data.feature_cache import FeatureCache
 
     vlm = ours or build_vlm(_our_config(tmp))  # for tokenizer, transform and token counts
     cache = FeatureCache.for_backbone(tmp / "cache", vlm.vision) if cached else None
     name, template = ("finetune", TEMPLATE) if stage == "finetune" else ("align", ALIGN_TEMPLATE)
-    dataset = LlavaDataset.for_model(  # max_length: MAX_LENGTH; ANYRES_MAX_LENGTH for AnyRes
+    dataset = ConversationDataset.for_model(  # max_length: MAX_LENGTH; ANYRES_MAX_LENGTH for AnyRes
         vlm,
         load_records(tmp / f"{name}.json"),
         image_root=tmp,
@@ -1039,7 +1039,7 @@ def _scale_memory(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     import gc
 
     from vlm_adapters import build_vlm
-    from vlm_adapters.data import LengthGroupedSampler, LlavaDataset, load_records
+    from vlm_adapters.data import ConversationDataset, LengthGroupedSampler, load_records
 
     vlm = build_vlm(_scale_model(tmp))
     gc.collect()
@@ -1047,7 +1047,7 @@ def _scale_memory(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     records = load_records(tmp / "scale.json")
     loaded = time.perf_counter()
-    dataset = LlavaDataset.for_model(
+    dataset = ConversationDataset.for_model(
         vlm, records, image_root=tmp, template=TEMPLATE, max_length=MAX_LENGTH
     )
     dataset, skipped = dataset.precheck()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vlm_adapters import VisionLanguageModel, build_vlm, load
 from vlm_adapters.config import model_config_from_dict
-from vlm_adapters.data import DataCollator, LengthGroupedSampler, LlavaDataset
+from vlm_adapters.data import ConversationDataset, DataCollator, LengthGroupedSampler
 from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache, image_encoder
 from vlm_adapters.errors import ConfigError
@@ -154,9 +154,9 @@ RECORDS = [
 IMAGES = {"wide": (120, 30), "tall": (30, 90), "tiny": (9, 6), "square": (40, 40)}
 
 
-def _dataset(model: VisionLanguageModel, root: Path, **options) -> LlavaDataset:
+def _dataset(model: VisionLanguageModel, root: Path, **options) -> ConversationDataset:
     _write(root, IMAGES)
-    return LlavaDataset.for_model(
+    return ConversationDataset.for_model(
         model,
         RECORDS,
         image_root=root,

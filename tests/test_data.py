@@ -11,10 +11,10 @@ from PIL import Image
 
 from vlm_adapters.chat.templates import IGNORE_INDEX, ChatTemplate, template_vocabulary
 from vlm_adapters.data import (
+    ConversationDataset,
     DataCollator,
     DataError,
     LengthGroupedSampler,
-    LlavaDataset,
     Skipped,
     load_records,
 )
@@ -58,7 +58,7 @@ def _sample(sample_id, image, *values, roles=("human", "gpt")):
 def _dataset(tok, image_root, records, template="chatml", **kwargs):
     image_token_id = tok.convert_tokens_to_ids("<image>")
     processor = VLMProcessor(tok, _to_tensor, N_IMAGE, image_token_id, template)
-    return LlavaDataset(records, processor, image_root=image_root, max_length=64, **kwargs)
+    return ConversationDataset(records, processor, image_root=image_root, max_length=64, **kwargs)
 
 
 # load_records
@@ -107,7 +107,7 @@ def test_load_record_without_conversations(tmp_path):
         load_records(tmp_path / "d.jsonl")
 
 
-# LlavaDataset
+# ConversationDataset
 
 
 @pytest.mark.parametrize("name", ["rgba.png", "grey.png", "palette.gif"])
@@ -304,3 +304,12 @@ def test_sampler_groups_similar_lengths():
     shuffled = torch.randperm(len(LENGTHS), generator=torch.Generator().manual_seed(0)).tolist()
     random = [shuffled[i : i + 8] for i in range(0, len(shuffled), 8)]
     assert spread(grouped) * 3 < spread(random)
+
+
+def test_the_old_dataset_name_still_imports_with_a_deprecation_warning():
+    import vlm_adapters.data as data
+
+    with pytest.warns(DeprecationWarning, match="now ConversationDataset"):
+        assert data.LlavaDataset is data.ConversationDataset
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        data.Nothing  # noqa: B018

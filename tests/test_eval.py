@@ -11,7 +11,7 @@ from torch import nn
 
 from vlm_adapters import VisionLanguageModel, build_vlm
 from vlm_adapters.cli import main
-from vlm_adapters.data import DataError, LlavaDataset, load_records
+from vlm_adapters.data import ConversationDataset, DataError, load_records
 from vlm_adapters.demo import ShapesPaths, generate_shapes
 from vlm_adapters.inference.evaluation import evaluate, normalize_answer
 from vlm_adapters.testing import tiny_model_config
@@ -64,7 +64,7 @@ def test_batching_changes_nothing(model: VisionLanguageModel, shapes: ShapesPath
     small = evaluate(model, records, shapes.root, batch_size=3)
     assert big["samples"] == small["samples"]
     assert big["loss"] == pytest.approx(small["loss"], rel=1e-5)
-    dataset = LlavaDataset.for_model(
+    dataset = ConversationDataset.for_model(
         model,
         records,
         image_root=shapes.root,

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vlm_adapters import build_vlm
-from vlm_adapters.data import DataCollator, LlavaDataset
+from vlm_adapters.data import ConversationDataset, DataCollator
 from vlm_adapters.data.feature_cache import FeatureCache, image_encoder
 from vlm_adapters.testing import tiny_model_config
 
@@ -182,8 +182,8 @@ def test_the_dataset_reads_features_and_the_model_uses_them(tmp_path, tokenizer_
         for p in paths
     ]
     processor, root = model.processor_for("llama3"), tmp_path / "img"
-    from_cache = LlavaDataset(records, processor, image_root=root, feature_cache=cache)
-    from_pixels = LlavaDataset(records, processor, image_root=root)
+    from_cache = ConversationDataset(records, processor, image_root=root, feature_cache=cache)
+    from_pixels = ConversationDataset(records, processor, image_root=root)
     collate = DataCollator(model.tokenizer.pad_token_id)
     cached = collate([from_cache[i] for i in range(3)])
     plain = collate([from_pixels[i] for i in range(3)])

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlm_adapters import build_vlm
-from vlm_adapters.data import DataCollator, LlavaDataset
+from vlm_adapters.data import ConversationDataset, DataCollator
 from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.packing import pack_rows
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
@@ -54,7 +54,7 @@ def _items(model, root) -> list[dict]:
         ("c", (33, 33), "green"),
     ):
         Image.new("RGB", size, colour).save(root / f"{name}.png")
-    dataset = LlavaDataset.for_model(
+    dataset = ConversationDataset.for_model(
         model,
         _records(),
         image_root=root,

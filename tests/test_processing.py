@@ -108,7 +108,7 @@ def test_training_generation_and_evaluation_share_ids_and_pixels(tmp_path, token
     """One sample through training collation, generation and evaluation: the prompt ids are a
     prefix of the training ids and the pixels are identical tensors."""
     from vlm_adapters import build_vlm
-    from vlm_adapters.data import DataCollator, LlavaDataset
+    from vlm_adapters.data import ConversationDataset, DataCollator
     from vlm_adapters.inference import evaluate
     from vlm_adapters.model.generation import prompt_batch
     from vlm_adapters.testing import tiny_model_config
@@ -121,7 +121,7 @@ def test_training_generation_and_evaluation_share_ids_and_pixels(tmp_path, token
         "image": "wide.png",
         "conversations": [question, {"from": "gpt", "value": "red"}],
     }
-    dataset = LlavaDataset.for_model(
+    dataset = ConversationDataset.for_model(
         model,
         [record],
         image_root=tmp_path,

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vlm_adapters.chat.templates import template_vocabulary
-from vlm_adapters.data import LlavaDataset, load_records
+from vlm_adapters.data import ConversationDataset, load_records
 from vlm_adapters.data.processor import VLMProcessor
 from vlm_adapters.demo import (
     build_word_tokenizer,
@@ -116,7 +116,7 @@ def test_vocabulary_covers_all_text_and_the_data_loads(shapes):
     assert tok.unk_token_id not in tok(text.replace("<image>", " "))["input_ids"]
     image_token_id = tok.convert_tokens_to_ids("<image>")
     processor = VLMProcessor(tok, lambda image: torch.zeros(3, 4, 4), 9, image_token_id, "llama3")
-    dataset = LlavaDataset(
+    dataset = ConversationDataset(
         load_records(shapes.finetune), processor, image_root=shapes.root, max_length=128
     )
     assert all(isinstance(dataset[i], dict) for i in range(len(dataset)))

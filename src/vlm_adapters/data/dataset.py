@@ -33,7 +33,7 @@ ImageSource = Path | Image.Image
 """A sample's image: a checked file, or a PIL image given in memory."""
 
 
-class LlavaDataset(Dataset):
+class ConversationDataset(Dataset):
     """LLaVA-format samples as token ids, labels and pixel tensors; images load lazily.
 
     One policy, `on_bad_sample`, covers every unusable sample: a missing, unreadable or too
@@ -92,7 +92,7 @@ class LlavaDataset(Dataset):
         image_root: str | Path,
         template: str | ChatTemplate,
         **options: Any,
-    ) -> LlavaDataset:
+    ) -> ConversationDataset:
         """A dataset encoded for ``model`` (a :class:`~vlm_adapters.VisionLanguageModel`) by its
         processor with ``template``; ``max_length`` defaults to the LLM's context.
         ``options``: the other keyword arguments of the constructor."""
@@ -121,7 +121,7 @@ class LlavaDataset(Dataset):
                 ) from None
             return Skipped(name, bad.reason, bad.detail, position, self.source)
 
-    def precheck(self) -> tuple[LlavaDataset, list[Skipped]]:
+    def precheck(self) -> tuple[ConversationDataset, list[Skipped]]:
         """Check every sample without decoding images or tokenizing: the image field, paths
         (inside `image_root`, present), roles, markers (none in answers) and their counts.
         Returns the dataset of the samples that pass and the Skipped ones (with "error", the

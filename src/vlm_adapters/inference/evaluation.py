@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlm_adapters.chat.templates import IMAGE_MARKER, DataError, normalize_turns
-from vlm_adapters.data import DataCollator, LlavaDataset
+from vlm_adapters.data import ConversationDataset, DataCollator
 from vlm_adapters.data.images import ImageProblem, confined_path, open_image
 from vlm_adapters.data.records import Skipped, image_paths, sample_id
 from vlm_adapters.model.generation import generate, resolve_template
@@ -188,7 +188,7 @@ def answer_loss(
 ) -> float:
     """Teacher-forced cross-entropy, averaged over every supervised (answer) token; a record
     that cannot be encoded is a DataError naming it (and ``source``, its data file)."""
-    dataset = LlavaDataset.for_model(
+    dataset = ConversationDataset.for_model(
         model, records, image_root=image_root, template=template, source=source
     )
     collate = DataCollator(model.tokenizer.pad_token_id)

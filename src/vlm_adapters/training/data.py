@@ -12,7 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from vlm_adapters.data import DataCollator, LengthGroupedSampler, LlavaDataset, load_records
+from vlm_adapters.data import ConversationDataset, DataCollator, LengthGroupedSampler, load_records
 from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache
 from vlm_adapters.data.records import (
@@ -107,16 +107,16 @@ def checked_dataset(
     stage: str,
     model: VisionLanguageModel,
     records: RecordSource | None = None,
-) -> tuple[LlavaDataset, list[Skipped], int]:
+) -> tuple[ConversationDataset, list[Skipped], int]:
     """Stage ``stage``'s dataset for ``model`` after the up-front check of every sample
-    (`LlavaDataset.precheck`): the dataset of the samples that pass, the skipped ones, and the
-    number of records in the file. ``records``: the data file, when already read, or the
+    (`ConversationDataset.precheck`): the dataset of the samples that pass, the skipped ones,
+    and the number of records in the file. ``records``: the data file, when already read, or the
     stage's in-memory records."""
     data, source = config.data, config.dataset(stage)
     records = load_records(source.path) if records is None else records
     if not records:
         raise TrainingError(f"{source.path}: no samples; stage {stage} has nothing to train")
-    dataset = LlavaDataset.for_model(
+    dataset = ConversationDataset.for_model(
         model,
         records,
         image_root=source.root(),
@@ -130,7 +130,7 @@ def checked_dataset(
     return kept, skipped, len(records)
 
 
-def check_token_budget(dataset: LlavaDataset, budget: int, where: str) -> None:
+def check_token_budget(dataset: ConversationDataset, budget: int, where: str) -> None:
     """A micro-batch of ``budget`` tokens must hold the longest sample alone: a smaller
     budget cannot be honoured (each such sample would make an over-budget batch)."""
     lengths = [abs(length) for length in dataset.lengths]
@@ -154,7 +154,7 @@ def stage_dataset(
     records: RecordSource | None,
     skips: SkipLog,
     accelerator: Accelerator,
-) -> LlavaDataset:
+) -> ConversationDataset:
     """The stage's dataset after the up-front check (its skips recorded in ``skips``),
     reading the stage's feature cache (filled first) when it has one."""
     dataset, skipped, num_samples = checked_dataset(config, stage, model, records)
@@ -232,7 +232,11 @@ def make_collator(
 
 
 def make_loader(
-    dataset: LlavaDataset, collator: Collator, config: TrainConfig, stage: str, global_batch: int
+    dataset: ConversationDataset,
+    collator: Collator,
+    config: TrainConfig,
+    stage: str,
+    global_batch: int,
 ) -> tuple[DataLoader, Sampler]:
     """The stage's loader and its sampler: batches of ``batch_size`` samples grouped by
     length (of ``global_batch``), or of ``data.max_tokens_per_batch`` tokens."""
