@@ -167,10 +167,6 @@ def _climbs(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
     }
 
 
-KNOWN_CLIMBS: set[tuple[str, str]] = set()
-"""Imports that break the layers today, each until the issue-18 item named removes it."""
-
-
 def test_the_layer_table_places_every_package_once() -> None:
     assert LAYERS[ROOT] == max(LAYERS.values()) and LAYERS["errors"] == 0
     assert {_unit(name) for name in MODULES} == set(LAYERS)
@@ -190,9 +186,7 @@ def test_the_layer_check_finds_a_climb_and_a_sideways_import() -> None:
 
 
 def test_no_import_climbs_the_layers_of_docs_architecture() -> None:
-    climbs = _climbs(GRAPH)
-    assert climbs - KNOWN_CLIMBS == set()
-    assert climbs >= KNOWN_CLIMBS  # an exception removed is struck off the list
+    assert _climbs(GRAPH) == set()
 
 
 def _root_imports(name: str) -> list[int]:
@@ -216,14 +210,6 @@ def test_nothing_inside_the_package_imports_the_package_root() -> None:
     assert found == {}
 
 
-KNOWN_CONCRETE = {
-    # building the AnyRes backbone around the tower (its tiling is declared on VisionBackbone);
-    # leaves once tiling is built through the registry
-    ("vlm_adapters.model.core", "vlm_adapters.vision.tiling"),
-}
-"""Imports of a concrete component module from model/ today, each until the item named."""
-
-
 def test_the_model_uses_components_only_through_their_base_module() -> None:
     families = {"vision", "connectors", "llm"}
     found = {
@@ -233,5 +219,4 @@ def test_the_model_uses_components_only_through_their_base_module() -> None:
         for target in targets
         if _unit(target) in families and not target.endswith(".base")
     }
-    assert found - KNOWN_CONCRETE == set()
-    assert found >= KNOWN_CONCRETE  # an exception removed is struck off the list
+    assert found == set()

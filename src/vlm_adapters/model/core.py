@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ from vlm_adapters.model import generation, io
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS
 from vlm_adapters.vision.base import ImageBatch, VariableTransform, VisionBackbone
-from vlm_adapters.vision.tiling import AnyResBackbone, TilingConfig
+
+if TYPE_CHECKING:
+    from vlm_adapters.vision.tiling import TilingConfig
 
 Images = torch.Tensor | ImageBatch
 """Pixel values ``[I, 3, H, W]``, or an :class:`ImageBatch` for variable-size vision."""
@@ -318,7 +320,7 @@ def _tiled(
     check_tileable(isinstance(vision.transform, VariableTransform))
     side = tile_token_side(vision.num_patches, connector.cfg, name)
     connector.add_image_newline()
-    return AnyResBackbone(vision, tiling, side)
+    return tiling.around(vision, side)
 
 
 def _dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:

@@ -75,6 +75,11 @@ class TilingConfig(BaseModel):
             return tuple((rows, cols) for rows, cols in self.grids)
         return tile_grids(self.max_tiles)
 
+    def around(self, backbone: VisionBackbone, side: int) -> VisionBackbone:
+        """``backbone`` run on this tiling's tiles, each giving ``side`` x ``side`` tokens
+        after the connector (how the model builds a tiled tower without naming this module)."""
+        return AnyResBackbone(backbone, self, side)
+
 
 @dataclass(frozen=True)
 class AnyResTransform(VariableTransform):
