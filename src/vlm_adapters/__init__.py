@@ -6,8 +6,9 @@ The public names are imported when first used, so importing a light module of th
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vlm_adapters._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from vlm_adapters.config import ModelConfig
@@ -65,15 +66,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use."""
-    if name not in _SOURCES:
-        raise AttributeError(f"module 'vlm_adapters' has no attribute {name!r}")
-    module = import_module(_SOURCES[name])
-    value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_SOURCES])
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

@@ -195,7 +195,7 @@ def collect_registry(pm: PluginManager) -> Registry:
     for plugin, spec in found:
         if id(plugin) not in failed:
             provider = pm.providers.get(id(plugin), pm.get_name(plugin) or "")
-            registry.add(_with_provider(spec, provider))
+            registry.add(spec.with_provider(provider))
             row = pm.statuses.get(provider) or pm.record(provider, "", LOADED)
             row.components.append(f"{spec.kind}:{spec.name}")
     return registry
@@ -210,12 +210,6 @@ def _call(impl: pluggy.HookImpl, kind: str) -> list[ComponentSpec]:
         if spec.kind != kind:
             raise ValueError(f"returned {spec.name!r} of kind {spec.kind!r}; it takes {kind!r}")
     return specs
-
-
-def _with_provider(spec: ComponentSpec, provider: str) -> ComponentSpec:
-    return ComponentSpec(
-        spec.kind, spec.name, spec.factory, spec.config, spec.description, provider
-    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,20 +54,69 @@ def format_errors(exc: ValidationError, root: str = "") -> str:
     return "; ".join(parts)
 
 
+class _Imported:
+    """A field holding an object or its import path ``"package.module:name"``; a path is
+    imported when the field is first read, so a registry can list components without importing
+    the modules (and torch) that build them."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, spec: Any, owner: type | None = None) -> Any:
+        if spec is None:  # the class itself: no default value
+            raise AttributeError(self.name)
+        value = spec.__dict__[self.slot]
+        if isinstance(value, str):
+            value = _import(value, f"{spec.kind} component {spec.name!r} ({self.name})")
+            spec.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, spec: Any, value: Any) -> None:
+        spec.__dict__[self.slot] = value
+
+
+def _import(path: str, what: str) -> Any:
+    """The object ``"package.module:name"`` names; ComponentError naming ``what`` otherwise."""
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ComponentError(
+            f"{what}: cannot import {path!r} ({type(exc).__name__}: {exc}); give an import path "
+            "'package.module:name' that exists, or install what that module needs"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     """How to build one named component.
 
     ``factory`` receives the validated ``config`` instance (plus, for connectors, the
-    keyword arguments ``in_dim``, ``out_dim`` and ``num_input_tokens``).
+    keyword arguments ``in_dim``, ``out_dim`` and ``num_input_tokens``). Either may be given
+    as an import path ``"package.module:name"``, imported when it is first used: listing the
+    components (``vlm-adapters list``) then imports none of the modules that build them.
     """
 
     kind: Kind
     name: str
-    factory: Callable[..., Any]
-    config: type[ComponentConfig]
+    factory: Callable[..., Any] = _Imported()  # type: ignore[assignment]
+    config: type[ComponentConfig] = _Imported()  # type: ignore[assignment]
     description: str
     provider: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for path in (self.__dict__["_factory"], self.__dict__["_config"]):
+            if isinstance(path, str) and not all(path.partition(":")[::2]):
+                raise ComponentError(
+                    f"{self.kind} component {self.name!r}: {path!r} is not an import path; "
+                    "write it as 'package.module:name' or pass the object itself"
+                )
+
+    def with_provider(self, provider: str) -> ComponentSpec:
+        """The same spec from ``provider``, without importing what it names."""
+        spec = copy.copy(self)
+        object.__setattr__(spec, "provider", provider)
+        return spec
 
 
 class Registry:

@@ -1,15 +1,9 @@
-"""Built-in connectors, registered through the same hook as any plugin."""
+"""Built-in connectors, registered through the same hook as any plugin.
+
+Factories and configs are named by import path, so listing them imports no torch."""
 
 from __future__ import annotations
 
-from vlm_adapters.connectors.attention import (
-    QFormerConfig,
-    QFormerConnector,
-    ResamplerConfig,
-    ResamplerConnector,
-)
-from vlm_adapters.connectors.pool import PoolConfig, PoolConnector
-from vlm_adapters.connectors.simple import LinearConfig, LinearConnector, MLPConfig, MLPConnector
 from vlm_adapters.hookspecs import hookimpl
 from vlm_adapters.registry import ComponentSpec
 
@@ -20,36 +14,36 @@ def register_connectors() -> list[ComponentSpec]:
         ComponentSpec(
             "connector",
             "linear",
-            LinearConnector,
-            LinearConfig,
+            "vlm_adapters.connectors.simple:LinearConnector",
+            "vlm_adapters.connectors.simple:LinearConfig",
             "One linear projection per patch token (LLaVA).",
         ),
         ComponentSpec(
             "connector",
             "mlp",
-            MLPConnector,
-            MLPConfig,
+            "vlm_adapters.connectors.simple:MLPConnector",
+            "vlm_adapters.connectors.simple:MLPConfig",
             "Linear layers with activations per patch token (LLaVA-1.5: depth 2, GELU).",
         ),
         ComponentSpec(
             "connector",
             "qformer",
-            QFormerConnector,
-            QFormerConfig,
+            "vlm_adapters.connectors.attention:QFormerConnector",
+            "vlm_adapters.connectors.attention:QFormerConfig",
             "BLIP-2 style learned queries with cross-attention; fixed token count.",
         ),
         ComponentSpec(
             "connector",
             "resampler",
-            ResamplerConnector,
-            ResamplerConfig,
+            "vlm_adapters.connectors.attention:ResamplerConnector",
+            "vlm_adapters.connectors.attention:ResamplerConfig",
             "Perceiver resampler with learned latents; fixed token count.",
         ),
         ComponentSpec(
             "connector",
             "pool",
-            PoolConnector,
-            PoolConfig,
+            "vlm_adapters.connectors.pool:PoolConnector",
+            "vlm_adapters.connectors.pool:PoolConfig",
             "2-D average pooling or pixel shuffle, then an MLP; divides the token count.",
         ),
     ]

@@ -1,9 +1,10 @@
-"""Built-in LLM backend, registered through the same hook as any plugin."""
+"""Built-in LLM backend, registered through the same hook as any plugin.
+
+Factories and configs are named by import path, so listing them imports no torch."""
 
 from __future__ import annotations
 
 from vlm_adapters.hookspecs import hookimpl
-from vlm_adapters.llm.hf import HFLLM, HFLLMConfig
 from vlm_adapters.registry import ComponentSpec
 
 
@@ -13,8 +14,8 @@ def register_llm_backends() -> list[ComponentSpec]:
         ComponentSpec(
             "llm",
             "hf",
-            HFLLM,
-            HFLLMConfig,
+            "vlm_adapters.llm.hf:HFLLM",
+            "vlm_adapters.llm.hf:HFLLMConfig",
             "Any transformers AutoModelForCausalLM (hub id, local path or inline config).",
         )
     ]

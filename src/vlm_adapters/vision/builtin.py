@@ -1,13 +1,11 @@
-"""Built-in vision backbones, registered through the same hook as any plugin."""
+"""Built-in vision backbones, registered through the same hook as any plugin.
+
+Factories and configs are named by import path, so listing them imports no torch."""
 
 from __future__ import annotations
 
 from vlm_adapters.hookspecs import hookimpl
 from vlm_adapters.registry import ComponentSpec
-from vlm_adapters.vision.fused import FusedVisionConfig, build_fused
-from vlm_adapters.vision.hf import HFVisionBackbone, HFVisionConfig
-from vlm_adapters.vision.open_clip import OpenClipVisionConfig, build_open_clip
-from vlm_adapters.vision.timm import TimmVisionConfig, build_timm
 
 
 @hookimpl
@@ -16,29 +14,29 @@ def register_vision_backbones() -> list[ComponentSpec]:
         ComponentSpec(
             "vision",
             "hf",
-            HFVisionBackbone,
-            HFVisionConfig,
+            "vlm_adapters.vision.hf:HFVisionBackbone",
+            "vlm_adapters.vision.hf:HFVisionConfig",
             "Any transformers vision model (CLIP, SigLIP, DINOv2...): hub id, path or config.",
         ),
         ComponentSpec(
             "vision",
             "timm",
-            build_timm,
-            TimmVisionConfig,
+            "vlm_adapters.vision.timm:build_timm",
+            "vlm_adapters.vision.timm:TimmVisionConfig",
             "Any timm model; ViT patch tokens or flattened conv feature maps.",
         ),
         ComponentSpec(
             "vision",
             "open_clip",
-            build_open_clip,
-            OpenClipVisionConfig,
+            "vlm_adapters.vision.open_clip:build_open_clip",
+            "vlm_adapters.vision.open_clip:OpenClipVisionConfig",
             "The visual tower of any open_clip model, patch tokens.",
         ),
         ComponentSpec(
             "vision",
             "fused",
-            build_fused,
-            FusedVisionConfig,
+            "vlm_adapters.vision.fused:build_fused",
+            "vlm_adapters.vision.fused:FusedVisionConfig",
             "Several backbones on one patch grid, channels concatenated (e.g. DINOv2 + SigLIP).",
         ),
     ]

@@ -1,5 +1,16 @@
-"""C-Abstractor connector for vlm-adapters (Honeybee, Cha et al., CVPR 2024)."""
+"""C-Abstractor connector for vlm-adapters (Honeybee, Cha et al., CVPR 2024).
 
-from .connector import CAbstractor, CAbstractorConfig
+The names are imported on first use, so loading the plugin to list it imports no torch."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __all__ = ["CAbstractor", "CAbstractorConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.connector"), name)

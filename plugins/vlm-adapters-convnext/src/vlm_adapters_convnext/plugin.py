@@ -1,10 +1,11 @@
-"""The plugin module named by the ``vlm_adapters`` entry point."""
+"""The plugin module named by the ``vlm_adapters`` entry point.
+
+The factory and config are named by import path: `vlm-adapters list` then imports neither
+this package's torch code nor torch."""
 
 from __future__ import annotations
 
 import vlm_adapters
-
-from .backbone import ConvNeXtConfig, build_convnext
 
 
 @vlm_adapters.hookimpl
@@ -13,8 +14,8 @@ def register_vision_backbones() -> list[vlm_adapters.ComponentSpec]:
         vlm_adapters.ComponentSpec(
             kind="vision",
             name="convnext",
-            factory=build_convnext,
-            config=ConvNeXtConfig,
+            factory="vlm_adapters_convnext.backbone:build_convnext",
+            config="vlm_adapters_convnext.backbone:ConvNeXtConfig",
             description="timm ConvNeXt; a stage's feature map as tokens, optional multi-scale.",
         )
     ]
