@@ -1,4 +1,5 @@
-"""The ``vlm-adapters`` command. Each subcommand lives in its own thin module in this package."""
+"""The ``vlm-adapters`` command. Each subcommand lives in its own thin module in this package,
+imported only when that subcommand runs: ``vlm-adapters --help`` imports no torch."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 import importlib
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from types import ModuleType
 
 from vlm_adapters._env import env_flag
 from vlm_adapters.errors import VLMError
@@ -14,24 +16,32 @@ from vlm_adapters.errors import VLMError
 DEBUG_ENV = "VLM_ADAPTERS_DEBUG"
 ISSUES = "https://github.com/vlm-adapters/vlm-adapters/issues"
 
-COMMANDS = (
-    "demo",
-    "list",
-    "train",
-    "cache-features",
-    "eval",
-    "generate",
-    "chat",
-    "export",
-    "import",
-    "merge",
-    "new-plugin",
-    "smoke",
-)
+COMMANDS = {
+    "demo": "train a tiny VLM on synthetic shapes (both stages) and evaluate it",
+    "list": "List vision backbones, connectors and LLM backends, and the plugin packages.",
+    "train": "train a model (stage 1 align, stage 2 finetune)",
+    "cache-features": "compute a frozen vision tower's features once, ahead of training",
+    "eval": "Accuracy and loss on a LLaVA-format Q&A file.",
+    "generate": "Answer one prompt about an image (streamed).",
+    "chat": "Chat about an image in the terminal.",
+    "export": "Export a checkpoint for transformers' LLaVA classes.",
+    "import": "Import a transformers LLaVA checkpoint to train on.",
+    "merge": "Merge a LoRA checkpoint's adapters into a plain checkpoint (QLoRA: dequantized).",
+    "new-plugin": "Write a ready-to-install plugin package (pyproject, stub component, tests).",
+    "smoke": "write tiny data + a training config to smoke-test a (plugin's) component",
+}
+"""Each subcommand and its one-line summary for ``--help`` (the same as its module's)."""
 MODULES = {"import": "import_hf"}  # `import` is a Python keyword
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_module(name: str) -> ModuleType:
+    """The module of subcommand ``name`` (imported now: it may import torch)."""
+    return importlib.import_module(f"vlm_adapters.cli.{MODULES.get(name, name.replace('-', '_'))}")
+
+
+def build_parser(full: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The parser of every subcommand: those in ``full`` with their options (their modules
+    imported), the others by name and summary only, enough for ``vlm-adapters --help``."""
     parser = argparse.ArgumentParser(
         prog="vlm-adapters",
         description="Compose, train and export LLaVA-style vision-language models.",
@@ -42,12 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"show the full traceback of any error (or set {DEBUG_ENV}=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        module = importlib.import_module(
-            f"vlm_adapters.cli.{MODULES.get(name, name.replace('-', '_'))}"
-        )
-        module.add_parser(sub)
+    full = set(full)
+    for name, summary in COMMANDS.items():
+        if name in full:
+            command_module(name).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,8 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     anything else is a bug and prints its traceback with a request to report it (exit 1).
     ``--debug`` (or ``VLM_ADAPTERS_DEBUG=1``) shows the traceback of every error.
     """
-    args = build_parser().parse_args(argv)
-    nul = next((a for a in (sys.argv[1:] if argv is None else argv) if "\0" in a), None)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(full=[_command(argv)]).parse_args(argv)
+    nul = next((a for a in argv if "\0" in a), None)
     if nul is not None:
         print(
             f"vlm-adapters {args.command}: error: argument {nul!r} holds a NUL character, which "
