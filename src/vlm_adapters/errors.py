@@ -38,3 +38,8 @@ class TrainingError(VLMError, RuntimeError):
 
 class ExportError(VLMError, ValueError):
     """The model (or checkpoint) cannot be expressed in the other format; the message says why."""
+
+
+class InstallError(VLMError, ImportError):
+    """A dependency that is missing or installed in a combination that cannot work; the
+    message names the command that fixes it."""

@@ -2,28 +2,66 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode
 
-from vlm_adapters.errors import ConfigError
+from vlm_adapters.errors import ConfigError, InstallError
 from vlm_adapters.geometry import AnyResLayout, Size
+from vlm_adapters.registry import ComponentConfig
 
 if TYPE_CHECKING:
     from vlm_adapters.vision.tiling import TilingConfig
-from vlm_adapters.registry import ComponentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CPU_INSTALL = (
+    "pip install --force-reinstall torch torchvision --index-url "
+    "https://download.pytorch.org/whl/cpu"
+)
+"""Torch and torchvision from the same CPU build (docs/getting-started.md)."""
+
+
+@functools.cache
+def image_functional() -> ModuleType:
+    """``torchvision.transforms.functional``, imported when an image is first transformed:
+    importing torchvision imports its models and ``torch._dynamo`` (seconds), which importing
+    vlm_adapters never needs.
+
+    Raises:
+        InstallError: torchvision is missing or from another build than torch (the
+            ``operator torchvision::nms does not exist`` of a CUDA torchvision beside a CPU
+            torch), naming the command that installs a matching pair.
+    """
+    try:
+        import torchvision.transforms.functional as functional
+    except (ImportError, OSError, RuntimeError, AttributeError) as error:
+        raise InstallError(_pair_problem(error)) from error
+    return functional
+
+
+def _pair_problem(error: BaseException) -> str:
+    """Why torchvision cannot be imported beside this torch, with the fix."""
+    try:
+        found = f"torchvision {importlib.metadata.version('torchvision')}"
+    except importlib.metadata.PackageNotFoundError:
+        found = "torchvision (not installed)"
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (
+        f"{found} cannot be imported beside torch {torch.__version__} "
+        f"({type(error).__name__}: {first}); torch and torchvision must come from the same "
+        f"build: run `{CPU_INSTALL}` (CPU), or install both from your CUDA version's index"
+    )
 
 
 @dataclass(frozen=True)
@@ -44,14 +82,15 @@ class ImageTransform:
     interpolation: str = "bicubic"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        tvf = image_functional()
         image = image.convert("RGB")
-        mode = InterpolationMode(self.interpolation)
+        mode = tvf.InterpolationMode(self.interpolation)
         if self.crop:
-            image = TF.resize(image, self.resize or self.crop_size, interpolation=mode)
-            image = TF.center_crop(image, self.crop_size)
+            image = tvf.resize(image, self.resize or self.crop_size, interpolation=mode)
+            image = tvf.center_crop(image, self.crop_size)
         else:
-            image = TF.resize(image, [self.crop_size, self.crop_size], interpolation=mode)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)  # [3, H, W]
+            image = tvf.resize(image, [self.crop_size, self.crop_size], interpolation=mode)
+        return tvf.normalize(tvf.to_tensor(image), self.mean, self.std)  # [3, H, W]
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Stack several images into ``[B, 3, H, W]``."""

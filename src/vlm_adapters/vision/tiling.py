@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
-from torchvision.transforms import InterpolationMode
 
 from vlm_adapters.geometry import AnyResLayout, Grid, Size, tile_grids
 from vlm_adapters.vision.base import (
@@ -26,6 +24,7 @@ from vlm_adapters.vision.base import (
     ImageTransform,
     VariableTransform,
     VisionBackbone,
+    image_functional,
 )
 from vlm_adapters.vision.hf_processor import (
     ProcessorTransform,
@@ -134,12 +133,13 @@ class AnyResTransform(VariableTransform):
     def _cut(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         (rows, cols), (height, width) = self.layout.fitted(image.height, image.width)
-        tile, mode = self.layout.tile, InterpolationMode(self.base.interpolation)
+        tvf = image_functional()
+        tile, mode = self.layout.tile, tvf.InterpolationMode(self.base.interpolation)
         canvas = Image.new("RGB", (cols * tile, rows * tile))  # black padding
-        resized = TF.resize(image, [height, width], interpolation=mode)
+        resized = tvf.resize(image, [height, width], interpolation=mode)
         canvas.paste(resized, ((cols * tile - width) // 2, (rows * tile - height) // 2))
         square = self.base.resize or self.base.crop_size
-        pieces = [TF.resize(image, [square, square], interpolation=mode)]
+        pieces = [tvf.resize(image, [square, square], interpolation=mode)]
         pieces += [
             canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
             for r in range(rows)
