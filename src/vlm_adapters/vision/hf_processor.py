@@ -31,6 +31,7 @@ from vlm_adapters.vision.base import (
     ImageBatch,
     ImageTransform,
     VariableTransform,
+    image_functional,
 )
 
 _DEFAULT_NORM = {
@@ -170,6 +171,7 @@ def processor_from_config(data: dict[str, Any]) -> Any:
     class, and its backend, are the ones ``AutoProcessor`` picks for an export)."""
     from transformers import AutoImageProcessor
 
+    image_functional()  # its fast processors import torchvision: check the pair first
     check_inline_config(data, "image_processor")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(data))
@@ -308,6 +310,7 @@ def checkpoint_processor(model: str, revision: str | None) -> Any:
     """The image processor a checkpoint (hub id or directory) ships, or None without one."""
     from transformers import AutoImageProcessor
 
+    image_functional()  # its fast processors import torchvision: check the pair first
     try:
         return AutoImageProcessor.from_pretrained(model, revision=revision)
     except (OSError, ValueError):
