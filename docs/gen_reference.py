@@ -1,15 +1,20 @@
-"""mkdocs hook: generate the reference pages from the code (typed configs, registry, CLI).
+"""mkdocs hook: generate the reference pages from the code (typed configs, registry, CLI,
+chat templates).
 
-Pages: ``reference/config.md`` (every registered component's options and the training
-config), ``reference/components.md`` (the registry) and ``reference/cli.md`` (``--help``).
+Pages: ``reference/config.md`` (every key: each registered component's options, ``vision.tiling``
+and the training config), ``reference/components.md`` (the registry), ``reference/cli.md``
+(``--help``) and ``reference/templates.md`` (each chat template and what it renders).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import types
 import typing
+from itertools import groupby
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,6 +32,7 @@ def on_files(files: Any, config: Any) -> Any:
         "reference/config.md": config_page(),
         "reference/components.md": components_page(),
         "reference/cli.md": cli_page(),
+        "reference/templates.md": templates_page(),
     }
     for path, text in pages.items():
         files.append(File.generated(config, path, content=text))
@@ -39,6 +45,8 @@ def on_files(files: Any, config: Any) -> Any:
 def type_name(annotation: Any) -> str:
     """A readable type: ``int or None``, ``one of: a, b``, ``list of str``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # a constrained type (PositiveInt): the base type
+        return type_name(args[0])
     if origin is typing.Literal:
         return "one of: " + ", ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -90,12 +98,22 @@ def nested_models(model: type[BaseModel]) -> list[tuple[str, type[BaseModel]]]:
 def model_sections(
     model: type[BaseModel], path: str, level: int, skip: tuple[str, ...] = ()
 ) -> list[str]:
-    """A heading + table for ``model`` and, recursively, for its nested models."""
-    doc = (model.__doc__ or "").strip()
-    parts = [f"{'#' * level} `{path}`\n", f"{doc}\n" if doc else "", fields_table(model, "", skip)]
+    """A heading + table for ``model`` (keys written in full: ``path.key``) and, recursively,
+    for its nested models."""
+    doc = inspect.cleandoc(model.__doc__ or "")
+    parts = [f"{'#' * level} `{path}`\n", f"{doc}\n" if doc else ""]
+    parts.append(fields_table(model, f"{path}.", skip))
+    return parts + nested_sections(model, path, min(level + 1, 4), skip)
+
+
+def nested_sections(
+    model: type[BaseModel], path: str, level: int, skip: tuple[str, ...] = ()
+) -> list[str]:
+    """:func:`model_sections` of every nested model of ``model`` (at ``path.field``)."""
+    parts = []
     for name, child in nested_models(model):
         if name not in skip:
-            parts += model_sections(child, f"{path}.{name}", min(level + 1, 4))
+            parts += model_sections(child, f"{path}.{name}", level)
     return parts
 
 
@@ -115,19 +133,37 @@ def config_page() -> str:
         "(values are parsed as YAML), e.g. `connector.depth=3 stages.align.lr=2e-3`.\n",
     ]
     for kind, title in KIND_TITLES.items():
-        parts.append(f"## {title} (`{SECTION_OF[kind]}:`)\n")
+        section = SECTION_OF[kind]
+        parts.append(f"## {title} (`{section}:`)\n")
         for spec in get_registry().specs(kind):
             parts.append(f"### `type: {spec.name}`\n")
             parts.append(f"Provided by `{spec.provider}`. {spec.description}\n")
-            doc = (spec.config.__doc__ or "").strip()
+            doc = inspect.cleandoc(spec.config.__doc__ or "")
             if doc and not doc.startswith("Base class"):
                 parts.append(f"{doc}\n")
             if spec.config.model_fields:
-                parts.append(fields_table(spec.config))
+                parts.append(fields_table(spec.config, f"{section}."))
+                parts += nested_sections(spec.config, section, 4)
             else:
                 parts.append("No options.\n")
+        parts += section_sections(kind)
     parts += training_sections()
     return "\n".join(parts)
+
+
+def section_sections(kind: str) -> list[str]:
+    """The keys a section of ``kind`` takes beside its component's options, whatever its
+    ``type`` (``vision.tiling``)."""
+    from vlm_adapters.config import VisionSection
+    from vlm_adapters.registry import Section
+
+    if kind != "vision":
+        return []
+    common = tuple(Section.model_fields)  # type and the component's options, listed above
+    section = SECTION_OF[kind]
+    parts = ["### Any backbone\n", "Keys every vision section takes, whatever its `type`.\n"]
+    parts.append(fields_table(VisionSection, f"{section}.", skip=common))
+    return parts + nested_sections(VisionSection, section, 4, skip=common)
 
 
 def training_sections() -> list[str]:
@@ -138,7 +174,8 @@ def training_sections() -> list[str]:
     parts = [
         "## Training sections\n",
         "Beside the model sections, a training YAML holds `data`, `recipe`, `stages` and "
-        "`run` (read by `vlm-adapters train`).\n",
+        "`run` (read by `vlm-adapters train`). `data.*.template` names one of the "
+        "[chat templates](templates.md).\n",
     ]
     train = module.TrainConfig
     parts.append(fields_table(train, skip=("model", "where", "data", "stages", "run")))
@@ -146,6 +183,70 @@ def training_sections() -> list[str]:
         if name not in ("model", "where"):
             parts += model_sections(child, name, 3)
     return parts
+
+
+# ---------------------------------------------------------------------------- templates
+
+EXAMPLE_TURNS = [
+    ("human", "<image>\nWhat shape is it?"),
+    ("gpt", "A circle."),
+    ("human", "What colour?"),
+    ("gpt", "Red."),
+]
+"""The conversation every chat template is shown rendering."""
+EXAMPLE_EOS = "</s>"
+"""The eos token the examples are rendered with (the tokenizer's, in use)."""
+
+
+def rendered_example(template: Any) -> str:
+    """``EXAMPLE_TURNS`` as ``template`` renders them, supervised text between ⟦ ⟧."""
+    from vlm_adapters.chat.templates import _template_pieces
+
+    tokenizer = SimpleNamespace(eos_token=EXAMPLE_EOS)  # all a named template reads of one
+    pieces = _template_pieces(tokenizer, template, EXAMPLE_TURNS)
+    spans = [(key, "".join(t for t, _ in run)) for key, run in groupby(pieces, lambda p: p[1])]
+    text = "".join(f"⟦{text}⟧" if supervised else text for supervised, text in spans if text)
+    return text.rstrip("\n")
+
+
+def templates_page() -> str:
+    from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES, list_templates
+
+    parts = [
+        "# Chat templates\n",
+        "The names `data.*.template` (and the `--template` of `generate`, `chat`, `eval`, "
+        "`export` and `import`) take, each with the text it renders for this conversation: a "
+        "human turn `<image>\\nWhat shape is it?`, the answer `A circle.`, then `What "
+        "colour?` and `Red.`, with no system turn (so a template's default system prompt "
+        "shows). Supervised text (what the model learns to say) is between ⟦ ⟧; "
+        f"`{EXAMPLE_EOS}` stands for the tokenizer's eos token. A model without a recorded "
+        f"template uses `{DEFAULT_TEMPLATE}`.\n",
+        "| name | special tokens (each must be one token) | BOS added | system turn |",
+        "|---|---|---|---|",
+    ]
+    for name in list_templates():
+        t = TEMPLATES[name]
+        specials = ", ".join(f"`{s}`" for s in t.special_tokens) or "none"
+        system = "merged into the first human turn" if t.system is None else "own text"
+        if t.images_only:
+            system = "dropped (only the `<image>` markers of human turns are kept)"
+        if t.from_tokenizer:
+            specials, system = "the tokenizer's", "the tokenizer's"
+        bos = "the tokenizer's" if t.from_tokenizer else ("yes" if t.add_bos else "no")
+        parts.append(f"| [`{name}`](#{name}) | {specials} | {bos} | {system} |")
+    parts.append("")
+    for name in list_templates():
+        t = TEMPLATES[name]
+        parts.append(f"## `{name}`\n")
+        if t.from_tokenizer:
+            parts.append(
+                "Rendered by the tokenizer's own Jinja chat template (`chat_template` in "
+                "its `tokenizer_config.json`); each answer and the end-of-turn token after "
+                "it are supervised.\n"
+            )
+            continue
+        parts += ["```text", rendered_example(t), "```\n"]
+    return "\n".join(parts)
 
 
 def components_page() -> str:

@@ -76,13 +76,11 @@ def gen_reference():
     return module
 
 
-def test_generated_reference_covers_every_component_and_option(gen_reference) -> None:
+def test_generated_reference_covers_every_component(gen_reference) -> None:
+    """Each component in the catalog and the CLI page (every option: tests/test_reference.py)."""
     config_page = gen_reference.config_page()
     catalog = gen_reference.components_page()
     for spec in get_registry().specs():
         assert f"### `type: {spec.name}`" in config_page
         assert f"| `{spec.name}` | `{spec.provider}` |" in catalog
-        for field in spec.config.model_fields:
-            assert f"| `{field}` |" in config_page, f"{spec.name}.{field} missing"
-    assert "### `stages`" in config_page and "| `on_bad_sample` |" in config_page
     assert "## `new-plugin`" in gen_reference.cli_page()

@@ -21,7 +21,9 @@ SECTIONS = KINDS
 class VisionSection(Section):
     """The vision section: a backbone of any registered type, optionally ``tiling`` (AnyRes)."""
 
-    tiling: TilingConfig | None = None
+    tiling: TilingConfig | None = Field(
+        None, description="AnyRes: cut images into tiles (below); null: whole images."
+    )
 
     def to_dict(self) -> dict[str, Any]:
         tiling = {} if self.tiling is None else {"tiling": self.tiling.model_dump()}
