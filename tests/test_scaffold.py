@@ -75,6 +75,13 @@ def test_generated_packages_install_and_pass_their_own_tests(tmp_path: Path) -> 
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "15 passed" in result.stdout
+    light = (  # the entry point's module registers by path: loading it imports no torch
+        "import sys, vlm_adapters_scaffolded.plugin as p; "
+        "assert not {'torch', 'vlm_adapters_scaffolded.vision'} & set(sys.modules); "
+        "print(p.register_vision_backbones()[0].factory.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", light], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "SvVision", done.stderr[-2000:]
 
 
 def test_several_kinds_in_one_package_with_their_own_names(

@@ -27,10 +27,10 @@ COMMANDS = {
     "export": "Export a checkpoint for transformers' LLaVA classes.",
     "import": "Import a transformers LLaVA checkpoint to train on.",
     "merge": "Merge a LoRA checkpoint's adapters into a plain checkpoint (QLoRA: dequantized).",
-    "new-plugin": "Write a ready-to-install plugin package (pyproject, stub component, tests).",
+    "new-plugin": "Write a ready-to-install plugin package (pyproject, stub components, tests).",
     "smoke": "write tiny data + a training config to smoke-test a (plugin's) component",
 }
-"""Each subcommand and its one-line summary for ``--help`` (the same as its module's)."""
+"""Each subcommand and its one-line summary, for ``--help`` and for its module's parser."""
 MODULES = {"import": "import_hf"}  # `import` is a Python keyword
 
 

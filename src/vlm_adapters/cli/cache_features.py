@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._rest import parse_rest, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "cache-features",
-        help="compute a frozen vision tower's features once, ahead of training",
+        help=COMMANDS["cache-features"],
         description="Fill stages.<stage>.feature_cache of CONFIG with the frozen vision tower's "
         "features of every image the stage's data uses (entries already there and intact are "
         "kept). Training fills what is missing by itself; this does it ahead of time.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._inference import (
     add_generation_options,
     load_checkpoint,
@@ -17,7 +18,7 @@ HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("chat", help="Chat about an image in the terminal.")
+    parser = sub.add_parser("chat", help=COMMANDS["chat"])
     add_generation_options(parser)
     parser.add_argument("--image", help="Image file to talk about.")
     parser.set_defaults(func=run)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vlm_adapters.cli import COMMANDS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
-        help="train a tiny VLM on synthetic shapes (both stages) and evaluate it",
+        help=COMMANDS["demo"],
         description="Generates a shapes data set, builds the model of examples/configs/demo.yaml, "
         "runs stage 1 (align) and stage 2 (finetune) and reports held-out accuracy.",
     )

@@ -6,12 +6,13 @@ import argparse
 import json
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._inference import add_trust_option, load_checkpoint
 from vlm_adapters.cli._rest import positive_int
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("eval", help="Accuracy and loss on a LLaVA-format Q&A file.")
+    parser = sub.add_parser("eval", help=COMMANDS["eval"])
     parser.add_argument("checkpoint", help="Checkpoint directory (vlm-adapters or HF LLaVA).")
     add_trust_option(parser)
     parser.add_argument("--data", required=True, help="LLaVA JSON/JSONL; last turn = reference.")

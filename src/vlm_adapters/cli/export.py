@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._inference import add_output_options, add_trust_option, output_dir
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("export", help="Export a checkpoint for transformers' LLaVA classes.")
+    parser = sub.add_parser("export", help=COMMANDS["export"])
     parser.add_argument("checkpoint", help="Checkpoint directory written by save_pretrained.")
     parser.add_argument("--format", choices=["hf-llava"], default="hf-llava")
     add_output_options(parser)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._inference import (
     add_generation_options,
     load_checkpoint,
@@ -14,7 +15,7 @@ from vlm_adapters.cli._inference import (
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("generate", help="Answer one prompt about an image (streamed).")
+    parser = sub.add_parser("generate", help=COMMANDS["generate"])
     add_generation_options(parser)
     parser.add_argument("--image", help="Image file (omit for a text-only prompt).")
     parser.add_argument("--prompt", required=True, help="The question or instruction.")

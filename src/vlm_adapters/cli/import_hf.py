@@ -6,11 +6,12 @@ import argparse
 import sys
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._inference import add_output_options, output_dir
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("import", help="Import a transformers LLaVA checkpoint to train on.")
+    parser = sub.add_parser("import", help=COMMANDS["import"])
     parser.add_argument("source", help="Directory (or hub id) of a LLaVA checkpoint.")
     add_output_options(parser)
     parser.add_argument(

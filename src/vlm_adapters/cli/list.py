@@ -7,13 +7,14 @@ import argparse
 import json
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.plugins import list_components, list_plugins
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "list",
-        help="List vision backbones, connectors and LLM backends, and the plugin packages.",
+        help=COMMANDS["list"],
         description="The components table, then each plugin package with its version and "
         "status (loaded, failed, incompatible or disabled) and why it is not loaded.",
     )

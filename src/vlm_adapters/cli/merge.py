@@ -8,13 +8,14 @@ import sys
 import warnings
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._inference import add_output_options, add_trust_option, output_dir
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "merge",
-        help="Merge a LoRA checkpoint's adapters into a plain checkpoint (QLoRA: dequantized).",
+        help=COMMANDS["merge"],
     )
     parser.add_argument("checkpoint", help="Checkpoint directory written by save_pretrained.")
     add_output_options(parser)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.scaffold import KINDS, new_plugin
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "new-plugin",
-        help="Write a ready-to-install plugin package (pyproject, stub components, tests).",
+        help=COMMANDS["new-plugin"],
         description="Write OUT/vlm-adapters-NAME: a package with a stub component of each "
         "--kind, e.g. `new-plugin acme --kind connector --name window_mlp --kind llm --name "
         "tiny_lm`.",

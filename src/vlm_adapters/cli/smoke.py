@@ -6,6 +6,7 @@ import argparse
 import shlex
 from typing import Any
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._rest import parse_rest
 from vlm_adapters.testing.tiny import LLM_FAMILIES, VISION_VARIANTS
 
@@ -13,7 +14,7 @@ from vlm_adapters.testing.tiny import LLM_FAMILIES, VISION_VARIANTS
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "smoke",
-        help="write tiny data + a training config to smoke-test a (plugin's) component",
+        help=COMMANDS["smoke"],
         description="Writes OUT/data (synthetic shapes), OUT/tokenizer (offline word tokenizer) "
         "and OUT/smoke.yaml: a tiny model with the chosen components that trains both stages "
         "on a CPU in seconds. Built-in types get tiny configs; any other registered component "

@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 
+from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._rest import parse_rest
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "train",
-        help="train a model (stage 1 align, stage 2 finetune)",
+        help=COMMANDS["train"],
         description="Train the model of CONFIG. For several GPUs: `accelerate launch "
         "--config_file examples/accelerate/ddp.yaml -m vlm_adapters.cli train CONFIG ...`.",
     )

@@ -165,14 +165,11 @@ def _package_texts(package: dict[str, str], parts: list[dict[str, str]]) -> dict
     """The package-level pieces that list every component: what it provides, imports,
     ``__all__``, hooks and the README's config sections."""
     provides = " and ".join(f"the {p['name']} {_WORDS[p['kind']]}" for p in parts)
-    ordered = sorted(parts, key=lambda p: p["file"])
-    imports = "".join(f"from .{p['file']} import {p['cls']}, {p['cls']}Config\n" for p in ordered)
-    names = sorted(n for p in parts for n in (p["cls"], f"{p['cls']}Config"))
+    homes = {n: p["file"] for p in parts for n in (p["cls"], f"{p['cls']}Config")}
     return {
         "provides": provides,
         "Provides": provides[0].upper() + provides[1:],
-        "imports": imports,
-        "all": ", ".join(f'"{n}"' for n in names),
-        "hooks": "".join(_render("hook.py", p) for p in parts),
+        "homes": "".join(f'    "{n}": "{f}",\n' for n, f in sorted(homes.items())),
+        "hooks": "".join(_render("hook.py", {**package, **p}) for p in parts),
         "sections": "".join(_render("section.md", p) for p in parts),
     }

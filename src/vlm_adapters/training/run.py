@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 
 from vlm_adapters._io import remove_tree, safetensors_problem
 from vlm_adapters.chat.templates import check_template
-from vlm_adapters.config import SECTIONS, VisionSection, apply_overrides, parse_section, read_yaml
+from vlm_adapters.config import apply_overrides, read_yaml
 from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, OutputError
 from vlm_adapters.inference.evaluation import answer_loss
@@ -24,7 +24,6 @@ from vlm_adapters.model.build import build_vlm
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.files import WEIGHTS_NAME
 from vlm_adapters.model.lora import load_weights
-from vlm_adapters.registry import Section
 from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
 from vlm_adapters.training.callbacks import CallbackHandler, TrainerCallback
 from vlm_adapters.training.checkpoint import checkpoint_problem
@@ -48,10 +47,10 @@ from vlm_adapters.training.recipes import carry_connector, stages_to_run
 from vlm_adapters.training.rundir import (
     CONFIG_NAME,
     check_resume_config,
-    config_differences,
     locked_run_dir,
     on_main,
 )
+from vlm_adapters.training.sections import with_model_sections
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -211,73 +210,6 @@ def _named_stages(raw: dict[str, Any], stage: str) -> list[str]:
         return [stage]
     recipe = raw.get("recipe")
     return [str(name) for name in recipe] if isinstance(recipe, list) else list(STAGES)
-
-
-def model_sections(model: VisionLanguageModel) -> dict[str, Section]:
-    """The vision / connector / llm sections ``model`` was built from (each component's
-    ``cfg`` and registered type), which rebuild it."""
-    sections: dict[str, Section] = {}
-    for kind in SECTIONS:
-        module = getattr(model, kind)
-        tiling = module.tiling if kind == "vision" else None
-        params = getattr(module.untiled() if tiling else module, "cfg", None)
-        name = model.component_types.get(kind)
-        if name is None or params is None:
-            raise ConfigError(
-                f"model=: its {kind} does not say how it was built (no registered type or "
-                "`cfg`); pass a model from vlm_adapters.build_vlm or vlm_adapters.load"
-            )
-        sections[kind] = (
-            VisionSection(type=name, params=params, tiling=tiling)
-            if tiling
-            else Section(type=name, params=params)
-        )
-    return sections
-
-
-def with_model_sections(
-    raw: dict[str, Any], model: VisionLanguageModel, where: str = ""
-) -> dict[str, Any]:
-    """``raw`` with the model sections of ``model`` (what config.yaml records, so a resume
-    rebuilds the same model); a section of ``raw`` that says otherwise (another type, or a
-    value it sets that the model's section holds otherwise) is a ConfigError naming both."""
-    actual = model_sections(model)
-    problems = []
-    for kind, section in actual.items():
-        if raw.get(kind) is not None:
-            problems += _contradictions(kind, parse_section(kind, raw[kind], where), section)
-    if problems:
-        prefix = f"{where}: " if where else ""
-        raise ConfigError(
-            f"{prefix}the config contradicts the model given as model= ({'; '.join(problems)}); "
-            "remove those sections (the model's own are used) or pass the model they describe"
-        )
-    return {**raw, **{kind: section.to_dict() for kind, section in actual.items()}}
-
-
-def _contradictions(kind: str, given: Section, actual: Section) -> list[str]:
-    """``kind.key: X in the config, Y in the model`` for the type, and every value ``given``
-    sets (explicitly) that ``actual`` holds otherwise; a value the model leaves unset (e.g. a
-    hub id of a model loaded from a checkpoint) contradicts nothing."""
-    if given.type != actual.type:
-        return [f"{kind}.type: {given.type!r} in the config, {actual.type!r} in the model"]
-    mine = given.params.model_dump(mode="json", include=given.params.model_fields_set)
-    theirs = actual.params.model_dump(mode="json")
-    for section, data in ((given, mine), (actual, theirs)):
-        tiling = getattr(section, "tiling", None)
-        data["tiling"] = tiling.model_dump(mode="json") if tiling is not None else None
-    return [
-        f"{kind}.{key}: {old!r} in the config, {new!r} in the model"
-        for key, old, new in config_differences(mine, _within(theirs, mine))
-        if new is not None and old is not None
-    ]
-
-
-def _within(actual: Any, given: Any) -> Any:
-    """``actual`` cut to the keys ``given`` has (recursively)."""
-    if isinstance(actual, dict) and isinstance(given, dict):
-        return {key: _within(actual.get(key), value) for key, value in given.items()}
-    return actual
 
 
 @contextlib.contextmanager
