@@ -1,4 +1,5 @@
-"""``vlm-adapters eval``: exact-match accuracy and answer loss on a LLaVA-format Q&A file."""
+"""``vlm-adapters eval``: exact-match accuracy and answer loss on a LLaVA-format Q&A file, or a
+benchmark metric (``--task-type``), with per-sample predictions written to ``--out``."""
 
 from __future__ import annotations
 
@@ -22,10 +23,26 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--show", type=int, default=5, help="Print this many sample answers.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    parser.add_argument(
+        "--task-type",
+        choices=("exact", "vqa", "yesno", "choice"),
+        default="exact",
+        help="Metric: exact match + loss (default), VQAv2 soft accuracy, yes/no (POPE), "
+        "multiple choice by log-likelihood (circular); see docs/evaluation.md.",
+    )
+    parser.add_argument(
+        "--out", help="Write predictions.jsonl (one row per sample) and summary.json here."
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlm_adapters._io import check_output_dir
+
+    if args.out is not None:
+        check_output_dir(args.out, protect=[args.checkpoint])
+    if args.task_type != "exact" or args.out is not None:
+        return _score(args)
     from vlm_adapters.data import load_records
     from vlm_adapters.inference.evaluation import evaluate
 
@@ -48,4 +65,39 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {kind:<12} {accuracy:.4f}")
     for question, reference, prediction in result["samples"][: args.show]:
         print(f"Q: {question} | reference: {reference} | prediction: {prediction}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    """A task type's metrics; predictions and summary into ``--out`` when given."""
+    from vlm_adapters._io import atomic_dir
+    from vlm_adapters.data import load_records
+    from vlm_adapters.inference.tasks import score
+
+    model = load_checkpoint(args.checkpoint, args.trust_remote_code)
+    records = load_records(args.data)
+    scored = score(
+        model,
+        records,
+        args.images,
+        args.task_type,
+        args.template,
+        args.batch_size,
+        args.max_new_tokens,
+        source=args.data,
+    )
+    if args.out is not None:
+        with atomic_dir(args.out, protect=[args.checkpoint]) as tmp:
+            rows = "".join(json.dumps(row) + "\n" for row in scored.samples)
+            (tmp / "predictions.jsonl").write_text(rows)
+            (tmp / "summary.json").write_text(json.dumps(scored.summary, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(scored.summary, indent=2))
+        return 0
+    metrics = {k: v for k, v in scored.summary.items() if isinstance(v, float)}
+    print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  n {scored.summary['n']}")
+    for row in scored.samples[: args.show]:
+        print(json.dumps(row))
+    if args.out is not None:
+        print(f"predictions: {args.out}/predictions.jsonl")
     return 0

@@ -7,7 +7,6 @@ the reference is that last answer.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,15 +22,17 @@ from vlm_adapters.data import ConversationDataset, DataCollator
 from vlm_adapters.data.images import ImageProblem, confined_path, open_image
 from vlm_adapters.data.records import Skipped, image_paths, sample_id
 from vlm_adapters.model.generation import generate, resolve_template
+from vlm_adapters.scoring import normalize_answer
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
 
-_TRAILING_PUNCT = re.compile(r"[\s.!?,;:]+$")
+__all__ = ["answer_loss", "evaluate", "normalize_answer"]
 
 
 @dataclass
 class _Item:
+    id: str
     where: str
     """The data file and the sample, for errors."""
     turns: list[Mapping[str, Any]]
@@ -39,11 +40,6 @@ class _Item:
     question: str
     images: list[Path]
     question_type: str | None
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, single spaces, no trailing punctuation (for exact-match comparison)."""
-    return _TRAILING_PUNCT.sub("", " ".join(text.lower().split()))
 
 
 def evaluate(
@@ -92,23 +88,33 @@ def evaluate(
     }
 
 
-def _item(record: Mapping[str, Any], index: int, root: Path, source: str | Path) -> _Item:
-    """Split a record into prompt turns and the reference answer."""
-    where = _where(source, sample_id(record, index), index)
+def _item(
+    record: Mapping[str, Any], index: int, root: Path, source: str | Path, answered: bool = True
+) -> _Item:
+    """Split a record into prompt turns and the reference answer (the last 'gpt' turn; with
+    ``answered=False`` the record ends with its question, and a last 'gpt' turn is dropped)."""
+    name = sample_id(record, index)
+    where = _where(source, name, index)
     with _naming(where):
         turns = record.get("conversations")
         if not isinstance(turns, list):
             raise DataError(f"'conversations' must be a list of turns, got {turns!r}")
         roles = [role for role, _ in normalize_turns(turns)]
-        if not roles or roles[-1] != "gpt" or "human" not in roles:
+        if not answered:  # the question gets an empty stand-in answer
+            keep = len(roles) - 1 if roles[-1:] == ["gpt"] else len(roles)
+            turns, roles = [*turns[:keep], {"from": "gpt", "value": ""}], [*roles[:keep], "gpt"]
+        if roles[-1:] != ["gpt"] or "human" not in roles:
             raise DataError(
                 "an eval sample must end with a 'gpt' answer after a 'human' question; the "
                 "last answer is the reference"
+                if answered
+                else "an eval sample must end with a 'human' question"
             )
         images = [confined_path(root, path) for path in image_paths(record)]
     last_human = max(i for i, role in enumerate(roles) if role == "human")
     question = str(turns[last_human]["value"])
     return _Item(
+        id=name,
         where=where,
         turns=turns[:-1],
         reference=str(turns[-1]["value"]),
