@@ -17,6 +17,7 @@ from vlm_adapters._io import MANIFEST
 from vlm_adapters.cli import main
 from vlm_adapters.inference.tasks import option_logprobs, score
 from vlm_adapters.testing import tiny_model_config
+from vlm_adapters.testing.tiny import tiny_tiled_config
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -47,19 +48,34 @@ def _question(i: int, **fields: Any) -> dict[str, Any]:
     }
 
 
-def test_option_logprobs_equal_the_model_loss(model: VisionLanguageModel, images: Path) -> None:
-    image = Image.open(images / "1.png")
-    turns = [{"from": "human", "value": "<image>\nwhat colour is the shape?"}]
-    fast = option_logprobs(model, [turns], [COLOURS], [image], "vicuna_v1", batch_size=3)[0]
+def _check_against_loss(model: VisionLanguageModel, pictures: list[Image.Image]) -> None:
+    """Option log-likelihoods equal minus the summed training loss of each option answered."""
+    turns = [{"from": "human", "value": "<image>\n" * len(pictures) + "what colour is it?"}]
+    fast = option_logprobs(model, [turns], [COLOURS], pictures, "vicuna_v1", batch_size=3)[0]
     processor = model.processor_for("vicuna_v1")
-    pixels = processor.images([image])
+    pixels = processor.images(pictures)
     for option, value in zip(COLOURS, fast):
-        encoded = processor.encode([*turns, {"from": "gpt", "value": option}], [image])
+        encoded = processor.encode([*turns, {"from": "gpt", "value": option}], pictures)
         ids, labels = torch.tensor([encoded.input_ids]), torch.tensor([encoded.labels])
         with torch.no_grad():
             out = model(ids, None, pixels, labels, num_items_in_batch=1)
         assert value == pytest.approx(-float(out.loss), abs=1e-4)
     assert len(set(fast)) == len(COLOURS)  # the options really differ
+
+
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_option_logprobs_equal_the_model_loss(
+    model: VisionLanguageModel, images: Path, count: int
+) -> None:
+    _check_against_loss(model, [Image.open(images / f"{i}.png") for i in range(count)])
+
+
+def test_option_logprobs_with_anyres_tiles(tokenizer_dir: str) -> None:
+    torch.manual_seed(0)
+    vision = tiny_tiled_config("hf", max_tiles=None, grids=None)
+    tiled = build_vlm(tiny_model_config(tokenizer_dir, vision)).eval()
+    sizes = [(64, 32), (50, 97)]  # different grids: different visual token counts
+    _check_against_loss(tiled, [Image.new("RGB", size, "blue") for size in sizes])
 
 
 def test_choice_encodes_each_image_once(model: VisionLanguageModel, images: Path) -> None:
