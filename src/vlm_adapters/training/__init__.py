@@ -2,7 +2,19 @@
 
 The names are imported on first use: `TrainerCallback` imports no training machinery."""
 
+from typing import TYPE_CHECKING
+
 from vlm_adapters._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from vlm_adapters.training.callbacks import TrainerCallback, TrainerControl, TrainerState
+    from vlm_adapters.training.config import (
+        TrainConfig,
+        load_train_config,
+        train_config_from_dict,
+    )
+    from vlm_adapters.training.loop import Trainer
+    from vlm_adapters.training.run import TrainResult, train
 
 _SOURCES = {
     "TrainConfig": "vlm_adapters.training.config",
