@@ -248,3 +248,12 @@ def test_bad_arguments_are_one_clear_error(tokenizer_dir: str) -> None:
     model = tiny(tiny_model_config(tokenizer_dir))
     with pytest.raises(DataError, match="batch_size must be a positive integer, got 'auto'"):
         VLMAdaptersLMM(model=model, batch_size="auto")
+
+
+def test_images_are_encoded_once_per_question(tokenizer_dir: str, task_dir: Path) -> None:
+    model = tiny(tiny_model_config(tokenizer_dir))
+    rows: list[int] = []
+    model.vision.register_forward_hook(lambda _m, args, _out: rows.append(len(args[0])))
+    run(VLMAdaptersLMM(model=model, batch_size=8), task_dir, ["vlmad_mc"])
+    images = sum(len(which) for *_, which in QUESTIONS)
+    assert sum(rows) == images  # not once per option: len(CHOICES) * images
