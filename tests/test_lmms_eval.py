@@ -257,3 +257,25 @@ def test_images_are_encoded_once_per_question(tokenizer_dir: str, task_dir: Path
     run(VLMAdaptersLMM(model=model, batch_size=8), task_dir, ["vlmad_mc"])
     images = sum(len(which) for *_, which in QUESTIONS)
     assert sum(rows) == images  # not once per option: len(CHOICES) * images
+
+
+@pytest.mark.parametrize(
+    ("context", "visual", "message"),
+    [
+        ("<image> <image> what shape?", "one", "2 <image> marker(s) but 1 image(s)"),
+        ("what shape?", "video.mp4", "takes images (PIL) as visuals, got str"),
+    ],
+)
+def test_bad_doc_is_one_error_naming_it(
+    tokenizer_dir: str, context: str, visual: str, message: str
+) -> None:
+    from lmms_eval.api.instance import Instance
+
+    lm = VLMAdaptersLMM(model=tiny(tiny_model_config(tokenizer_dir)))
+    image = Image.new("RGB", (32, 32))
+    lm.task_dict = {"shapes": {"test": [{"visual": image if visual == "one" else visual}]}}
+    args = (context, {"max_new_tokens": 2}, lambda doc: [doc["visual"]], 0, "shapes", "test")
+    metadata = {"task": "shapes", "doc_id": 0, "repeats": 1}
+    request = Instance(request_type="generate_until", arguments=args, idx=0, metadata=metadata)
+    with pytest.raises(DataError, match=f"^task 'shapes', doc 0: .*{re.escape(message)}"):
+        lm.generate_until([request])

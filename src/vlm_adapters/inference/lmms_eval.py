@@ -10,7 +10,9 @@ nothing else in the package imports this module.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +92,26 @@ class VLMAdaptersLMM(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers to each request, cut at the first of its ``until`` strings."""
-        prompts = [self._request(request.args) for request in requests]
+        prompts = []
+        for request in requests:
+            with _about(request):
+                prompts.append(self._request(request.args))
         answers: list[str] = [""] * len(prompts)
         for indices in _groups(prompts, self.batch_size):
             kwargs = prompts[indices[0]][1]
-            texts = generate(
-                self.model,
-                [prompts[i][0][0] for i in indices],
-                [prompts[i][0][1] for i in indices],
-                template=self.template,
-                max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
-                temperature=float(kwargs.get("temperature", 0.0) or 0.0),
-                top_p=float(kwargs.get("top_p", 1.0) or 1.0),
-            )
+            try:
+                texts = generate(
+                    self.model,
+                    [prompts[i][0][0] for i in indices],
+                    [prompts[i][0][1] for i in indices],
+                    template=self.template,
+                    max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
+                    temperature=float(kwargs.get("temperature", 0.0) or 0.0),
+                    top_p=float(kwargs.get("top_p", 1.0) or 1.0),
+                )
+            except DataError:
+                self._blame([(requests[i], prompts[i][0]) for i in indices])
+                raise
             for i, text in zip(indices, texts):
                 answers[i] = _until(text, kwargs.get("until"))
         return answers
@@ -116,79 +125,87 @@ class VLMAdaptersLMM(lmms):
         any other non-string response into its ``str()``, which its multiple-choice scoring
         cannot read; a ``GenerationResult``'s ``text`` reaches the task as it is.
         """
-        items = []
-        for request in requests:
+        questions: dict[tuple, _Question] = {}
+        for index, request in enumerate(requests):
             context, target, doc_to_visual, doc_id, task, split = request.args
-            doc = self._doc(task, split, doc_id)
-            continuation = target if isinstance(target, str) else target(doc)
-            images = _visuals(doc_to_visual(doc) if doc_to_visual else [])
-            items.append(((task, split, doc_id, context), images, continuation))
-        questions: dict[tuple, list[int]] = {}
-        for index, (key, _, _) in enumerate(items):
-            questions.setdefault(key, []).append(index)
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(items)
-        processor = self.model.processor_for(self.template)
-        chunk: list[list[int]] = []
-        for indices in questions.values():
-            chunk.append(indices)
-            if sum(map(len, chunk)) >= self.batch_size:
-                self._score(processor, items, chunk, results)
+            with _about(request):
+                question = questions.get((task, split, doc_id, context))
+                if question is None:
+                    doc = self._doc(task, split, doc_id)
+                    images = _visuals(doc_to_visual(doc) if doc_to_visual else [])
+                    question = _Question(request, context, images, doc)
+                    questions[(task, split, doc_id, context)] = question
+                continuation = target if isinstance(target, str) else target(question.doc)
+                ids = self.model.tokenizer(continuation, add_special_tokens=False).input_ids
+                if not ids:
+                    raise DataError("an empty continuation has no log-likelihood; fix the task")
+            question.options.append((index, ids))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        chunk: list[_Question] = []
+        for question in questions.values():
+            chunk.append(question)
+            if sum(len(q.options) for q in chunk) >= self.batch_size:
+                self._score(chunk, results)
                 chunk = []
         if chunk:
-            self._score(processor, items, chunk, results)
+            self._score(chunk, results)
         return [GenerationResult(text=pair) for pair in results]  # type: ignore[arg-type]
 
-    def _score(
-        self,
-        processor: Any,
-        items: list[tuple[tuple, list[Image.Image], str]],
-        chunk: list[list[int]],
-        results: list[tuple[float, bool]],
-    ) -> None:
-        """Score the options of each question in ``chunk`` in one forward pass."""
+    def _score(self, chunk: list[_Question], results: list[tuple[float, bool]]) -> None:
+        """Score every option of the questions in ``chunk`` in one forward pass; the LM head
+        runs only where a continuation token is predicted."""
+        processor = self.model.processor_for(self.template)
         rows, spans, pixels = [], [], []
-        for indices in chunk:
-            key, images, _ = items[indices[0]]
-            prompt = processor.prompt(_simple_prompt(key[3], images)[0], images)
-            for i in indices:
-                answer = self.model.tokenizer(items[i][2], add_special_tokens=False).input_ids
-                if not answer:
-                    raise DataError(f"doc {key[2]} of {key[0]}: empty continuation to score")
-                spans.append((len(prompt), len(answer)))
-                rows.append(prompt + answer)
-            pixels.append((processor.images(images), len(indices)))
+        for question in chunk:
+            with _about(question.request):
+                prompt = processor.prompt(*_simple_prompt(question.context, question.images))
+            for index, ids in question.options:
+                spans.append((index, len(prompt), ids))
+                rows.append(prompt + ids)
+            pixels.append((processor.images(question.images), len(question.options)))
         batch = pad_batch(rows, self.model.tokenizer.pad_token_id, side="right")
         device = self.model.llm.device
-        logits = self.model(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            **self._visual_inputs(pixels, device),
-        ).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        flat = [i for indices in chunk for i in indices]
-        for row, (i, (start, length)) in enumerate(zip(flat, spans)):
-            targets = batch["input_ids"][row, start : start + length].to(device)
-            scores = logprobs[row, start - 1 : start + length - 1]  # [L, V]
-            total = float(scores.gather(-1, targets[:, None]).sum())
-            greedy = bool((scores.argmax(-1) == targets).all())
-            results[i] = (total, greedy)
+        embeds = self.model.embed(batch["input_ids"].to(device), **self._visual_inputs(pixels))
+        hidden = self.model.llm.body(embeds, batch["attention_mask"].to(device))  # [B, T, H]
+        rows_at = torch.cat([torch.full((len(ids),), row) for row, (_, _, ids) in enumerate(spans)])
+        cols_at = torch.cat(
+            [torch.arange(start - 1, start - 1 + len(ids)) for _, start, ids in spans]
+        )
+        picked = hidden[rows_at.to(device), cols_at.to(device)]  # [K, H]
+        logprobs = torch.log_softmax(self.model.llm.logits(picked).float(), -1)  # [K, V]
+        targets = torch.tensor([t for _, _, ids in spans for t in ids], device=logprobs.device)
+        chosen = logprobs.gather(-1, targets[:, None])[:, 0]  # [K]
+        hits = logprobs.argmax(-1) == targets  # [K]
+        start = 0
+        for index, _, ids in spans:
+            end = start + len(ids)
+            results[index] = (float(chosen[start:end].sum()), bool(hits[start:end].all()))
+            start = end
 
-    def _visual_inputs(self, pixels: list[tuple[Any, int]], device: torch.device) -> dict[str, Any]:
+    def _visual_inputs(self, pixels: list[tuple[Any, int]]) -> dict[str, Any]:
         """Each question's images through the vision tower once, repeated for its options
-        (``image_features``); variable-size images go as pixels."""
+        (``image_features``); variable-size images go as pixels, repeated."""
         present = [(p, n) for p, n in pixels if p is not None]
         if not present:
-            return {}
+            return {"pixel_values": None}
         if any(not isinstance(p, torch.Tensor) for p, _ in present):
             return {"pixel_values": join_images([p for p, n in present for _ in range(n)])}
-        dtype = next(self.model.vision.parameters()).dtype
+        device, dtype = self.model.llm.device, next(self.model.vision.parameters()).dtype
         features = self.model.vision(torch.cat([p for p, _ in present]).to(device, dtype))
         parts, start = [], 0
         for p, n in present:
             own = features[start : start + len(p)]
             parts += [own] * n
             start += len(p)
-        return {"image_features": torch.cat(parts)}
+        return {"pixel_values": None, "image_features": torch.cat(parts)}
+
+    def _blame(self, chunk: list[tuple[Instance, Request]]) -> None:
+        """Raise the error of the first prompt in ``chunk`` that cannot be built, naming its
+        doc (a batch's own error counts prompts within the batch)."""
+        processor = self.model.processor_for(self.template)
+        for request, (turns, images) in chunk:
+            with _about(request):
+                processor.prompt(turns, images)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("vlm_adapters answers single-round requests only")
@@ -202,7 +219,7 @@ class VLMAdaptersChatLMM(VLMAdaptersLMM):
     def _request(self, args: tuple) -> tuple[Request, dict[str, Any]]:
         _, doc_to_messages, gen_kwargs, doc_id, task, split = args
         messages = ChatMessages(messages=doc_to_messages(self._doc(task, split, doc_id)))
-        return _chat_prompt(messages, doc_id), dict(gen_kwargs or {})
+        return _chat_prompt(messages), dict(gen_kwargs or {})
 
 
 def _simple_prompt(context: str, images: list[Image.Image]) -> Request:
@@ -212,7 +229,7 @@ def _simple_prompt(context: str, images: list[Image.Image]) -> Request:
     return [{"from": "human", "value": context}], images
 
 
-def _chat_prompt(messages: ChatMessages, doc_id: int) -> Request:
+def _chat_prompt(messages: ChatMessages) -> Request:
     """Turns from chat messages: each image becomes an ``<image>`` line where it stands."""
     turns, images = [], []
     for message in messages.messages:
@@ -224,11 +241,30 @@ def _chat_prompt(messages: ChatMessages, doc_id: int) -> Request:
                 images += _visuals([content.url])
                 parts.append(f"{IMAGE_MARKER}\n")
             else:
-                raise DataError(
-                    f"doc {doc_id}: vlm_adapters takes text and images, not {content.type}"
-                )
+                raise DataError(f"vlm_adapters takes text and images, not {content.type}")
         turns.append({"from": message.role, "value": "".join(parts)})
     return turns, images
+
+
+@dataclass
+class _Question:
+    """A log-likelihood context with its images, and the options scored after it."""
+
+    request: Instance
+    context: str
+    images: list[Image.Image]
+    doc: Any
+    options: list[tuple[int, list[int]]] = field(default_factory=list)
+    """(request index, continuation ids) per option."""
+
+
+@contextlib.contextmanager
+def _about(request: Instance) -> Iterator[None]:
+    """Prefix a DataError raised inside with the task and doc of ``request``."""
+    try:
+        yield
+    except DataError as error:
+        raise DataError(f"task {request.task_name!r}, doc {request.doc_id}: {error}") from None
 
 
 def _visuals(visuals: Any) -> list[Image.Image]:
