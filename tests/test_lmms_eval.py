@@ -251,10 +251,11 @@ def test_bad_arguments_are_one_clear_error(tokenizer_dir: str) -> None:
 
 
 def test_images_are_encoded_once_per_question(tokenizer_dir: str, task_dir: Path) -> None:
-    model = tiny(tiny_model_config(tokenizer_dir))
+    model = tiny(tiny_model_config(tokenizer_dir)).train()  # a live model, mid-training
     rows: list[int] = []
     model.vision.register_forward_hook(lambda _m, args, _out: rows.append(len(args[0])))
     run(VLMAdaptersLMM(model=model, batch_size=8), task_dir, ["vlmad_mc"])
+    assert model.training  # evaluated in eval mode, handed back in its own
     images = sum(len(which) for *_, which in QUESTIONS)
     assert sum(rows) == images  # not once per option: len(CHOICES) * images
 

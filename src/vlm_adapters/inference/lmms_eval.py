@@ -49,7 +49,9 @@ class VLMAdaptersLMM(lmms):
     ``pretrained``: a checkpoint directory or hub id (``model`` instead: a live model, e.g.
     during training). ``template`` overrides the checkpoint's chat template; ``dtype`` and
     ``device`` place a loaded checkpoint as in ``from_pretrained``; ``batch_size`` prompts (or
-    log-likelihood rows) run together; ``max_new_tokens`` applies when a task sets none.
+    log-likelihood rows) run together; ``max_new_tokens`` applies when a task sets none
+    (``max_batch_size``, which lmms-eval passes, is unused). The model runs in eval mode and is
+    left in the mode it had.
     """
 
     def __init__(
@@ -72,7 +74,7 @@ class VLMAdaptersLMM(lmms):
             )
         if model is None:
             model = VisionLanguageModel.from_pretrained(pretrained, dtype=dtype, device_map=device)
-        self.model = model.eval()
+        self.model = model if pretrained is None else model.eval()
         self.template = resolve_template(model, template)
         self.batch_size = _positive(batch_size, "batch_size")
         self.max_new_tokens = _positive(max_new_tokens, "max_new_tokens")
@@ -92,6 +94,10 @@ class VLMAdaptersLMM(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers to each request, cut at the first of its ``until`` strings."""
+        with _eval_mode(self.model):
+            return self._generate(requests)
+
+    def _generate(self, requests: list[Instance]) -> list[str]:
         prompts = []
         for request in requests:
             with _about(request):
@@ -142,13 +148,14 @@ class VLMAdaptersLMM(lmms):
             question.options.append((index, ids))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         chunk: list[_Question] = []
-        for question in questions.values():
-            chunk.append(question)
-            if sum(len(q.options) for q in chunk) >= self.batch_size:
+        with _eval_mode(self.model):
+            for question in questions.values():
+                chunk.append(question)
+                if sum(len(q.options) for q in chunk) >= self.batch_size:
+                    self._score(chunk, results)
+                    chunk = []
+            if chunk:
                 self._score(chunk, results)
-                chunk = []
-        if chunk:
-            self._score(chunk, results)
         return [GenerationResult(text=pair) for pair in results]  # type: ignore[arg-type]
 
     def _score(self, chunk: list[_Question], results: list[tuple[float, bool]]) -> None:
@@ -256,6 +263,17 @@ class _Question:
     doc: Any
     options: list[tuple[int, list[int]]] = field(default_factory=list)
     """(request index, continuation ids) per option."""
+
+
+@contextlib.contextmanager
+def _eval_mode(model: VisionLanguageModel) -> Iterator[None]:
+    """``model`` in eval mode inside, back in its own mode after (a live training model)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager
