@@ -313,3 +313,20 @@ def test_the_old_dataset_name_still_imports_with_a_deprecation_warning():
         assert data.LlavaDataset is data.ConversationDataset
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         data.Nothing  # noqa: B018
+
+
+def test_a_truncated_image_is_refused_even_where_pil_was_told_to_load_them(tmp_path, monkeypatch):
+    """lmms-eval sets PIL's process-wide LOAD_TRUNCATED_IMAGES on import; ours stays strict."""
+    from PIL import Image, ImageFile
+
+    from vlm_adapters.data.images import ImageProblem, open_image
+
+    whole = tmp_path / "whole.png"
+    Image.effect_noise((64, 48), 40).convert("RGB").save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    assert open_image(whole).size == (64, 48)
+    with pytest.raises(ImageProblem, match="image unreadable"):
+        open_image(cut)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's setting is left as it was

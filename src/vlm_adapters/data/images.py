@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vlm_adapters.errors import DataError
 
@@ -37,13 +39,14 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
     """The image at ``path``, fully decoded, as RGB.
 
     ImageProblem when it is missing, not an image, truncated, or larger than ``max_pixels``
-    (read from its header, before any pixel is decoded).
+    (read from its header, before any pixel is decoded). A truncated image is refused even
+    where a library set PIL's process-wide ``LOAD_TRUNCATED_IMAGES`` (lmms-eval does on import).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageProblem("image missing", f"{path} not found")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _whole_images_only():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
@@ -60,3 +63,14 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         raise ImageProblem("image too large", f"{path}: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageProblem("image unreadable", f"{path}: {error}") from None
+
+
+@contextlib.contextmanager
+def _whole_images_only() -> Iterator[None]:
+    """PIL refuses truncated images inside, whatever the process-wide setting is."""
+    setting = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = setting
