@@ -59,7 +59,14 @@ class DataConfig(_Strict):
     align: DatasetConfig | None = None
     finetune: DatasetConfig | None = None
     eval: DatasetConfig | None = Field(
-        None, description="Evaluated after each stage: eval_loss (per answer token) in its summary."
+        None,
+        description="Evaluated after each stage (and every stages.<stage>.eval_every steps) "
+        "on the live model: eval_loss (per answer token) and eval_task's metrics.",
+    )
+    eval_task: Literal["loss", "exact", "vqa", "yesno", "choice"] = Field(
+        "loss",
+        description="What data.eval measures besides the loss: exact match, VQAv2 soft "
+        "accuracy, POPE yes/no or multiple choice (as `vlm-adapters eval --task-type`).",
     )
     max_length: int | None = Field(
         None, gt=0, description="Longer samples are bad samples; null = the LLM's context."
@@ -103,6 +110,9 @@ class StageConfig(_Strict):
         None,
         description="Folder of the frozen vision tower's features, computed once per image "
         "(see `vlm-adapters cache-features`); null = encode images every step.",
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate data.eval every N optimizer steps; 0 = after the stage only."
     )
 
 

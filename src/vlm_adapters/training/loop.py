@@ -36,6 +36,7 @@ from vlm_adapters.training.compiling import compile_blocks
 from vlm_adapters.training.config import TrainConfig
 from vlm_adapters.training.data import make_collator, make_loader, stage_dataset
 from vlm_adapters.training.engine import Checkpointer, make_accelerator, make_engine
+from vlm_adapters.training.evaluation import Evaluator
 from vlm_adapters.training.objectives import Batch, Objective, SupervisedObjective
 from vlm_adapters.training.progress import Progress, plot_loss, truncate_metrics
 from vlm_adapters.training.recipes import configure_stage, describe_trainable, param_groups
@@ -67,7 +68,8 @@ class Trainer:
     ``accelerator`` is the run's (see `make_accelerator`); one is made when not given.
     ``records``: the stage's data file (`load_records`), when already read, or its in-memory
     records. ``objective``: what the stage minimises (the supervised loss by default).
-    ``callbacks``: the run's (`CallbackHandler`). Under FSDP2 and DeepSpeed the
+    ``callbacks``: the run's (`CallbackHandler`). ``evaluator``: ``data.eval``, run on the live
+    model every ``stages.<stage>.eval_every`` steps (`Evaluator`). Under FSDP2 and DeepSpeed the
     model is sharded in place; after `fit`, `trained_model` gives it back as a plain module.
     """
 
@@ -81,8 +83,10 @@ class Trainer:
         records: RecordSource | None = None,
         objective: Objective | None = None,
         callbacks: CallbackHandler | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.model = model
+        self.evaluator = evaluator  # data.eval, every stages.<stage>.eval_every steps
         self.records = records  # the stage's data file, when already read
         self.config = config
         self.stage = stage
@@ -252,6 +256,7 @@ class Trainer:
             position.step += 1
             loss = record["loss"]
             logs = {"step": position.step, "epoch": epoch, **record}
+            logs |= self._evaluate(position.step, total)
             progress.step(logs)
             stop = self._event("on_log", position, logs=logs)
             self._maybe_save(position, total)
@@ -315,6 +320,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _evaluate(self, step: int, total: int) -> dict[str, Any]:
+        """``data.eval``'s metrics when ``stages.<stage>.eval_every`` makes ``step`` due."""
+        if self.evaluator is None or not self.evaluator.due(self.stage, step, total):
+            return {}
+        metrics = self.evaluator.run(self.model, self.stage, step)
+        self.callbacks.event("on_evaluate", metrics=metrics)
+        return metrics
 
     def _maybe_save(self, position: Position, total: int) -> None:
         every = self.config.run.save_every

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate.utils import set_seed
 
 from vlm_adapters._io import remove_tree, safetensors_problem
@@ -19,7 +18,6 @@ from vlm_adapters.chat.templates import check_template
 from vlm_adapters.config import apply_overrides, read_yaml
 from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, OutputError
-from vlm_adapters.inference.evaluation import answer_loss
 from vlm_adapters.model.build import build_vlm
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.files import WEIGHTS_NAME
@@ -42,6 +40,7 @@ from vlm_adapters.training.data import (
     with_given_data,
 )
 from vlm_adapters.training.engine import make_accelerator
+from vlm_adapters.training.evaluation import Evaluator
 from vlm_adapters.training.loop import Trainer
 from vlm_adapters.training.recipes import carry_connector, stages_to_run
 from vlm_adapters.training.rundir import (
@@ -144,14 +143,13 @@ def _run(
 ) -> TrainResult:
     names = stages_to_run(config, stage)
     datasets = {name: config.dataset(name) for name in names}  # every stage, before any runs
-    if config.data.eval is not None:
-        datasets["eval"] = config.data.eval
     with naming_file(config.where):
         records = {
             name: read_stage_records(name, source, memory.get(name))
             for name, source in datasets.items()
         }
     accelerator = make_accelerator(config, out)
+    evaluator = Evaluator.of_run(config, memory.get("eval"), accelerator.is_main_process)
     with locked_run_dir(out, overwrite=overwrite, state=accelerator.state):
         plan = on_main(
             accelerator.state,
@@ -171,13 +169,20 @@ def _run(
                 _load_final(model, out / name / "final", needed=name != names[-1])
                 continue
             trainer = Trainer(
-                model, config, name, out, accelerator, records.pop(name), callbacks=callbacks
+                model,
+                config,
+                name,
+                out,
+                accelerator,
+                records.pop(name),
+                callbacks=callbacks,
+                evaluator=evaluator,
             )
             summary = trainer.fit(resume=plan[name])
             if summary["stopped_at"] is None:
                 model = trainer.trained_model()
-                if "eval" in records:
-                    metrics = _evaluate(model, config, name, records["eval"], accelerator.state)
+                if evaluator is not None:
+                    metrics = evaluator.run(model, name, "end")
                     summary.update(metrics)
                     callbacks.event("on_evaluate", metrics=metrics)
             callbacks.event("on_stage_end", summary=summary)
@@ -230,39 +235,6 @@ def _default_logging() -> Iterator[None]:
     finally:
         package.removeHandler(handler)
         package.setLevel(level)
-
-
-def _evaluate(
-    model: VisionLanguageModel,
-    config: TrainConfig,
-    stage: str,
-    records: RecordSource,
-    state: Any,
-) -> dict[str, Any]:
-    """After ``stage``: the teacher-forced loss per answer token on ``data.eval``, computed on
-    the main process and given to every process."""
-    source = config.data.eval
-    assert source is not None
-
-    def work() -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                loss = answer_loss(
-                    model,
-                    records,
-                    source.root(),
-                    source.template,
-                    config.stage(stage).batch_size,
-                    source=source.path,
-                )
-        finally:
-            model.train(was_training)
-        logger.info("%s: eval loss %.4f on %d samples", stage, loss, len(records))
-        return {"eval_loss": loss, "eval_samples": len(records)}
-
-    return on_main(state, work) or {}
 
 
 @contextlib.contextmanager
