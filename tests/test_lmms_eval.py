@@ -280,3 +280,32 @@ def test_bad_doc_is_one_error_naming_it(
     request = Instance(request_type="generate_until", arguments=args, idx=0, metadata=metadata)
     with pytest.raises(DataError, match=f"^task 'shapes', doc 0: .*{re.escape(message)}"):
         lm.generate_until([request])
+
+
+def test_training_scores_lmms_eval_tasks_on_the_live_model(task_dir: Path, tmp_path: Path) -> None:
+    """``data.eval_lmms``: lmms-eval's tasks every step and after each stage, on the model
+    being trained; after the stage they equal lmms-eval on the saved checkpoint."""
+    import json
+    import sys
+
+    from vlm_adapters.training import train
+
+    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+    from tiny_train import write_tiny_config
+
+    config = write_tiny_config(tmp_path, num_train=8)
+    settings = [
+        "data.eval_lmms.tasks=[vlmad_gen, vlmad_mc]",
+        f"data.eval_lmms.include_path={task_dir}",
+        "stages.finetune.eval_every=1",
+    ]
+    result = train(config, "all", tmp_path / "run", overrides=settings)
+    lines = (tmp_path / "run" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    names = {"eval_lmms/vlmad_gen/exact_match", "eval_lmms/vlmad_mc/acc"}
+    assert {k for k in first if k.startswith("eval_lmms/")} == names
+    summary = result.summary["finetune"]
+    saved = VLMAdaptersLMM(pretrained=summary["final_dir"])
+    expected = run(saved, task_dir, ["vlmad_gen", "vlmad_mc"])["results"]
+    assert summary["eval_lmms/vlmad_mc/acc"] == expected["vlmad_mc"]["acc,none"]
+    assert summary["eval_lmms/vlmad_gen/exact_match"] == expected["vlmad_gen"]["exact_match,none"]

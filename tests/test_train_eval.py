@@ -107,3 +107,27 @@ def test_a_broken_evaluation_is_one_error_line_and_training_finishes(tmp_path, c
         assert errors[1].startswith("finetune: evaluation at step 1 failed, training goes on: ")
     assert all("\n" not in e for e in errors)
     assert not [r for r in _metrics(tmp_path / "run") if "eval_loss" in r]
+
+
+def test_lmms_eval_tasks_without_lmms_eval_installed_are_one_error_line(
+    tmp_path, caplog, monkeypatch
+):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "lmms_eval" else find_spec(name, *a),
+    )
+    config = write_tiny_config(tmp_path, num_train=8)
+    settings = ["data.eval_lmms.tasks=[mme]", "stages.finetune.eval_every=1"]
+    with caplog.at_level(logging.INFO, logger="vlm_adapters"):
+        result = train(config, "all", tmp_path / "run", overrides=settings)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "data.eval_lmms: lmms-eval is not installed (pip install 'vlm-adapters[eval]'); "
+        "training goes on without it"
+    ]
+    assert result.summary["finetune"]["steps"] == 2
+    assert not [k for k in result.summary["finetune"] if k.startswith("eval")]

@@ -218,6 +218,36 @@ class VLMAdaptersLMM(lmms):
         raise NotImplementedError("vlm_adapters answers single-round requests only")
 
 
+def evaluate_tasks(
+    model: VisionLanguageModel,
+    tasks: Sequence[str],
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """lmms-eval's ``tasks`` on a live ``model`` through lmms-eval's Python entry (the simple
+    request form, which scores generation and log-likelihood tasks alike): each task's
+    numeric metrics as ``{"<task>/<metric>": value}`` (lmms-eval's ``,none`` filter suffix
+    and standard errors left out). ``include_path``: a folder of task YAML files of one's own;
+    ``limit``: the most docs per task."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    lm = VLMAdaptersLMM(model=model, batch_size=batch_size)
+    out = simple_evaluate(
+        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, verbosity="WARNING"
+    )
+    if out is None:
+        return {}
+    return {
+        f"{task}/{name.split(',')[0]}": float(value)
+        for task, metrics in out["results"].items()
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name
+    }
+
+
 class VLMAdaptersChatLMM(VLMAdaptersLMM):
     """lmms-eval's chat request form: ``doc_to_messages`` turns with their images in place."""
 

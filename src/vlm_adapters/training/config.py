@@ -53,6 +53,17 @@ class DatasetConfig(_Strict):
         return Path(self.image_root) if self.image_root else Path(self.path).parent
 
 
+class LmmsTasks(_Strict):
+    """lmms-eval tasks evaluated during training (``pip install vlm-adapters[eval]``)."""
+
+    tasks: list[str] = Field(min_length=1, description="lmms-eval task names.")
+    include_path: str | None = Field(
+        None, description="Folder of one's own task YAML files (lmms-eval's --include_path)."
+    )
+    limit: int | None = Field(None, gt=0, description="Most docs per task; null = all.")
+    batch_size: int = Field(8, gt=0, description="Prompts or option rows run together.")
+
+
 class DataConfig(_Strict):
     """Per-stage datasets and how samples are encoded, checked and batched."""
 
@@ -62,6 +73,11 @@ class DataConfig(_Strict):
         None,
         description="Evaluated after each stage (and every stages.<stage>.eval_every steps) "
         "on the live model: eval_loss (per answer token) and eval_task's metrics.",
+    )
+    eval_lmms: LmmsTasks | None = Field(
+        None,
+        description="lmms-eval tasks scored on the live model with data.eval's schedule "
+        "(needs the eval extra).",
     )
     eval_task: Literal["loss", "exact", "vqa", "yesno", "choice"] = Field(
         "loss",

@@ -1,11 +1,13 @@
-"""Evaluation of the live model on ``data.eval``: every ``stages.<stage>.eval_every`` steps
-during a stage and once after it, with no second copy of the model. Every process runs it (a
+"""Evaluation of the live model on ``data.eval`` and ``data.eval_lmms`` (lmms-eval tasks):
+every ``stages.<stage>.eval_every`` steps during a stage and once after it, with no second
+copy of the model. Every process runs it (a
 sharded model needs them all; each gets the same numbers) and the main one reports. A failing
 evaluation, or an eval file that cannot be read, is one error line in the log: training goes
 on."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -16,7 +18,7 @@ from vlm_adapters.errors import VLMError
 from vlm_adapters.inference.evaluation import answer_loss
 from vlm_adapters.inference.tasks import score
 from vlm_adapters.model.core import VisionLanguageModel
-from vlm_adapters.training.config import TrainConfig
+from vlm_adapters.training.config import LmmsTasks, TrainConfig
 from vlm_adapters.training.data import read_stage_records
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -25,23 +27,40 @@ logger = logging.getLogger("vlm_adapters.training")
 class Evaluator:
     """``data.eval`` scored as ``data.eval_task`` (always with the answer loss)."""
 
-    def __init__(self, config: TrainConfig, records: RecordSource | None, is_main: bool) -> None:
-        self.config, self.records, self.is_main = config, records, is_main
+    def __init__(
+        self,
+        config: TrainConfig,
+        records: RecordSource | None,
+        lmms: LmmsTasks | None,
+        is_main: bool,
+    ) -> None:
+        self.config, self.records, self.lmms, self.is_main = config, records, lmms, is_main
 
     @classmethod
     def of_run(
         cls, config: TrainConfig, memory: RecordSource | None, is_main: bool
     ) -> Evaluator | None:
-        """The run's evaluator (None without ``data.eval``); its records read now."""
-        if config.data.eval is None:
+        """The run's evaluator (None without ``data.eval`` or ``data.eval_lmms``); its records
+        read now."""
+        data = config.data
+        if data.eval is None and data.eval_lmms is None:
             return None
+        records = None
         try:
-            records = read_stage_records("eval", config.data.eval, memory)
+            if data.eval is not None:
+                records = read_stage_records("eval", data.eval, memory)
         except VLMError as error:
-            records = None
             if is_main:
-                logger.error("data.eval: %s; training goes on without evaluation", _line(error))
-        return cls(config, records, is_main)
+                logger.error("data.eval: %s; training goes on without it", _line(error))
+        lmms = data.eval_lmms
+        if lmms is not None and importlib.util.find_spec("lmms_eval") is None:
+            lmms = None
+            if is_main:
+                logger.error(
+                    "data.eval_lmms: lmms-eval is not installed (pip install "
+                    "'vlm-adapters[eval]'); training goes on without it"
+                )
+        return cls(config, records, lmms, is_main)
 
     def due(self, stage: str, step: int, total: int) -> bool:
         """Whether step ``step`` of ``total`` evaluates (the last one: after the stage)."""
@@ -51,7 +70,7 @@ class Evaluator:
     def run(self, model: VisionLanguageModel, stage: str, step: int | str) -> dict[str, Any]:
         """The metrics of ``model`` as it is now (``eval_loss``, ``eval_samples`` and the
         task's ``eval_<metric>``); {} when there is nothing to evaluate or it failed."""
-        if self.records is None:
+        if self.records is None and self.lmms is None:
             return {}
         modes = {module: module.training for module in model.modules()}
         model.eval()
@@ -72,11 +91,22 @@ class Evaluator:
                 module.training = training
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "eval_samples")
-            count = len(self.records)
-            logger.info("%s: eval at step %s on %d samples: %s", stage, step, count, shown)
+            logger.info("%s: eval at step %s: %s", stage, step, shown)
         return metrics
 
     def _metrics(self, model: VisionLanguageModel, stage: str) -> dict[str, Any]:
+        metrics = self._file_metrics(model, stage) if self.records is not None else {}
+        lmms = self.lmms
+        if lmms is not None:
+            from vlm_adapters.inference.lmms_eval import evaluate_tasks
+
+            scores = evaluate_tasks(
+                model, lmms.tasks, lmms.include_path, lmms.limit, lmms.batch_size
+            )
+            metrics |= {f"eval_lmms/{name}": value for name, value in scores.items()}
+        return metrics
+
+    def _file_metrics(self, model: VisionLanguageModel, stage: str) -> dict[str, Any]:
         source, task, records = self.config.data.eval, self.config.data.eval_task, self.records
         assert source is not None and records is not None
         root, template = source.root(), source.template
