@@ -3,13 +3,12 @@
 ``tests/fixtures/v<N>/<kind>/`` was written by ``tests/fixtures/make_fixtures.py`` with the code
 of format version N: a tiny run cut back to a mid-stage checkpoint, the losses and final model
 of the same run uninterrupted, and that model's logits on a fixed input. ``--resume auto`` must
-finish the cut run with exactly the recorded losses and final weights, and the recorded final
-must give exactly the recorded logits. Equality is exact (``==``, ``torch.equal``): the locked
-torch is pinned, a resume restores the optimizer, scheduler, data position and random states,
-and every run here and at record time uses one CPU thread (the suite's setting; a different
-thread count changes the order of the sums in a matmul, hence the last bits). A torch whose CPU
-kernels sum in another order (a lock refresh, ``make test-latest``) can change the last bits
-too; that is not a format change.
+finish the cut run with the recorded losses and final weights, and the recorded final must
+give the recorded logits, to fp32 rounding but not bitwise: the fixtures were recorded on
+another machine, and CPUs of another kind (AVX2 or AVX-512 kernels) round the last bits of a
+matmul differently (1e-7 here). A wrong load, a lost optimizer state or a shifted data position
+moves them by far more than the tolerances below. Bitwise resume on one machine is proved by the
+kill-and-resume tests, which record and resume in the same place.
 """
 
 from __future__ import annotations
@@ -54,6 +53,13 @@ def _losses(metrics: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in map(json.loads, metrics.read_text().splitlines())]
 
 
+def _close_losses(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> bool:
+    """The same steps, each loss within fp32 rounding of the recorded one."""
+    return [step for step, _ in got] == [step for step, _ in want] and all(
+        a == pytest.approx(b, rel=1e-5) for (_, a), (_, b) in zip(got, want)
+    )
+
+
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved model (base weights and adapters), by file and name."""
     return {
@@ -82,13 +88,14 @@ def test_a_run_cut_mid_stage_resumes_to_the_recorded_losses(fixture: Path, tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("align", "finetune"):
-        assert _losses(run / stage / "metrics.jsonl") == _losses(
-            copy / "metrics" / f"{stage}.jsonl"
+        assert _close_losses(
+            _losses(run / stage / "metrics.jsonl"), _losses(copy / "metrics" / f"{stage}.jsonl")
         )
     assert cut < len(_losses(copy / "metrics" / "finetune.jsonl"))  # resumed mid-stage
     resumed, recorded = _weights(run / "finetune" / "final"), _weights(copy / "final")
     assert resumed.keys() == recorded.keys()
-    assert all(torch.equal(resumed[key], recorded[key]) for key in recorded)
+    for key in recorded:
+        torch.testing.assert_close(resumed[key], recorded[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("fixture", CASES, ids=IDS)
@@ -97,7 +104,7 @@ def test_a_final_model_gives_the_recorded_logits(fixture: Path) -> None:
     recorded = inputs.pop("logits")
     model = vlm_adapters.load(fixture / "final").eval()
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, recorded)
+        torch.testing.assert_close(model(**inputs).logits, recorded, rtol=1e-5, atol=1e-5)
 
 
 def test_a_config_without_format_version_loads_and_a_newer_one_is_refused(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from vlm_adapters._io import (
 )
 from vlm_adapters.config import SECTIONS
 from vlm_adapters.errors import ConfigError, OutputError, VLMError
+from vlm_adapters.training.config import train_config_from_dict
 
 logger = logging.getLogger("vlm_adapters.training")
 LOCK_NAME = "run.lock"
@@ -194,7 +195,9 @@ def check_resume_config(out: Path, config: dict[str, Any], allow_change: bool) -
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{saved_path}: unreadable; the run directory is damaged") from None
-    changes = [c for c in config_differences(saved, config) if c[0] not in RUNTIME_KEYS]
+    changes = [
+        c for c in config_differences(_with_defaults(saved), config) if c[0] not in RUNTIME_KEYS
+    ]
     _refuse_model_change(saved_path, [c for c in changes if c[0].split(".")[0] in SECTIONS])
     if not changes:
         return
@@ -205,6 +208,15 @@ def check_resume_config(out: Path, config: dict[str, Any], allow_change: bool) -
         f"the config differs from the one {out} was started with ({_listed(changes)}); resume "
         "with the same config, or pass --allow-config-change"
     )
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved config with today's defaults for keys added since it was written (a key
+    that is new is not a change); as saved when it no longer validates."""
+    try:
+        return train_config_from_dict(saved).to_dict()
+    except VLMError:
+        return saved
 
 
 def _refuse_model_change(saved_path: Path, changes: list[tuple[str, Any, Any]]) -> None:
