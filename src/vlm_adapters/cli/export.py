@@ -18,17 +18,39 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--template", help="Chat template to ship; default: the checkpoint's, else vicuna_v1."
     )
+    parser.add_argument(
+        "--run",
+        help="Training run folder (`train --out`) the checkpoint comes from, for the model "
+        "card; default: found when the checkpoint is RUN/STAGE/final or a RUN/STAGE checkpoint.",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_adapters.export import to_hf_llava
+    from vlm_adapters.export import to_hf_llava, vllm_report
+    from vlm_adapters.export.card import CARD_NAME, find_run
     from vlm_adapters.model import VisionLanguageModel
 
     out = output_dir(args, args.checkpoint)
+    found = find_run(args.checkpoint)
+    run_dir, stage = (args.run, None) if args.run else (found or (None, None))
     model = VisionLanguageModel.from_pretrained(
         args.checkpoint, trust_remote_code=args.trust_remote_code
     )
-    to_hf_llava(model, out, template=args.template, overwrite=True, protect=(args.checkpoint,))
-    print(f"exported {args.checkpoint} -> {out} (LlavaForConditionalGeneration)")
+    to_hf_llava(
+        model,
+        out,
+        template=args.template,
+        overwrite=True,
+        protect=(args.checkpoint,),
+        run=run_dir,
+        stage=stage,
+    )
+    kind = (
+        "LlavaNextForConditionalGeneration"
+        if model.vision.tiling
+        else "LlavaForConditionalGeneration"
+    )
+    print(f"exported {args.checkpoint} -> {out} ({kind}); model card: {out}/{CARD_NAME}")
+    print(vllm_report(model).line())
     return 0

@@ -8,6 +8,9 @@ connector or a depth-2 ``mlp`` whose inner width is the LLM width, and a causal 
 decoder transformers' ``AutoModel`` builds, with a bias-free output head and no logit
 soft-capping. A tiled model's tile grids become ``image_grid_pinpoints`` (grids times the
 tower's input size) and the connector's ``image_newline`` LLaVA-NeXT's.
+
+Beside the weights and the processor, the export holds a model card (``README.md``, see
+:mod:`vlm_adapters.export.card`) with the vLLM serving report (:mod:`~.serving`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vlm_adapters._io import atomic_dir, package_versions
+from vlm_adapters._io import atomic_dir, package_versions, written_by_us
 from vlm_adapters.chat.jinja import chat_template_jinja
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, stop_token_ids
 from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
+from vlm_adapters.export.card import CARD_NAME, model_card, read_run
 from vlm_adapters.export.hf_llava_read import META_NAME
+from vlm_adapters.export.serving import vllm_report
 from vlm_adapters.geometry import AnyResLayout
 from vlm_adapters.llm.hf import HFLLM
 from vlm_adapters.vision.base import VisionBackbone
@@ -58,29 +63,64 @@ def to_hf_llava(
     *,
     overwrite: bool = False,
     protect: tuple[Path, ...] = (),
+    run: str | Path | None = None,
+    stage: str | None = None,
 ) -> Path:
-    """Write ``model`` for ``LlavaForConditionalGeneration`` / ``AutoProcessor.from_pretrained``.
+    """Write ``model`` for ``LlavaForConditionalGeneration`` / ``AutoProcessor.from_pretrained``,
+    with a model card (``README.md``) that holds the vLLM serving report.
 
     ``template`` (default: the model's training template, else vicuna_v1) becomes the
     processor's and tokenizer's Jinja chat template. LoRA adapters are merged into ``model``
-    in place first. ``overwrite`` and ``protect`` work as in ``save_pretrained``.
+    in place first. ``overwrite`` and ``protect`` work as in ``save_pretrained``; a
+    ``README.md`` in ``out_dir`` that vlm-adapters did not write is refused. ``run``: the
+    training run folder the model comes from (``stage``: which stage's weights, default the
+    last that ran), whose data, stages and evaluation the card describes.
     """
     from vlm_adapters.model.lora import has_lora, is_quantized, merge_lora
 
     reason = check_exportable(model)
     if reason:
         raise ExportError(f"cannot export to the transformers LLaVA format: {reason}; {_HINT}")
+    record = read_run(run, stage) if run is not None else None
+    _refuse_foreign_card(Path(out_dir))
     if has_lora(model) or is_quantized(model):
         merge_lora(model)
     template = template or model.template or DEFAULT_TEMPLATE
+    report = vllm_report(model)
     with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         llava = _llava_model(model)
         _set_stop_tokens(llava, model.tokenizer, template)
         llava.save_pretrained(tmp)
         _processor(model, template).save_pretrained(tmp)
-        meta = {"template": template, "versions": package_versions("vlm-adapters", "transformers")}
+        meta = {
+            "template": template,
+            "vllm_native": report.native,
+            "vllm_reasons": list(report.reasons),
+            "versions": package_versions("vlm-adapters", "transformers"),
+        }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+        name = Path(out_dir).resolve().name
+        card = model_card(
+            model,
+            report,
+            name=name,
+            template=template,
+            llava_class=type(llava).__name__,
+            run=record,
+        )
+        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
     return Path(out_dir)
+
+
+def _refuse_foreign_card(out: Path) -> None:
+    """An ExportError when ``out`` holds a ``README.md`` that an earlier export did not write
+    (the model card would replace it)."""
+    card = out / CARD_NAME
+    if (card.exists() or card.is_symlink()) and CARD_NAME not in (written_by_us(out) or ()):
+        raise ExportError(
+            f"{card} exists and was not written by vlm-adapters; the export writes its model "
+            "card there: move it, or choose another --out"
+        )
 
 
 def _tower(model: VisionLanguageModel) -> nn.Module:
@@ -182,6 +222,8 @@ def _llava_config(model: VisionLanguageModel) -> Any:
     two_layers = isinstance(connector, MLPConnector) and connector.cfg.depth == 2
     text_config = model.llm.transformers_model.config.to_dict()
     text_config["tie_word_embeddings"] = _tied(model.llm.transformers_model)
+    # servers (vLLM) pick the LLM class by name; a config built in memory records none
+    text_config["architectures"] = [type(model.llm.transformers_model).__name__]
     common = {
         "vision_config": vision.tower.config.to_dict(),
         "text_config": text_config,

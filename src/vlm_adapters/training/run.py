@@ -5,6 +5,7 @@ data given in Python, callbacks, and the evaluation after each stage."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
-from vlm_adapters._io import remove_tree, safetensors_problem
+from vlm_adapters._io import atomic_write_text, remove_tree, safetensors_problem
 from vlm_adapters.chat.templates import check_template
 from vlm_adapters.config import apply_overrides, read_yaml
 from vlm_adapters.data.records import RecordSource
@@ -168,6 +169,7 @@ def _run(
             if plan[name] == "done":
                 _load_final(model, out / name / "final", needed=name != names[-1])
                 continue
+            samples = len(records[name])
             trainer = Trainer(
                 model,
                 config,
@@ -187,6 +189,8 @@ def _run(
                     callbacks.event("on_evaluate", metrics=metrics)
             callbacks.event("on_stage_end", summary=summary)
             summaries[name] = summary
+            if summary["stopped_at"] is None and accelerator.is_main_process:
+                _save_summary(out / name, {**summary, "samples": samples})
             if callbacks.control.should_stop:
                 break
     return TrainResult(model, summaries, out, callbacks.control.should_stop)
@@ -279,8 +283,18 @@ def _prepare_run(
     return plan
 
 
+SUMMARY_NAME = "summary.json"
+"""A finished stage's summary (steps, final_loss, seconds, skipped, samples and the
+evaluation after it), which the model card of an export reads."""
+
+
+def _save_summary(directory: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(directory / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+
+
 _STAGE_OUTPUTS = (
     "final",
+    SUMMARY_NAME,
     "checkpoints",
     "connector",
     "metrics.jsonl",
