@@ -240,3 +240,59 @@ def test_a_readme_of_the_users_in_out_is_kept(tokenizer_dir: str, tmp_path: Path
     to_hf_llava(model, out, overwrite=True)
     to_hf_llava(model, out, overwrite=True)  # our own card is replaced
     assert (out / "README.md").read_text().startswith("---\n")
+
+
+def test_a_checkpoint_of_a_run_gets_the_run_but_not_the_stages_final_scores(
+    run_dir: Path, tokenizer_dir: str, tmp_path: Path
+) -> None:
+    from huggingface_hub import ModelCard
+
+    from vlm_adapters.export.card import find_run, model_card
+
+    record = find_run(run_dir / "finetune" / "checkpoints" / "step-000001")
+    assert record is not None and record.exported_stage == "finetune"
+    assert record.checkpoint == "step-000001"
+    assert find_run(run_dir / "finetune" / "final").checkpoint is None
+    assert find_run(tmp_path) is None
+    model = build_vlm(tiny_model_config(tokenizer_dir))
+    text = model_card(
+        model,
+        vllm_report(model),
+        name="ckpt",
+        template="plain",
+        llava_class="LlavaForConditionalGeneration",
+        run=record,
+    )
+    card = ModelCard(text)
+    assert card.data.eval_results is None  # the after-stage scores are not this checkpoint's
+    assert "stage `finetune`, checkpoint `step-000001`" in text
+
+
+def test_hub_dataset_ids_go_into_the_front_matter(tokenizer_dir: str, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    from vlm_adapters.export.card import RunRecord, model_card
+
+    local = tmp_path / "data" / "train.json"
+    local.parent.mkdir()
+    local.write_text("[]")
+    config = {
+        "data": {
+            "align": {"path": "liuhaotian/LLaVA-Pretrain"},
+            "finetune": {"path": str(local)},
+            "eval": {"path": "some/file.jsonl"},
+        }
+    }
+    model = build_vlm(tiny_model_config(tokenizer_dir, "hf_siglip"))
+    run = RunRecord(tmp_path, config)
+    text = model_card(
+        model, vllm_report(model), name="x", template="plain", llava_class="L", run=run
+    )
+    assert ModelCard(text).data.datasets == ["liuhaotian/LLaVA-Pretrain"]
+
+
+def test_a_tiled_clip_model_is_native_as_llava_next(tokenizer_dir: str) -> None:
+    from vlm_adapters.testing.tiny import tiny_tiled_config
+
+    model = build_vlm(tiny_model_config(tokenizer_dir, tiny_tiled_config("hf"), "mlp", "llama"))
+    assert check_exportable(model) is None and vllm_report(model).native

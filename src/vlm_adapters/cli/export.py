@@ -28,12 +28,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlm_adapters.export import to_hf_llava, vllm_report
-    from vlm_adapters.export.card import CARD_NAME, find_run
+    from vlm_adapters.export.card import CARD_NAME, find_run, read_run
     from vlm_adapters.model import VisionLanguageModel
 
     out = output_dir(args, args.checkpoint)
-    found = find_run(args.checkpoint)
-    run_dir, stage = (args.run, None) if args.run else (found or (None, None))
+    run_record = read_run(args.run) if args.run else find_run(args.checkpoint)
     model = VisionLanguageModel.from_pretrained(
         args.checkpoint, trust_remote_code=args.trust_remote_code
     )
@@ -43,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
         template=args.template,
         overwrite=True,
         protect=(args.checkpoint,),
-        run=run_dir,
-        stage=stage,
+        run=run_record,
     )
     kind = (
         "LlavaNextForConditionalGeneration"

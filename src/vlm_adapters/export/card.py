@@ -64,21 +64,32 @@ class RunRecord:
     config: dict[str, Any]
     stages: list[StageRecord] = field(default_factory=list)
     exported_stage: str | None = None
+    checkpoint: str | None = None
+    """The intermediate checkpoint exported (``step-000500``); None for the stage's final."""
 
 
-def find_run(checkpoint: str | Path) -> tuple[Path, str] | None:
-    """The run folder and stage of a checkpoint a training run wrote (``RUN/STAGE/final`` or
-    ``RUN/STAGE/checkpoints/step-N``), or None."""
+def find_run(checkpoint: str | Path) -> RunRecord | None:
+    """The run a checkpoint comes from when a training run wrote it (``RUN/STAGE/final``, or
+    ``RUN/STAGE/checkpoints/step-N``), read; else None."""
     path = Path(checkpoint).resolve()
-    for stage_dir in (path.parent, path.parent.parent):
-        if stage_dir.name in _STAGES and (stage_dir.parent / _RUN_CONFIG).is_file():
-            return stage_dir.parent, stage_dir.name
-    return None
+    stage_dir = path.parent
+    if path.name == "final" and stage_dir.name in _STAGES:
+        step = None
+    elif stage_dir.name == "checkpoints" and stage_dir.parent.name in _STAGES:
+        stage_dir, step = stage_dir.parent, path.name
+    else:
+        return None
+    if not (stage_dir.parent / _RUN_CONFIG).is_file():
+        return None
+    return read_run(stage_dir.parent, stage_dir.name, checkpoint=step)
 
 
-def read_run(directory: str | Path, stage: str | None = None) -> RunRecord:
+def read_run(
+    directory: str | Path, stage: str | None = None, *, checkpoint: str | None = None
+) -> RunRecord:
     """Read the run folder ``directory``; ``stage`` is the stage whose weights are exported
-    (default: the last one that ran). An ExportError when it is not a run folder."""
+    (default: the last one that ran), ``checkpoint`` the intermediate checkpoint of it (None:
+    its final). An ExportError when it is not a run folder."""
     directory = Path(directory)
     path = directory / _RUN_CONFIG
     if not path.is_file():
@@ -98,7 +109,7 @@ def read_run(directory: str | Path, stage: str | None = None) -> RunRecord:
     stages = [s for name in recipe if (s := _read_stage(directory, config, str(name)))]
     if stage is None and stages:
         stage = stages[-1].name
-    return RunRecord(directory, config, stages, stage)
+    return RunRecord(directory, config, stages, stage, checkpoint)
 
 
 def _read_stage(directory: Path, config: dict[str, Any], name: str) -> StageRecord | None:
@@ -302,8 +313,8 @@ def _eval_results(run: RunRecord | None) -> list[Any]:
     from huggingface_hub import EvalResult
 
     stage = _exported(run)
-    if stage is None or run is None:
-        return []
+    if stage is None or run is None or run.checkpoint is not None:
+        return []  # the stage's scores describe its final weights, not a checkpoint's
     source = (run.config.get("data") or {}).get("eval") or {}
     dataset = Path(str(source.get("path") or "eval")).name
     results = []
@@ -389,7 +400,8 @@ def _training(run: RunRecord) -> list[str]:
         "## Training",
         "",
         f"Run folder `{run.directory.name}`; exported weights: stage "
-        f"`{run.exported_stage or 'unknown'}`. {_run_settings(run)}.",
+        f"`{run.exported_stage or 'unknown'}`"
+        f"{f', checkpoint `{run.checkpoint}`' if run.checkpoint else ''}. {_run_settings(run)}.",
         "",
         "### Data",
         "",

@@ -28,7 +28,7 @@ from vlm_adapters.chat.jinja import chat_template_jinja
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, stop_token_ids
 from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
 from vlm_adapters.errors import ExportError
-from vlm_adapters.export.card import CARD_NAME, model_card, read_run
+from vlm_adapters.export.card import CARD_NAME, RunRecord, model_card, read_run
 from vlm_adapters.export.hf_llava_read import META_NAME
 from vlm_adapters.export.serving import vllm_report
 from vlm_adapters.geometry import AnyResLayout
@@ -63,7 +63,7 @@ def to_hf_llava(
     *,
     overwrite: bool = False,
     protect: tuple[Path, ...] = (),
-    run: str | Path | None = None,
+    run: str | Path | RunRecord | None = None,
     stage: str | None = None,
 ) -> Path:
     """Write ``model`` for ``LlavaForConditionalGeneration`` / ``AutoProcessor.from_pretrained``,
@@ -74,14 +74,15 @@ def to_hf_llava(
     in place first. ``overwrite`` and ``protect`` work as in ``save_pretrained``; a
     ``README.md`` in ``out_dir`` that vlm-adapters did not write is refused. ``run``: the
     training run folder the model comes from (``stage``: which stage's weights, default the
-    last that ran), whose data, stages and evaluation the card describes.
+    last that ran) or that folder read (:func:`~vlm_adapters.export.card.find_run`), whose
+    data, stages and evaluation the card describes.
     """
     from vlm_adapters.model.lora import has_lora, is_quantized, merge_lora
 
     reason = check_exportable(model)
     if reason:
         raise ExportError(f"cannot export to the transformers LLaVA format: {reason}; {_HINT}")
-    record = read_run(run, stage) if run is not None else None
+    record = read_run(run, stage) if isinstance(run, (str, Path)) else run
     _refuse_foreign_card(Path(out_dir))
     if has_lora(model) or is_quantized(model):
         merge_lora(model)
