@@ -226,6 +226,11 @@ def test_export_of_a_merged_checkpoint_takes_the_run_by_option(
     assert "| lr | 0.003 |" in (tmp_path / "with-run" / "README.md").read_text()
     assert main([*args[:3], str(tmp_path / "x"), "--run", str(tmp_path)]) == 2  # not a run
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError, match="stage 'align2' recorded no results there"):
+        to_hf_llava(model, tmp_path / "y", run=run_dir, stage="align2")
+    assert not (tmp_path / "y").exists()
+    to_hf_llava(model, tmp_path / "z", run=run_dir, stage="align")  # Python: run and stage
+    assert "exported weights: stage `align`." in (tmp_path / "z" / "README.md").read_text()
 
 
 def test_a_readme_of_the_users_in_out_is_kept(tokenizer_dir: str, tmp_path: Path) -> None:

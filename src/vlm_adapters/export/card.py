@@ -107,8 +107,14 @@ def read_run(
         raise ExportError(f"{path}: not a run config (a mapping); the run folder is damaged")
     recipe = config.get("recipe") or list(_STAGES)
     stages = [s for name in recipe if (s := _read_stage(directory, config, str(name)))]
+    names = [s.name for s in stages]
     if stage is None and stages:
-        stage = stages[-1].name
+        stage = names[-1]
+    elif stage is not None and stage not in names:
+        raise ExportError(
+            f"{directory}: stage {stage!r} recorded no results there (stages with results: "
+            f"{', '.join(names) or 'none'}); name one of them"
+        )
     return RunRecord(directory, config, stages, stage, checkpoint)
 
 
@@ -280,7 +286,7 @@ def _combined_licence(*licences: str) -> str:
     ``unknown`` when any is not recorded, else ``other`` (the body lists each)."""
     if UNKNOWN in licences:
         return "unknown"
-    if len(set(licences)) == 1 and not licences[0].startswith("other"):
+    if len(set(licences)) == 1 and not licences[0].startswith("other") and "," not in licences[0]:
         return licences[0]
     return "other"
 
