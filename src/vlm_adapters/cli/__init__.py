@@ -21,6 +21,7 @@ COMMANDS = {
     "list": "List vision backbones, connectors and LLM backends, and the plugin packages.",
     "train": "train a model (stage 1 align, stage 2 finetune)",
     "cache-features": "compute a frozen vision tower's features once, ahead of training",
+    "convert-data": "LLaVA JSON + image folder -> Parquet or WebDataset shards, images embedded",
     "eval": "Accuracy and loss on a LLaVA-format Q&A file.",
     "generate": "Answer one prompt about an image (streamed).",
     "chat": "Chat about an image in the terminal.",

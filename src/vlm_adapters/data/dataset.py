@@ -108,9 +108,10 @@ class ConversationDataset(Dataset):
     def _guarded(self, index: int, work: Callable[[Mapping[str, Any], str], Any]) -> Any:
         """``work(record, id)``, with a bad sample turned into a Skipped or a DataError."""
         position = self.positions[index]
-        record = self.records[position]
-        name = sample_id(record, position)
+        name = f"#{position}"
         try:
+            record = self.records[position]  # a row of a datasets source may be a bad one
+            name = sample_id(record, position)
             return work(record, name)
         except BadSample as bad:
             if self.on_bad_sample == "error":
@@ -172,8 +173,9 @@ class ConversationDataset(Dataset):
             for image in self._image_files(self.records[position]):
                 if not isinstance(image, Path):
                     raise DataError(
-                        f"{self.source}: sample {position} holds an in-memory image, which a "
-                        "feature cache cannot key; give the images as files or use no cache"
+                        f"{self.source}: sample {position} holds an in-memory or embedded "
+                        "image, which a feature cache (keyed on image files) cannot key; give "
+                        "the images as files or use no cache"
                     )
                 files[image] = None
         return list(files)

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vlm_adapters.chat.templates import TEMPLATES
 from vlm_adapters.config import (
@@ -30,10 +37,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DatasetConfig(_Strict):
-    """One LLaVA-format dataset (JSON list or JSONL) and the chat template it is rendered with."""
+Format = Literal["auto", "llava", "datasets", "parquet", "arrow", "webdataset", "hub"]
 
-    path: str = Field(description="LLaVA JSON/JSONL file.")
+
+class SourceConfig(_Strict):
+    """One source of a mixture (``data.<stage>.sources``)."""
+
+    path: str = Field(description="As data.<stage>.path.")
+    format: Format = Field("auto", description="As data.<stage>.format.")
+    split: str = Field("train", description="As data.<stage>.split.")
+    weight: float = Field(
+        1.0, ge=0, description="Times each sample is used per epoch (0.5: a seeded half)."
+    )
+
+
+class DatasetConfig(_Strict):
+    """A stage's samples (one source, or a weighted mixture) and the chat template they are
+    rendered with (see docs/data.md)."""
+
+    path: str | None = Field(
+        None,
+        description="LLaVA JSON/JSONL file, a save_to_disk folder, Parquet/Arrow files (a "
+        "file, glob or folder), WebDataset .tar shards, or a hub dataset id.",
+    )
+    format: Format = Field("auto", description="auto: detected from path.")
+    split: str = Field("train", description="Split of a saved DatasetDict or a hub dataset.")
+    sources: list[SourceConfig] | None = Field(
+        None, min_length=1, description="A weighted mixture of sources, instead of path."
+    )
     image_root: str | None = Field(
         None, description="Image paths are relative to, and must stay inside, this folder."
     )
@@ -48,9 +79,28 @@ class DatasetConfig(_Strict):
             )
         return name
 
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetConfig:
+        if (self.path is None) == (self.sources is None):
+            raise ValueError(
+                "set path (one source) or sources (a mixture), not both"
+                if self.path is not None
+                else "no data: set path (a data file, folder or hub id) or sources"
+            )
+        return self
+
+    def label(self) -> str:
+        """How messages name the data: the path, or the mixture's paths."""
+        if self.path is not None:
+            return self.path
+        return "mixture of " + ", ".join(source.path for source in self.sources or ())
+
     def root(self) -> Path:
         """Where relative image paths start (default: the data file's folder)."""
-        return Path(self.image_root) if self.image_root else Path(self.path).parent
+        if self.image_root:
+            return Path(self.image_root)
+        first = self.path if self.path is not None else (self.sources or [])[0].path
+        return Path(first).parent
 
 
 class LmmsTasks(_Strict):

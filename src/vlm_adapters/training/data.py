@@ -12,7 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from vlm_adapters.data import ConversationDataset, DataCollator, LengthGroupedSampler, load_records
+from vlm_adapters.data import ConversationDataset, DataCollator, LengthGroupedSampler
 from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache
 from vlm_adapters.data.records import (
@@ -24,6 +24,7 @@ from vlm_adapters.data.records import (
     sample_id,
 )
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
+from vlm_adapters.data.sources import Mixture, open_source
 from vlm_adapters.errors import ConfigError, TrainingError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
@@ -73,23 +74,40 @@ def with_given_data(
 
 
 def read_stage_records(
-    stage: str, source: DatasetConfig, memory: RecordSource | None = None
+    stage: str, source: DatasetConfig, memory: RecordSource | None = None, seed: int = 0
 ) -> RecordSource:
-    """The stage's records: ``memory`` when given, else its data file's (the file and image
-    folder exist; read before any stage runs, so parse errors name the file and line before
-    anything trains)."""
-    if not source.root().is_dir():
+    """The stage's records: ``memory`` when given, else its source's or mixture's (opened, not
+    read: a LLaVA file is parsed, a dataset memory-mapped, shards indexed), before any stage
+    runs, so errors name the file and line before anything trains. A mixture's fractional
+    weights draw their samples with ``seed``."""
+    if (source.image_root or source.format == "llava") and not source.root().is_dir():
         raise ConfigError(f"data.{stage}.image_root: {source.root()} is not a directory")
     if memory is not None:
         return memory
-    if source.path.startswith(IN_MEMORY):
+    if source.sources is None:
+        assert source.path is not None
+        return _open_source(f"data.{stage}.path", source.path, source.format, source.split)
+    parts = [
+        (_open_source(f"data.{stage}.sources[{i}]", s.path, s.format, s.split), s.weight, s.path)
+        for i, s in enumerate(source.sources)
+    ]
+    return Mixture(parts, seed)
+
+
+def _open_source(key: str, path: str, format: str, split: str) -> RecordSource:
+    """One source's records; its errors name the config key."""
+    if path.startswith(IN_MEMORY):
         raise ConfigError(
-            f"data.{stage}.path: {source.path} stands for records given in Python; pass the "
-            f"same records again (train(..., data=...)) to resume, or set a data file"
+            f"{key}: {path} stands for records given in Python; pass the same records again "
+            "(train(..., data=...)) to resume, or set a data file"
         )
-    if not Path(source.path).is_file():
-        raise ConfigError(f"data.{stage}.path: {source.path} not found")
-    return load_records(source.path)
+    llava = format in ("auto", "llava") and Path(path).suffix in (".json", ".jsonl")
+    if llava and not Path(path).is_file():
+        raise ConfigError(f"{key}: {path} not found")
+    try:
+        return open_source(path, format, split)
+    except ConfigError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def check_memory_cache(config: TrainConfig, memory: Mapping[str, RecordSource]) -> None:
@@ -113,9 +131,10 @@ def checked_dataset(
     and the number of records in the file. ``records``: the data file, when already read, or the
     stage's in-memory records."""
     data, source = config.data, config.dataset(stage)
-    records = load_records(source.path) if records is None else records
+    if records is None:
+        records = read_stage_records(stage, source, seed=config.run.seed)
     if not records:
-        raise TrainingError(f"{source.path}: no samples; stage {stage} has nothing to train")
+        raise TrainingError(f"{source.label()}: no samples; stage {stage} has nothing to train")
     dataset = ConversationDataset.for_model(
         model,
         records,
@@ -124,7 +143,7 @@ def checked_dataset(
         max_length=data.max_length or model.llm.max_positions,
         on_bad_sample=data.on_bad_sample,
         max_image_pixels=data.max_image_pixels,
-        source=source.path,
+        source=source.label(),
     )
     kept, skipped = dataset.precheck()
     return kept, skipped, len(records)

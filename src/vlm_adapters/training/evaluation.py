@@ -111,10 +111,10 @@ class Evaluator:
         assert source is not None and records is not None
         root, template = source.root(), source.template
         batch = self.config.stage(stage).batch_size
-        loss = answer_loss(model, records, root, template, batch, source=source.path)
+        loss = answer_loss(model, records, root, template, batch, source=source.label())
         metrics: dict[str, Any] = {"eval_loss": loss, "eval_samples": len(records)}
         if task != "loss":
-            scored = score(model, records, root, task, template, batch, source=source.path)
+            scored = score(model, records, root, task, template, batch, source=source.label())
             metrics |= {
                 f"eval_{name}": value
                 for name, value in scored.summary.items()

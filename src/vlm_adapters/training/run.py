@@ -146,7 +146,7 @@ def _run(
     datasets = {name: config.dataset(name) for name in names}  # every stage, before any runs
     with naming_file(config.where):
         records = {
-            name: read_stage_records(name, source, memory.get(name))
+            name: read_stage_records(name, source, memory.get(name), config.run.seed)
             for name, source in datasets.items()
         }
     accelerator = make_accelerator(config, out)
