@@ -13,6 +13,7 @@ import importlib
 import inspect
 import types
 import typing
+from collections.abc import Iterator
 from itertools import groupby
 from types import SimpleNamespace
 from typing import Any
@@ -85,14 +86,21 @@ def fields_table(model: type[BaseModel], prefix: str = "", skip: tuple[str, ...]
 
 
 def nested_models(model: type[BaseModel]) -> list[tuple[str, type[BaseModel]]]:
-    """``(field name, model class)`` for every field whose type is (optionally) a model."""
+    """``(field name, model class)`` for every field whose type holds a model (``X``,
+    ``X | None``, ``list[X] | None``: the keys of a list's items are listed as its own)."""
     out = []
     for name, field in model.model_fields.items():
-        for arg in (field.annotation, *typing.get_args(field.annotation)):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                out.append((name, arg))
-                break
+        found = next(_models_in(field.annotation), None)
+        if found is not None:
+            out.append((name, found))
     return out
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
 
 
 def model_sections(

@@ -144,8 +144,9 @@ def test_json_parquet_and_webdataset_train_to_the_same_losses(
     assert saved["data"]["finetune"]["path"] == str(made["wds"])
 
 
-def test_a_trl_dataset_saved_with_save_to_disk_trains(made: dict[str, Any], tmp_path: Path) -> None:
-    """TRL columns, PIL images in a datasets.Image column, no image on text-only rows."""
+def _trl_dataset(made: dict[str, Any]) -> Any:
+    """The finetune samples in TRL's columns, PIL images in a datasets.Image column, none on
+    text-only rows."""
     rows = []
     for record in made["records"]:
         paths = record.get("image") or []
@@ -171,12 +172,25 @@ def test_a_trl_dataset_saved_with_save_to_disk_trains(made: dict[str, Any], tmp_
             "images": datasets.List(datasets.Image()),
         }
     )
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def test_a_trl_dataset_saved_with_save_to_disk_or_given_in_python_trains(
+    made: dict[str, Any], tmp_path: Path
+) -> None:
     saved = tmp_path / "trl"
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(saved))
+    trl = _trl_dataset(made)
+    trl.save_to_disk(str(saved))
     assert detect_format(str(saved)) == "datasets"
     losses = _train(made, tmp_path / "run", path=str(saved))
     reference = _train(made, tmp_path / "json")
     assert losses == pytest.approx(reference, abs=1e-6, rel=0)
+    vlm_adapters.train(
+        made["raw"], out=tmp_path / "given", fresh_connector=True, data={"finetune": trl}
+    )
+    assert _losses(tmp_path / "given") == pytest.approx(reference, abs=1e-6, rel=0)
+    recorded = yaml.safe_load((tmp_path / "given" / "config.yaml").read_text())["data"]
+    assert recorded["finetune"]["path"] == f"<in-memory: 10 records, {trl._fingerprint[:16]}>"
 
 
 def test_llava_rows_in_parquet_with_no_image_on_text_rows_train(
@@ -195,8 +209,33 @@ def test_llava_rows_in_parquet_with_no_image_on_text_rows_train(
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "llava.parquet")
     records = open_source(str(tmp_path / "llava.parquet"))
     assert len(records) == 9 and "image" not in records[3]
+    made = {**made, "raw": json.loads(json.dumps(made["raw"]))}
+    made["raw"]["stages"]["finetune"]["feature_cache"] = str(tmp_path / "cache")  # path images
     losses = _train(made, tmp_path / "run", path=str(tmp_path / "llava.parquet"))
     assert len(losses) == 3 and all(loss == loss for loss in losses)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 8  # one per image file
+
+
+class _StopAt(vlm_adapters.TrainerCallback):
+    def on_log(self, state, control, logs) -> None:  # noqa: ANN001
+        control.should_stop = state.step == 2
+
+
+def test_a_run_on_webdataset_shards_resumes_to_the_uninterrupted_losses(
+    made: dict[str, Any], tmp_path: Path
+) -> None:
+    raw = json.loads(json.dumps(made["raw"]))
+    raw["data"]["finetune"]["path"] = str(made["wds"])
+    raw["stages"]["finetune"] |= {"epochs": 2}
+    raw["run"]["save_every"] = 1
+    whole = tmp_path / "whole"
+    vlm_adapters.train(raw, out=whole, fresh_connector=True)
+    out = tmp_path / "stopped"
+    first = vlm_adapters.train(raw, out=out, fresh_connector=True, callbacks=[_StopAt()])
+    assert first.stopped
+    vlm_adapters.train(raw, out=out, resume="auto", fresh_connector=True)
+    assert len(_losses(whole)) == 6
+    assert _losses(out) == pytest.approx(_losses(whole), abs=1e-6, rel=0)
 
 
 # to_record

@@ -26,7 +26,7 @@ def to_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise BadSample("bad row", f"{where}: expected a mapping, got {type(row).__name__}")
     if row.get("messages") is not None:
         conversations = _turns_of_messages(row["messages"], where)
-        images = row.get("images")
+        images = row.get("images") if row.get("images") is not None else row.get("image")
     elif row.get("conversations") is not None:
         conversations, images = row["conversations"], row.get("image")
     else:

@@ -24,7 +24,7 @@ from vlm_adapters.data.records import (
     sample_id,
 )
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
-from vlm_adapters.data.sources import Mixture, open_source
+from vlm_adapters.data.sources import Mixture, RowRecords, open_source
 from vlm_adapters.errors import ConfigError, TrainingError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
@@ -42,8 +42,9 @@ Collator = DataCollator | PackingCollator
 DataSources = Any
 """Data given in Python (``train(data=...)``): one source for every stage that runs, or a
 mapping of stage names (``align``, ``finetune``, ``eval``) to sources; a source is a data
-file's path, a list of LLaVA records (``image`` may hold PIL images) or a
-`datasets.Dataset`."""
+path (any of ``data.<stage>.path``), a list of LLaVA records (``image`` may hold PIL images)
+or a `datasets.Dataset` (LLaVA's ``conversations`` + ``image`` or TRL's ``messages`` +
+``images``)."""
 
 
 def with_given_data(
@@ -67,10 +68,19 @@ def with_given_data(
         if isinstance(source, (str, Path)):
             section["path"] = str(source)
         else:
-            memory[name] = memory_records(source, f"data[{name!r}]")
+            memory[name] = given_records(source, f"data[{name!r}]")
             section["path"] = describe_memory(memory[name])
+        section.pop("sources", None)
         sections[name] = section
     return {**raw, "data": sections}, memory
+
+
+def given_records(data: Any, where: str) -> RecordSource:
+    """Records given in Python: a `datasets.Dataset` (TRL's ``messages`` + ``images`` or
+    LLaVA's columns) read row by row through `to_record`, else `memory_records`."""
+    if isinstance(getattr(data, "column_names", None), list) and "messages" in data.column_names:
+        return RowRecords(data, where)
+    return memory_records(data, where)
 
 
 def read_stage_records(
