@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,20 @@ def test_convert_data_refuses_foreign_changed_or_overlapping_outputs(
     with pytest.raises(OutputError, match="overlaps the input"):
         convert(path, root, root / "converted", progress=False)
     assert not (root / "converted").exists()
+
+
+def test_a_half_written_shard_of_a_killed_run_is_cleared_first(
+    source: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import socket
+    import subprocess
+
+    path, root = source
+    pid = subprocess.Popen(["true"]).pid  # a process that has ended
+    os.waitpid(pid, 0)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".shard-00000.tar.tmp-{socket.gethostname()}-{pid}-0000abcd"
+    stale.write_bytes(b"half a shard")
+    done = convert(path, root, out, format="webdataset", progress=False)
+    assert done.samples == 10 and not stale.exists()

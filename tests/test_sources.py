@@ -429,3 +429,8 @@ def test_without_datasets_installed_a_parquet_source_is_one_install_error(
     ):
         open_source(str(made["parquet"]))
     assert len(open_source(str(made["wds"]))) == 10  # shards need no datasets
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_one_error_naming_it() -> None:
+    with pytest.raises(DataError, match="someone/missing-dataset: cannot load the data: "):
+        open_source("someone/missing-dataset")  # offline in the tests

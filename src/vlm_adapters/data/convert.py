@@ -77,6 +77,8 @@ def convert(
     if not root.is_dir():
         raise ConfigError(f"--image-root: {root} is not a directory")
     records = load_records(source)
+    if format == "parquet":
+        _features()  # needs `datasets`: one error line now, not after the first shard
     settings = {
         "source": str(source.resolve()),
         "source_sha256": _sha256(source),
@@ -128,6 +130,8 @@ def _checked_out(out: Path, settings: dict[str, Any], inputs: list[Path]) -> Pat
             raise OutputError(f"--out {out} overlaps the input {path}; write to a separate folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; choose a folder")
+    if out.is_dir():
+        remove_stale_temps(out)  # shards an interrupted run left half written
     if not out.is_dir() or not any(out.iterdir()):
         return out
     state = _read_state(out)
@@ -135,7 +139,6 @@ def _checked_out(out: Path, settings: dict[str, Any], inputs: list[Path]) -> Pat
         raise OutputError(
             f"--out {out} holds files convert-data did not write; choose an empty or new folder"
         )
-    remove_stale_temps(out)
     ours = {STATE, SKIPPED, *(s["file"] for s in state["shards"])}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
     if foreign:

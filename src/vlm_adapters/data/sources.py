@@ -137,9 +137,11 @@ def _load_dataset(path: str, kind: str, split: str) -> Any:
     elif kind in ("parquet", "arrow"):
         files = _existing_files(path, kind)
         _check_schemas(files, kind)
-        loaded = _quietly(lambda: datasets.load_dataset(kind, data_files=files, split="train"))
+        loaded = _quietly(
+            path, lambda: datasets.load_dataset(kind, data_files=files, split="train")
+        )
     else:
-        loaded = _quietly(lambda: datasets.load_dataset(path, split=split))
+        loaded = _quietly(path, lambda: datasets.load_dataset(path, split=split))
     _check_columns(loaded.column_names, path)
     return loaded
 
@@ -152,18 +154,18 @@ def _split_of(loaded: Any, split: str, path: str) -> Any:
     return loaded[split]
 
 
-def _quietly(load: Callable[[], Any]) -> Any:
-    """``load()`` with the library's errors as one DataError line."""
+def _quietly(path: str, load: Callable[[], Any]) -> Any:
+    """``load()`` with the library's errors as one DataError line naming ``path``."""
     try:
         return load()
     except (OSError, ValueError) as error:
         message = " ".join(str(error).split())
-        raise DataError(f"cannot load the data: {message}") from None
+        raise DataError(f"{path}: cannot load the data: {message}") from None
     except Exception as error:
         if type(error).__module__.startswith("datasets"):
             cause = error.__cause__ or error
             message = " ".join(str(cause).split())
-            raise DataError(f"cannot load the data: {message}") from None
+            raise DataError(f"{path}: cannot load the data: {message}") from None
         raise
 
 
