@@ -272,6 +272,10 @@ def test_to_record_turns_trl_rows_into_llava_records() -> None:
     assert text_only == {"id": "t", "conversations": TEXT_ONLY}
     raw = to_record({"conversations": TEXT_ONLY, "image": _png()}, "row 2")
     assert isinstance(raw["image"], Image.Image)
+    inline = {"type": "image", "image": {"bytes": _png(), "path": None}}
+    question = {"role": "user", "content": [inline, {"type": "text", "text": "?"}]}
+    parts = to_record({"messages": [question, {"role": "assistant", "content": "red"}]}, "row 3")
+    assert parts["conversations"][0]["value"] == "<image>?" and len(parts["image"]) == 1
 
 
 @pytest.mark.parametrize(

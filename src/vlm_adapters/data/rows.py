@@ -18,15 +18,17 @@ ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 def to_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The LLaVA record (``conversations`` + ``image``, ``id``) of one row: TRL's ``messages``
-    + ``images``, or LLaVA's ``conversations`` + ``image``. Embedded images (``{"bytes",
+    + ``images`` (or images inside the image parts), or LLaVA's ``conversations`` +
+    ``image``. Embedded images (``{"bytes",
     "path"}`` dicts, raw bytes) become PIL images; paths stay paths (read under
     ``image_root``). ``where`` names the row in errors; a row that cannot be used is a
     `BadSample`."""
     if not isinstance(row, Mapping):
         raise BadSample("bad row", f"{where}: expected a mapping, got {type(row).__name__}")
     if row.get("messages") is not None:
-        conversations = _turns_of_messages(row["messages"], where)
-        images = row.get("images") if row.get("images") is not None else row.get("image")
+        inline: list[Any] = []
+        conversations = _turns_of_messages(row["messages"], where, inline)
+        images = next((row[k] for k in ("images", "image") if row.get(k) is not None), inline)
     elif row.get("conversations") is not None:
         conversations, images = row["conversations"], row.get("image")
     else:
@@ -42,8 +44,10 @@ def to_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     return record
 
 
-def _turns_of_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    """TRL ``messages`` as LLaVA turns: image parts become ``<image>`` where they stood."""
+def _turns_of_messages(messages: Any, where: str, inline: list[Any]) -> list[dict[str, str]]:
+    """TRL ``messages`` as LLaVA turns: image parts become ``<image>`` where they stood;
+    images held by the parts themselves (``{"type": "image", "image": ...}``) go to
+    ``inline``."""
     if not isinstance(messages, list):
         raise BadSample("bad conversation", f"{where}: 'messages' must be a list")
     turns = []
@@ -53,12 +57,12 @@ def _turns_of_messages(messages: Any, where: str) -> list[dict[str, str]]:
                 "bad conversation",
                 f"{where}: message {number} needs a role of {', '.join(ROLES)}: {message!r}",
             )
-        text = _content_text(message.get("content"), f"{where}: message {number}")
+        text = _content_text(message.get("content"), f"{where}: message {number}", inline)
         turns.append({"from": ROLES[message["role"]], "value": text})
     return turns
 
 
-def _content_text(content: Any, where: str) -> str:
+def _content_text(content: Any, where: str, inline: list[Any]) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -68,6 +72,8 @@ def _content_text(content: Any, where: str) -> str:
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "image":
             pieces.append(IMAGE_MARKER)
+            if part.get("image") is not None:
+                inline.append(part["image"])
         elif kind == "text" and isinstance(part.get("text"), str):
             pieces.append(part["text"])
         else:
