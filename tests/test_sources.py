@@ -424,6 +424,16 @@ def test_a_feature_cache_refuses_embedded_images(made: dict[str, Any]) -> None:
         dataset.image_files()
 
 
+def test_training_refuses_a_feature_cache_for_embedded_images(
+    made: dict[str, Any], tmp_path: Path
+) -> None:
+    raw = json.loads(json.dumps(made["raw"]))
+    raw["data"]["finetune"]["path"] = str(made["wds"])
+    raw["stages"]["finetune"]["feature_cache"] = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.feature_cache: .* embedded image"):
+        vlm_adapters.train(raw, out=tmp_path / "run", fresh_connector=True)
+
+
 def test_without_datasets_installed_a_parquet_source_is_one_install_error(
     made: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,7 +25,7 @@ from vlm_adapters.data.records import (
 )
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 from vlm_adapters.data.sources import Mixture, RowRecords, open_source
-from vlm_adapters.errors import ConfigError, TrainingError
+from vlm_adapters.errors import ConfigError, DataError, TrainingError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
 from vlm_adapters.model.core import VisionLanguageModel
@@ -193,7 +193,10 @@ def stage_dataset(
     if budget:
         check_token_budget(dataset, budget, config.where)
     if config.stage(stage).feature_cache:
-        images = dataset.image_files()
+        try:
+            images = dataset.image_files()
+        except DataError as error:  # embedded images: the cache keys on files
+            raise ConfigError(f"stages.{stage}.feature_cache: {error}") from None
         dataset.feature_cache = fill_cache(config, stage, model, images, accelerator)
     return dataset
 
