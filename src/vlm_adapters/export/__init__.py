@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from vlm_adapters.chat.jinja import chat_template_jinja
 from vlm_adapters.errors import ExportError
 from vlm_adapters.export.hf_llava_read import from_hf_llava
-from vlm_adapters.export.hf_llava_write import check_exportable, to_hf_llava
+from vlm_adapters.export.hf_llava_write import to_hf_llava
 from vlm_adapters.export.serving import ServingReport, vllm_report
+from vlm_adapters.export.support import check_exportable
 
 if TYPE_CHECKING:
     from vlm_adapters.model.core import VisionLanguageModel

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vlm_adapters.errors import ExportError
+from vlm_adapters.export.serving import ServingReport, text_architecture
 
 if TYPE_CHECKING:
-    from vlm_adapters.export.serving import ServingReport
     from vlm_adapters.model import VisionLanguageModel
 
 CARD_NAME = "README.md"
@@ -361,8 +361,6 @@ def _body(
     llm: Source,
     run: RunRecord | None,
 ) -> str:
-    from vlm_adapters.export.serving import text_architecture
-
     kinds = model.component_types
     connector = model.connector
     connector_kwargs = connector.rebuild_kwargs() if hasattr(connector, "rebuild_kwargs") else {}

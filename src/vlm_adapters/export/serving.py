@@ -15,6 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
+from vlm_adapters.export.support import check_exportable
+from vlm_adapters.llm.hf import HFLLM
+from vlm_adapters.vision.hf import HFVisionBackbone
+
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
 
@@ -88,8 +93,6 @@ def vllm_report(model: VisionLanguageModel) -> ServingReport:
     vLLM's native ``LlavaForConditionalGeneration`` (``LlavaNextForConditionalGeneration``): the
     tower's config class, the projector's shape and activation, and the LLM's architecture.
     Works on any model, also one the export refuses (which is then a reason too)."""
-    from vlm_adapters.export.hf_llava_write import check_exportable
-
     reasons = [*_vision_reasons(model), *_connector_reasons(model), *_llm_reasons(model)]
     if check_exportable(model):  # its reasons: `check_exportable`, the export's refusal
         reasons.append("vlm-adapters does not export it to the transformers LLaVA format at all")
@@ -97,8 +100,6 @@ def vllm_report(model: VisionLanguageModel) -> ServingReport:
 
 
 def _vision_reasons(model: VisionLanguageModel) -> list[str]:
-    from vlm_adapters.vision.hf import HFVisionBackbone
-
     vision = model.vision.untiled()
     kind = model.component_types.get("vision", type(vision).__name__)
     if not isinstance(vision, HFVisionBackbone):
@@ -125,8 +126,6 @@ def _vision_reasons(model: VisionLanguageModel) -> list[str]:
 
 
 def _connector_reasons(model: VisionLanguageModel) -> list[str]:
-    from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
-
     connector = model.connector
     kind = model.component_types.get("connector", type(connector).__name__)
     if isinstance(connector, LinearConnector) or (
@@ -156,8 +155,6 @@ def _connector_reasons(model: VisionLanguageModel) -> list[str]:
 
 
 def _llm_reasons(model: VisionLanguageModel) -> list[str]:
-    from vlm_adapters.llm.hf import HFLLM
-
     llm = model.llm
     if not isinstance(llm, HFLLM):
         kind = model.component_types.get("llm", type(llm).__name__)
@@ -173,7 +170,5 @@ def _llm_reasons(model: VisionLanguageModel) -> list[str]:
 
 def text_architecture(model: VisionLanguageModel) -> str | None:
     """The LLM's transformers class name (what ``text_config.architectures`` names), if any."""
-    from vlm_adapters.llm.hf import HFLLM
-
     llm = model.llm
     return type(llm.transformers_model).__name__ if isinstance(llm, HFLLM) else None
