@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -22,15 +23,22 @@ from vlm_adapters.chat.templates import (
     with_image_markers,
 )
 from vlm_adapters.data.feature_cache import FeatureCache
-from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
+from vlm_adapters.data.images import (
+    MAX_IMAGE_PIXELS,
+    ImageProblem,
+    confined_path,
+    decode_image,
+    open_image,
+)
 from vlm_adapters.data.processor import SampleImages, TokenBudgetError, VLMProcessor
 from vlm_adapters.data.records import BadSample, Skipped, checked_turns, record_images, sample_id
 from vlm_adapters.geometry import Size
 from vlm_adapters.vision.base import ImageBatch
 
 Policy = Literal["skip", "error"]
-ImageSource = Path | Image.Image
-"""A sample's image: a checked file, or a PIL image given in memory."""
+ImageSource = Path | Image.Image | bytes
+"""A sample's image: a checked file, a PIL image given in memory, or an image file's bytes
+embedded in a shard."""
 
 
 class ConversationDataset(Dataset):
@@ -105,21 +113,41 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         return self._guarded(index, self._item)
 
+    def encode(
+        self, record: Mapping[str, Any], position: int, source: str
+    ) -> dict[str, Any] | Skipped:
+        """A record given directly (a streamed sample: ``position`` is its index in the
+        stream, ``source`` its shard), encoded as an item is."""
+        return self._guarded_record(record, position, source, self._item)
+
+    def estimate(self, record: Mapping[str, Any]) -> int:
+        """A record's token estimate as `lengths` gives it without a precheck (the most visual
+        tokens for variable-size vision); nothing is decoded."""
+        return self._estimate(record)
+
     def _guarded(self, index: int, work: Callable[[Mapping[str, Any], str], Any]) -> Any:
-        """``work(record, id)``, with a bad sample turned into a Skipped or a DataError."""
         position = self.positions[index]
-        record = self.records[position]
+        return self._guarded_record(self.records[position], position, self.source, work)
+
+    def _guarded_record(
+        self,
+        record: Mapping[str, Any],
+        position: int,
+        source: str,
+        work: Callable[[Mapping[str, Any], str], Any],
+    ) -> Any:
+        """``work(record, id)``, with a bad sample turned into a Skipped or a DataError."""
         name = sample_id(record, position)
         try:
             return work(record, name)
         except BadSample as bad:
             if self.on_bad_sample == "error":
-                where = f"{self.source}: " if self.source else ""
+                where = f"{source}: " if source else ""
                 raise DataError(
                     f"{where}sample {name!r} (index {position}): {bad}; fix the sample or set "
                     "data.on_bad_sample: skip"
                 ) from None
-            return Skipped(name, bad.reason, bad.detail, position, self.source)
+            return Skipped(name, bad.reason, bad.detail, position, source)
 
     def precheck(self) -> tuple[ConversationDataset, list[Skipped]]:
         """Check every sample without decoding images or tokenizing: the image field, paths
@@ -213,18 +241,23 @@ class ConversationDataset(Dataset):
         in-memory image from the image."""
         if isinstance(path, Image.Image):
             return self._within_limit("an in-memory image", path.height, path.width)
+        if isinstance(path, bytes):
+            return self._header_size(io.BytesIO(path), "an embedded image")
         if path not in self._sizes:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(path) as image:
-                        height, width = image.height, image.width
-            except Image.DecompressionBombError as error:
-                raise BadSample("image too large", f"{path}: {error}") from None
-            except (OSError, SyntaxError, ValueError) as error:
-                raise BadSample("image unreadable", f"{path}: {error}") from None
-            self._sizes[path] = self._within_limit(str(path), height, width)
+            self._sizes[path] = self._header_size(path, str(path))
         return self._sizes[path]
+
+    def _header_size(self, source: Path | io.BytesIO, name: str) -> Size:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(source) as image:
+                    height, width = image.height, image.width
+        except Image.DecompressionBombError as error:
+            raise BadSample("image too large", f"{name}: {error}") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise BadSample("image unreadable", f"{name}: {error}") from None
+        return self._within_limit(name, height, width)
 
     def _within_limit(self, name: str, height: int, width: int) -> Size:
         if height * width > self.max_image_pixels:
@@ -289,8 +322,10 @@ class ConversationDataset(Dataset):
 
     def _open(self, image: ImageSource) -> Image.Image:
         """The image as RGB, decoded (a file's size checked before decoding)."""
-        if isinstance(image, Path):
+        if isinstance(image, (Path, bytes)):
             try:
+                if isinstance(image, bytes):
+                    return decode_image(image, "an embedded image", self.max_image_pixels)
                 return open_image(image, self.max_image_pixels)
             except ImageProblem as problem:
                 raise BadSample(problem.reason, problem.detail) from None

@@ -33,11 +33,19 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """One LLaVA-format dataset (JSON list or JSONL) and the chat template it is rendered with."""
 
-    path: str = Field(description="LLaVA JSON/JSONL file.")
+    path: str = Field(
+        description="LLaVA JSON/JSONL file; with streaming, Parquet or WebDataset tar shards "
+        "(files or globs, separated by commas)."
+    )
     image_root: str | None = Field(
         None, description="Image paths are relative to, and must stay inside, this folder."
     )
     template: str = Field("plain", description="Chat template name (see templates.py).")
+    streaming: bool = Field(
+        False,
+        description="Read path's shards in order as a stream (never the whole sample list): "
+        "see docs/training.md, Streaming.",
+    )
 
     @field_validator("template")
     @classmethod
@@ -98,6 +106,12 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     group_by_length: bool = Field(True, description="Modality- and length-grouped batches.")
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="Streamed data: samples held in the seeded shuffle buffer (shard order is "
+        "shuffled too); 0 = file order.",
+    )
     packing: bool = Field(
         False,
         description="Pack each micro-batch's samples into rows of at most max_length tokens, "
@@ -241,7 +255,27 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
         check_max_length(config, context)
     check_quantized_llm(config)
     check_feature_caches(config)
+    check_streaming(config)
     return config
+
+
+def check_streaming(config: TrainConfig) -> None:
+    """Streamed data trains without a feature cache (which keys on image files, and a stream
+    embeds its images) and is not evaluation data (read whole)."""
+    prefix = f"{config.where}: " if config.where else ""
+    if config.data.eval is not None and config.data.eval.streaming:
+        raise ConfigError(
+            f"{prefix}data.eval.streaming: evaluation data is read whole; set streaming: false "
+            "and give a LLaVA JSON/JSONL file"
+        )
+    for stage in STAGES:
+        source = getattr(config.data, stage)
+        if source is not None and source.streaming and config.stage(stage).feature_cache:
+            raise ConfigError(
+                f"{prefix}stages.{stage}.feature_cache: data.{stage} streams shards whose "
+                "images are embedded, and the feature cache keys on image files; remove "
+                "feature_cache or train from a data file"
+            )
 
 
 def check_feature_caches(config: TrainConfig) -> None:

@@ -24,7 +24,8 @@ from vlm_adapters.data.records import (
     sample_id,
 )
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
-from vlm_adapters.errors import ConfigError, TrainingError
+from vlm_adapters.data.streaming import find_shards
+from vlm_adapters.errors import ConfigError, DataError, TrainingError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
 from vlm_adapters.model.core import VisionLanguageModel
@@ -74,14 +75,25 @@ def with_given_data(
 
 def read_stage_records(
     stage: str, source: DatasetConfig, memory: RecordSource | None = None
-) -> RecordSource:
+) -> RecordSource | None:
     """The stage's records: ``memory`` when given, else its data file's (the file and image
     folder exist; read before any stage runs, so parse errors name the file and line before
-    anything trains)."""
+    anything trains). Streamed data is not read here (None), only its shards found."""
     if not source.root().is_dir():
         raise ConfigError(f"data.{stage}.image_root: {source.root()} is not a directory")
     if memory is not None:
+        if source.streaming:
+            raise ConfigError(
+                f"data.{stage}.streaming: the stage's data is given in Python; set streaming: "
+                "false or give shard files"
+            )
         return memory
+    if source.streaming:
+        try:
+            find_shards(source.path)
+        except DataError as error:
+            raise ConfigError(f"data.{stage}.path: {error}") from None
+        return None
     if source.path.startswith(IN_MEMORY):
         raise ConfigError(
             f"data.{stage}.path: {source.path} stands for records given in Python; pass the "

@@ -1,0 +1,106 @@
+"""A stage's streamed data (``data.<stage>.streaming``): the shards' plan, this process's
+`StreamDataset` in a DataLoader, and the loader the training loop iterates.
+
+The loader is kept out of accelerate's ``prepare``: the plan already gives each process its
+own micro-batches, and accelerate would shard an iterable dataset again (or, by default,
+read it on the main process only and dispatch the batches)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader
+
+from vlm_adapters.data import ConversationDataset
+from vlm_adapters.data.streaming import StreamDataset, StreamPlan, find_shards, read_shards
+from vlm_adapters.errors import ConfigError, TrainingError
+from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.training.config import TrainConfig
+from vlm_adapters.training.skips import SkipLog
+
+logger = logging.getLogger("vlm_adapters.training")
+
+
+class StreamLoader:
+    """This process's micro-batches of a stream, on its device; `set_epoch` and
+    `start_at` (micro-batches a resumed run already took, skipped undecoded) apply to the
+    next iteration. ``world``: the processes the stream is cut for."""
+
+    def __init__(self, stream: StreamDataset, num_workers: int, device: torch.device) -> None:
+        self.stream, self.device, self.world = stream, device, stream.world
+        self.loader = DataLoader(
+            stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+
+    def start_at(self, skip: int) -> None:
+        self.stream.skip = skip
+
+    def batches(self, epoch: int) -> int:
+        """This process's micro-batches in ``epoch``."""
+        return self.stream.batches(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch the stream collated (a module-level function: workers pickle it)."""
+    return batch
+
+
+def stream_loader(
+    config: TrainConfig,
+    stage: str,
+    model: VisionLanguageModel,
+    collate: Any,
+    skips: SkipLog,
+    accelerator: Accelerator,
+) -> StreamLoader:
+    """Stage ``stage``'s stream: its shards checked (metadata only), the skip limit counted
+    on their rows, and this process's loader."""
+    data, source = config.data, config.dataset(stage)
+    shards = read_shards(find_shards(source.path))
+    encoder = ConversationDataset.for_model(
+        model,
+        [],
+        image_root=source.root(),
+        template=source.template,
+        max_length=data.max_length or model.llm.max_positions,
+        on_bad_sample=data.on_bad_sample,
+        max_image_pixels=data.max_image_pixels,
+    )
+    plan = StreamPlan(
+        shards,
+        seed=config.run.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        batch_size=config.stage(stage).batch_size,
+        max_tokens=data.max_tokens_per_batch,
+        estimate=encoder.estimate,
+    )
+    if not plan.num_samples:
+        raise TrainingError(f"{source.path}: no samples; stage {stage} has nothing to train")
+    skips.start(plan.num_samples)
+    if accelerator.is_main_process:
+        logger.info("%s: streaming %d samples from %d shards", stage, plan.num_samples, len(shards))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stream = StreamDataset(plan, encoder, collate, rank, world)
+    return StreamLoader(stream, data.num_workers, accelerator.device)
+
+
+def check_stream_world(loader: StreamLoader, world: int, batches_in_epoch: int) -> None:
+    """A stream cut for ``world`` processes resumes mid-epoch on as many only."""
+    if world and batches_in_epoch and world != loader.world:
+        raise ConfigError(
+            f"resume: this checkpoint is {batches_in_epoch} micro-batches into an epoch of data "
+            f"streamed to {world} processes, and this run has {loader.world}; resume on "
+            f"{world} processes (a checkpoint at an epoch's end resumes on any number)"
+        )
