@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 from torch.utils.data import DataLoader
@@ -81,7 +82,7 @@ class _Indices:
 
 
 def _collate(items: list[int]) -> dict[str, Any]:
-    return {"items": items}
+    return {"items": items, "labels": torch.zeros((len(items), 2), dtype=torch.long)}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -89,15 +90,18 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _epoch(plan: StreamPlan, world: int, workers: int, epoch: int, skip: int = 0) -> list[list]:
-    """Each process's micro-batches (their sample indices) in ``epoch``."""
+    """Each process's micro-batches (their sample indices; [] for a filler) in ``epoch``."""
     out = []
     for rank in range(world):
         stream = StreamDataset(plan, _Indices(), _collate, rank, world)  # type: ignore[arg-type]
         stream.epoch, stream.skip = epoch, skip
         loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is)
         got = list(loader)
-        assert all(batch["items"] == batch["samples"] for batch in got)
-        batches = [batch["items"] for batch in got]
+        for batch in got:  # a filler: the samples of process 0's last batch, with no labels
+            filler = not batch["samples"]
+            assert filler == bool((batch["labels"] == -100).all()) and batch["items"]
+            assert filler or batch["items"] == batch["samples"]
+        batches = [batch["samples"] for batch in got]
         assert len(batches) == stream.batches(epoch) - skip
         out.append(batches)
     return out
@@ -108,8 +112,8 @@ def test_every_sample_is_seen_once_per_epoch_on_every_process_count(
     tiny, tmp_path, world, workers, max_tokens
 ):
     """13 samples over ``world`` processes, each with ``workers`` loader workers: every epoch
-    gives each sample to exactly one process once; the processes take equal steps (an empty
-    micro-batch where the last round has none); a resumed epoch is the uninterrupted one's
+    gives each sample to exactly one process once; the processes take equal steps (a filler
+    without labels where the last round has none); a resumed epoch is the uninterrupted one's
     tail."""
     _, records, images = tiny
     shards = write_parquet_shards(records, images, tmp_path / "pq", per_shard=4)
@@ -207,12 +211,10 @@ def _batches(prefix: Path) -> dict[str, dict[str, Any]]:
 
 def test_a_killed_two_process_streaming_run_with_packing_resumes_exactly(tiny, tmp_path):
     """Two processes, two loader workers each, packing, 3 epochs of 13 streamed samples (7
-    micro-batches an epoch: the last round gives process 1 an empty one). SIGKILL process 0
-    after the mid-epoch step-5 checkpoint; a one-process resume is refused; the two-process
-    resume trains on batches torch.equal to the uninterrupted run's and ends bitwise equal.
-    Every sample is seen exactly once per epoch."""
-    import torch
-
+    micro-batches an epoch: the last round gives process 1 a filler without labels). SIGKILL
+    process 0 after the mid-epoch step-5 checkpoint; a one-process resume is refused; the
+    two-process resume trains on batches torch.equal to the uninterrupted run's and ends
+    bitwise equal. Every sample is seen exactly once per epoch."""
     text, records, images = tiny
     write_parquet_shards(records, images, tmp_path / "pq", per_shard=4)
     config = tmp_path / "tiny.yaml"

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vlm_adapters.chat.templates import IGNORE_INDEX
 from vlm_adapters.data.dataset import ConversationDataset
+from vlm_adapters.data.records import Skipped
 from vlm_adapters.errors import DataError
 
 PARQUET, TAR = ".parquet", ".tar"
@@ -292,7 +295,7 @@ class StreamDataset(IterableDataset):
     after the first ``skip`` (a resumed run's, never decoded); ``dataset`` encodes samples
     (bad ones are `Skipped` items, counted where they are met), ``collate`` batches them.
     Every process gets ``ceil(count / world)`` micro-batches: where the last round has none
-    for a process, it gets an empty one (no samples, no weight), so all take equal steps.
+    for a process, it gets a filler of no weight (`_filler`), so all take equal steps.
     Each batch lists its ``samples`` (stream indices, skipped ones included)."""
 
     def __init__(
@@ -318,15 +321,25 @@ class StreamDataset(IterableDataset):
         def mine(local: int) -> bool:  # the loader takes its workers' batches in turn
             return local >= self.skip and (local - self.skip) % workers == worker
 
-        count = 0
+        count, opener = 0, []
         for count, batch in enumerate(self.plan.micro_batches(self.epoch), 1):
             rank, local = (count - 1) % self.world, (count - 1) // self.world
+            opener = batch if rank == 0 else opener
             if rank == self.rank and mine(local):
                 items = [self._encode(sample) for sample in batch]
                 yield {**self.collate(items), "samples": [s.index for s in batch]}
         short = count % self.world  # processes with a micro-batch in the last round
         if short and self.rank >= short and mine(count // self.world):
-            yield {**self.collate([]), "samples": []}  # the last round's filler
+            yield self._filler(opener)
+
+    def _filler(self, batch: list[Sample]) -> dict[str, Any]:
+        """A micro-batch that trains nothing: ``batch``'s samples (the last round's first
+        micro-batch, trained by process 0) with every label -100, so this process runs the
+        same forward and backward as the others; it counts no sample."""
+        items = [item for item in map(self._encode, batch) if not isinstance(item, Skipped)]
+        filler = self.collate(items)
+        filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
+        return {**filler, "skipped": [], "num_samples": 0, "num_tokens": 0, "samples": []}
 
     def _encode(self, sample: Sample) -> Any:
         return self.dataset.encode(sample.record, sample.index, sample.source)
