@@ -24,6 +24,7 @@ from vlm_adapters.data.streaming import (
     StreamPlan,
     find_shards,
     read_shards,
+    shard_rows,
 )
 from vlm_adapters.errors import DataError
 
@@ -147,6 +148,10 @@ def test_bad_shards_are_one_clear_error_naming_the_shard(tiny, tmp_path):
         read_shards([str(broken)])
     with pytest.raises(DataError, match="no shard file there"):
         find_shards(str(tmp_path / "none-*.parquet"))
+    intact = read_shards([str(tar[0])])[0]
+    tar[0].write_bytes(tar[0].read_bytes()[:3000])  # damaged after the stage started
+    with pytest.raises(DataError, match=rf"shard {tar[0]}: unreadable after row 1 .*\); write"):
+        list(shard_rows(intact))
 
 
 def _corrupt_png(tar: Path, member: str) -> None:
@@ -262,3 +267,19 @@ def test_a_killed_two_process_streaming_run_with_packing_resumes_exactly(tiny, t
         assert seen == Counter(range(len(records)))
     final = "finetune/final"
     assert max_weight_diff(killed / final, reference / final) == 0.0
+
+
+def test_a_bad_sample_met_in_a_loader_worker_with_on_bad_sample_error_is_one_line(tiny, tmp_path):
+    from vlm_adapters.training import train
+
+    text, records, images = tiny
+    tar = write_tar_shards(records, images, tmp_path / "tar", per_shard=5)
+    _corrupt_png(tar[1], "s000006.0.png")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(text)
+    pattern = str(tmp_path / "tar" / "*.tar")
+    stream_config(config, "finetune", pattern, on_bad_sample="error", num_workers=1)
+    with pytest.raises(DataError) as error:
+        train(config, "finetune", tmp_path / "out", fresh_connector=True)
+    assert str(error.value).startswith(f"{tar[1]}: sample {records[6]['id']!r} (index 6): image")
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)

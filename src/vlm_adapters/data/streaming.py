@@ -136,11 +136,24 @@ def _key(name: str) -> str:
 def shard_rows(shard: Shard) -> Iterator[dict[str, Any]]:
     """The rows of a shard in file order: a Parquet row, or a tar sample's members
     (``__key__``, ``json``: the bytes of ``key.json``, ``images``: ``key.N.<ext>`` in N's
-    order)."""
-    if shard.path.endswith(PARQUET):
-        yield from _parquet_shard(shard.path)
-    else:
-        yield from _tar_shard(shard.path)
+    order). A shard that cannot be read to its end, or no longer has the rows it had when
+    the stage started, is a DataError naming it."""
+    read = _parquet_shard if shard.path.endswith(PARQUET) else _tar_shard
+    count = 0
+    try:
+        for row in read(shard.path):
+            count += 1
+            yield row
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:  # pyarrow's too
+        raise DataError(
+            f"shard {shard.path}: unreadable after row {count} ({error}); write the shard "
+            "again or leave it out"
+        ) from None
+    if count != shard.rows:
+        raise DataError(
+            f"shard {shard.path}: {count} rows, but {shard.rows} when the stage started; "
+            "keep shards unchanged while a stage trains"
+        )
 
 
 def _parquet_shard(path: str) -> Iterator[dict[str, Any]]:
@@ -314,7 +327,16 @@ class StreamDataset(IterableDataset):
         """This process's micro-batches in ``epoch``."""
         return math.ceil(self.plan.count(epoch) / self.world)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | DataError]:
+        """The micro-batches; a DataError (a bad shard, or a bad sample with
+        ``on_bad_sample: error``) is yielded, for the loader to raise as one line in the
+        training process, instead of a loader worker's traceback."""
+        try:
+            yield from self._batches()
+        except DataError as error:
+            yield error
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from vlm_adapters.data import ConversationDataset
 from vlm_adapters.data.streaming import StreamDataset, StreamPlan, find_shards, read_shards
-from vlm_adapters.errors import ConfigError, TrainingError
+from vlm_adapters.errors import ConfigError, DataError, TrainingError
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.training.config import TrainConfig
 from vlm_adapters.training.skips import SkipLog
@@ -49,10 +49,12 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
+            if isinstance(batch, DataError):
+                raise DataError(str(batch))  # one line, whichever worker met it
             yield send_to_device(batch, self.device)
 
 
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+def _as_is(batch: dict[str, Any] | DataError) -> dict[str, Any] | DataError:
     """The batch the stream collated (a module-level function: workers pickle it)."""
     return batch
 
