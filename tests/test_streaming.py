@@ -166,7 +166,7 @@ def _corrupt_png(tar: Path, member: str) -> None:
     tar.write_bytes(out.getvalue())
 
 
-def test_a_stream_trains_text_only_and_multi_image_samples_and_counts_a_corrupt_image(
+def test_a_stream_trains_text_only_multi_image_with_or_without_a_cache_and_skips_a_bad_image(
     tiny, tmp_path
 ):
     from vlm_adapters.training import train
@@ -200,6 +200,21 @@ def test_a_stream_trains_text_only_and_multi_image_samples_and_counts_a_corrupt_
     skipped = [json.loads(line) for line in (tmp_path / "out/finetune/skipped.jsonl").open()]
     assert [(s["id"], s["index"], s["reason"], s["file"]) for s in skipped] == [
         (records[3]["id"], 3, "image unreadable", str(tar[0]))
+    ]
+    # the feature cache keys on the embedded bytes: one entry per distinct usable image, and
+    # training from it gives the losses of training from pixels
+    cache = ["stages.finetune.feature_cache=" + str(tmp_path / "cache")]
+    train(config, "finetune", tmp_path / "cached", overrides=cache, fresh_connector=True)
+    usable = {(images / r["image"]).read_bytes() for n, r in enumerate(records) if n != 3}
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == len(usable)
+    losses = {}
+    for run in ("out", "cached"):
+        lines = (tmp_path / run / "finetune" / "metrics.jsonl").read_text().splitlines()
+        losses[run] = [json.loads(line)["loss"] for line in lines]
+    assert losses["cached"] == pytest.approx(losses["out"], abs=1e-5)
+    skipped = [json.loads(line) for line in (tmp_path / "cached/finetune/skipped.jsonl").open()]
+    assert [(s["id"], s["reason"]) for s in skipped] == [
+        (records[3]["id"], "feature cache entry unusable")
     ]
 
 

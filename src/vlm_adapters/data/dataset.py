@@ -120,6 +120,11 @@ class ConversationDataset(Dataset):
         stream, ``source`` its shard), encoded as an item is."""
         return self._guarded_record(record, position, source, self._item)
 
+    def images_of(self, record: Mapping[str, Any]) -> list[ImageSource]:
+        """A record's images: checked files (inside `image_root`, present), PIL images or
+        embedded bytes; a BadSample when they cannot be."""
+        return self._image_files(record)
+
     def estimate(self, record: Mapping[str, Any]) -> int:
         """A record's token estimate as `lengths` gives it without a precheck (the most visual
         tokens for variable-size vision); nothing is decoded."""
@@ -295,11 +300,12 @@ class ConversationDataset(Dataset):
             return {"pixel_values": self._pixels(paths)}
         features = []
         for path in paths:
-            key = self._keys.get(path) or self._keys.setdefault(path, self.feature_cache.key(path))
+            key = self._cache_key(self.feature_cache, path)
             entry = self.feature_cache.read(key)
             if entry is None:
                 problem = self.feature_cache.problem(key)
-                raise BadSample("feature cache entry unusable", f"{path}: {problem}")
+                name = "an embedded image" if isinstance(path, bytes) else path
+                raise BadSample("feature cache entry unusable", f"{name}: {problem}")
             features.append(entry)
         if not self.processor.variable:
             return {"pixel_values": None, "image_features": torch.stack(features)}
@@ -307,6 +313,14 @@ class ConversationDataset(Dataset):
         rows = tuple(len(entry) for entry in features)
         batch = ImageBatch(torch.cat(features), sizes, rows)
         return {"pixel_values": None, "image_features": batch}
+
+    def _cache_key(self, cache: FeatureCache, image: ImageSource) -> str:
+        """The feature cache key of a file (remembered) or of embedded bytes."""
+        if isinstance(image, bytes):
+            return cache.key(image)
+        if image not in self._keys:
+            self._keys[image] = cache.key(image)
+        return self._keys[image]
 
     def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
         if self.max_length is not None and len(input_ids) > self.max_length:

@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_adapters.chat.templates import IGNORE_INDEX
 from vlm_adapters.data.dataset import ConversationDataset
-from vlm_adapters.data.records import Skipped
+from vlm_adapters.data.records import BadSample, Skipped
 from vlm_adapters.errors import DataError
 
 PARQUET, TAR = ".parquet", ".tar"
@@ -229,6 +229,19 @@ def _image_bytes(value: Any) -> Any:
     if isinstance(value, list):
         return [_image_bytes(item) for item in value] or None
     return value
+
+
+def stream_images(
+    shards: Sequence[Shard], images_of: Callable[[dict[str, Any]], list[Any]]
+) -> Iterator[Any]:
+    """Every image of the shards' samples, in file order (``images_of``: a record's images;
+    a record whose images cannot be given is passed over, to be skipped when met)."""
+    for shard in shards:
+        for row in shard_rows(shard):
+            try:
+                yield from images_of(to_record(row, shard.path))
+            except BadSample:
+                continue
 
 
 @dataclass

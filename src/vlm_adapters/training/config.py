@@ -255,27 +255,18 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
         check_max_length(config, context)
     check_quantized_llm(config)
     check_feature_caches(config)
-    check_streaming(config)
+    check_streaming_eval(config)
     return config
 
 
-def check_streaming(config: TrainConfig) -> None:
-    """Streamed data trains without a feature cache (which keys on image files, and a stream
-    embeds its images) and is not evaluation data (read whole)."""
+def check_streaming_eval(config: TrainConfig) -> None:
+    """Evaluation data is read whole, not streamed."""
     prefix = f"{config.where}: " if config.where else ""
     if config.data.eval is not None and config.data.eval.streaming:
         raise ConfigError(
             f"{prefix}data.eval.streaming: evaluation data is read whole; set streaming: false "
             "and give a LLaVA JSON/JSONL file"
         )
-    for stage in STAGES:
-        source = getattr(config.data, stage)
-        if source is not None and source.streaming and config.stage(stage).feature_cache:
-            raise ConfigError(
-                f"{prefix}stages.{stage}.feature_cache: data.{stage} streams shards whose "
-                "images are embedded, and the feature cache keys on image files; remove "
-                "feature_cache or train from a data file"
-            )
 
 
 def check_feature_caches(config: TrainConfig) -> None:

@@ -5,7 +5,7 @@ the global batch."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.training.config import STAGES, DatasetConfig, TrainConfig
-from vlm_adapters.training.features import describe_fill, fill_feature_cache
+from vlm_adapters.training.features import describe_fill, fill_feature_cache, fill_stream_cache
 from vlm_adapters.training.skips import SkipLog
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -185,21 +185,23 @@ def fill_cache(
     config: TrainConfig,
     stage: str,
     model: VisionLanguageModel,
-    images: list[Path],
+    images: list[Path] | Iterable[Path | bytes],
     accelerator: Accelerator,
 ) -> FeatureCache:
     """The stage's feature cache, its missing entries computed by every process (a share
-    each) before any step."""
+    each) before any step. ``images``: the image files, or a stream's images (files or
+    embedded bytes), which every process reads whole and shares by key."""
     settings = config.stage(stage)
     if any(p.requires_grad for p in model.vision.parameters()):
         raise ConfigError(
             f"stages.{stage}.feature_cache: the vision tower trains in this stage; "
             "remove feature_cache or freeze the tower"
         )
-    cache, report = fill_feature_cache(
+    fill = fill_feature_cache if isinstance(images, list) else fill_stream_cache
+    cache, report = fill(
         model.vision,
         settings.feature_cache,
-        images,
+        images,  # type: ignore[arg-type]
         max_pixels=config.data.max_image_pixels,
         batch_size=settings.batch_size,
         device=accelerator.device,
@@ -209,7 +211,9 @@ def fill_cache(
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        logger.info("%s: %s", stage, describe_fill(cache, report, len(images)))
+        count = len(images) if isinstance(images, list) else report.computed + report.reused
+        share = "" if isinstance(images, list) else " (this process's share)"
+        logger.info("%s: %s%s", stage, describe_fill(cache, report, count), share)
     return cache
 
 

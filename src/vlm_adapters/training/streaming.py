@@ -17,10 +17,17 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from vlm_adapters.data import ConversationDataset
-from vlm_adapters.data.streaming import StreamDataset, StreamPlan, find_shards, read_shards
+from vlm_adapters.data.streaming import (
+    StreamDataset,
+    StreamPlan,
+    find_shards,
+    read_shards,
+    stream_images,
+)
 from vlm_adapters.errors import ConfigError, DataError, TrainingError
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.training.config import TrainConfig
+from vlm_adapters.training.data import fill_cache
 from vlm_adapters.training.skips import SkipLog
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -90,6 +97,9 @@ def stream_loader(
     )
     if not plan.num_samples:
         raise TrainingError(f"{source.path}: no samples; stage {stage} has nothing to train")
+    if config.stage(stage).feature_cache:
+        images = stream_images(shards, encoder.images_of)
+        encoder.feature_cache = fill_cache(config, stage, model, images, accelerator)
     skips.start(plan.num_samples)
     if accelerator.is_main_process:
         logger.info("%s: streaming %d samples from %d shards", stage, plan.num_samples, len(shards))
