@@ -298,3 +298,21 @@ def test_a_bad_sample_met_in_a_loader_worker_with_on_bad_sample_error_is_one_lin
         train(config, "finetune", tmp_path / "out", fresh_connector=True)
     assert str(error.value).startswith(f"{tar[1]}: sample {records[6]['id']!r} (index 6): image")
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_cache_features_fills_a_streamed_stage_from_its_shards(tiny, tmp_path, capsys):
+    from vlm_adapters.cli import main
+
+    text, records, images = tiny
+    write_parquet_shards(records, images, tmp_path / "pq", per_shard=5)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(text)
+    stream_config(config, "finetune", str(tmp_path / "pq" / "*.parquet"))
+    cache = f"stages.finetune.feature_cache={tmp_path / 'cache'}"
+    assert main(["cache-features", str(config), "--stage", "finetune", cache]) == 0
+    distinct = {(images / r["image"]).read_bytes() for r in records}
+    assert f"{len(distinct)} computed" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == len(distinct)
+    main(["cache-features", str(config), "--stage", "finetune", cache])
+    reused = f"0 computed (0 replaced broken entries), {len(distinct)} reused"
+    assert reused in capsys.readouterr().out

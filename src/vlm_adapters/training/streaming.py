@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,15 +79,7 @@ def stream_loader(
     on their rows, and this process's loader."""
     data, source = config.data, config.dataset(stage)
     shards = read_shards(find_shards(source.path))
-    encoder = ConversationDataset.for_model(
-        model,
-        [],
-        image_root=source.root(),
-        template=source.template,
-        max_length=data.max_length or model.llm.max_positions,
-        on_bad_sample=data.on_bad_sample,
-        max_image_pixels=data.max_image_pixels,
-    )
+    encoder = stream_encoder(config, stage, model)
     plan = StreamPlan(
         shards,
         seed=config.run.seed,
@@ -106,6 +99,30 @@ def stream_loader(
     world, rank = accelerator.num_processes, accelerator.process_index
     stream = StreamDataset(plan, encoder, collate, rank, world)
     return StreamLoader(stream, data.num_workers, accelerator.device)
+
+
+def stream_encoder(
+    config: TrainConfig, stage: str, model: VisionLanguageModel
+) -> ConversationDataset:
+    """What encodes the stage's streamed samples for ``model`` (a dataset of no records)."""
+    data, source = config.data, config.dataset(stage)
+    return ConversationDataset.for_model(
+        model,
+        [],
+        image_root=source.root(),
+        template=source.template,
+        max_length=data.max_length or model.llm.max_positions,
+        on_bad_sample=data.on_bad_sample,
+        max_image_pixels=data.max_image_pixels,
+    )
+
+
+def streamed_images(
+    config: TrainConfig, stage: str, model: VisionLanguageModel
+) -> Iterator[Path | bytes]:
+    """Every image of the stage's shards, in file order (for ``cache-features``)."""
+    shards = read_shards(find_shards(config.dataset(stage).path))
+    return stream_images(shards, stream_encoder(config, stage, model).images_of)
 
 
 def check_stream_world(loader: StreamLoader, world: int, batches_in_epoch: int) -> None:
