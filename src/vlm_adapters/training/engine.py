@@ -296,6 +296,11 @@ class DeepSpeedEngine(InPlaceEngine):
                 "run.save_every: intermediate checkpoints are not written under DeepSpeed (its "
                 "optimizer state is partitioned); set run.save_every=0, or use FSDP2"
             )
+        if config.dataset(stage).streaming:
+            raise ConfigError(
+                f"data.{stage}.streaming: streamed data is not trained under DeepSpeed (which "
+                "sizes its batches from a map-style loader); use DDP or FSDP2, or a data file"
+            )
         module = super().place(config, stage)
         plugin = self.accelerator.state.deepspeed_plugin
         plugin.deepspeed_config["gradient_clipping"] = config.stage(stage).max_grad_norm or 0.0
