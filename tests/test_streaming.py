@@ -26,7 +26,7 @@ from vlm_adapters.data.streaming import (
     read_shards,
     shard_rows,
 )
-from vlm_adapters.errors import DataError
+from vlm_adapters.errors import ConfigError, DataError
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -129,6 +129,8 @@ def test_every_sample_is_seen_once_per_epoch_on_every_process_count(
 
 
 def test_bad_shards_are_one_clear_error_naming_the_shard(tiny, tmp_path):
+    from vlm_adapters.training import train
+
     _, records, images = tiny
     tar = write_tar_shards(records, images, tmp_path / "tar", per_shard=7)
     data = tar[1].read_bytes()
@@ -148,6 +150,13 @@ def test_bad_shards_are_one_clear_error_naming_the_shard(tiny, tmp_path):
         read_shards([str(broken)])
     with pytest.raises(DataError, match="no shard file there"):
         find_shards(str(tmp_path / "none-*.parquet"))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny[0])
+    stream_config(config, "finetune", f"{tar[1]},{tmp_path / 'none-*.tar'}")
+    refused = rf"^{config}: data.finetune.path: '.*none-\*.tar': no shard file there"
+    with pytest.raises(ConfigError, match=refused):
+        train(config, "finetune", tmp_path / "out", fresh_connector=True)
+    assert not (tmp_path / "out").exists()  # refused before the run directory is made
     intact = read_shards([str(tar[0])])[0]
     tar[0].write_bytes(tar[0].read_bytes()[:3000])  # damaged after the stage started
     with pytest.raises(DataError, match=rf"shard {tar[0]}: unreadable after row 1 .*\); write"):
