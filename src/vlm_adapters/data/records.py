@@ -231,7 +231,9 @@ def record_images(record: Mapping[str, Any]) -> list[str | Image.Image | bytes]:
     if all(isinstance(item, (str, Image.Image, bytes)) for item in images):
         return images
     raise BadSample(
-        "bad image field", f"'image' must be a path, a PIL image or a list of them: {image!r}"
+        "bad image field",
+        f"'image' must be a path, a PIL image, an image file's bytes or a list of them: "
+        f"{repr(image)[:200]}",
     )
 
 
