@@ -325,3 +325,32 @@ def test_cache_features_fills_a_streamed_stage_from_its_shards(tiny, tmp_path, c
     main(["cache-features", str(config), "--stage", "finetune", cache])
     reused = f"0 computed (0 replaced broken entries), {len(distinct)} reused"
     assert reused in capsys.readouterr().out
+
+
+def test_shards_whose_schemas_differ_give_the_same_records(tiny, tmp_path):
+    """Ids as text or integers, turns as JSON text or a list, images as bytes, a
+    ``{"bytes", "path"}`` struct or a list, and a shard without an image column (text only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, records, images = tiny
+    turns = records[0]["conversations"]
+    picture = (images / records[0]["image"]).read_bytes()
+    text_only = [{"from": "human", "value": "say hi"}, {"from": "gpt", "value": "hi"}]
+    tables = [
+        {"id": ["a"], "conversations": [json.dumps(turns)], "image": [picture]},
+        {"id": [7], "conversations": [turns], "image": [{"bytes": picture, "path": "x.png"}]},
+        {"id": ["b"], "conversations": [json.dumps(turns)], "image": [[picture, picture]]},
+        {"id": [8], "conversations": [json.dumps(text_only)]},
+    ]
+    paths = []
+    for number, table in enumerate(tables):
+        paths.append(tmp_path / f"s{number}.parquet")
+        pq.write_table(pa.table(table), paths[-1])
+    got = [sample.record for sample in _plan(paths, 0).samples(0)]
+    assert got == [
+        {"id": "a", "conversations": turns, "image": picture},
+        {"id": 7, "conversations": turns, "image": picture},
+        {"id": "b", "conversations": turns, "image": [picture, picture]},
+        {"id": 8, "conversations": text_only},
+    ]
