@@ -354,3 +354,25 @@ def test_shards_whose_schemas_differ_give_the_same_records(tiny, tmp_path):
         {"id": "b", "conversations": turns, "image": [picture, picture]},
         {"id": 8, "conversations": text_only},
     ]
+
+
+def test_a_resumed_position_inside_an_epoch_needs_the_same_process_count(tiny, tmp_path):
+    """13 samples in micro-batches of 2: 7 an epoch, 4 per process on 2 processes."""
+    from vlm_adapters.training.checkpoint import Position
+    from vlm_adapters.training.streaming import StreamLoader, resume_stream
+
+    _, records, images = tiny
+    plan = _plan(write_parquet_shards(records, images, tmp_path / "pq", per_shard=5), 3)
+
+    def loader(world: int) -> StreamLoader:
+        stream = StreamDataset(plan, _Indices(), _collate, 0, world)  # type: ignore[arg-type]
+        return StreamLoader(stream, 0, torch.device("cpu"))
+
+    inside = Position(step=2, epoch=1, batches_in_epoch=2, world=2)
+    resume_stream(loader(2), inside)
+    assert (inside.epoch, inside.batches_in_epoch, inside.world) == (1, 2, 2)
+    with pytest.raises(ConfigError, match="streamed to 2 processes, and this run has 1"):
+        resume_stream(loader(1), Position(step=2, epoch=1, batches_in_epoch=2, world=2))
+    at_end = Position(step=4, epoch=0, batches_in_epoch=4, world=2)
+    resume_stream(loader(1), at_end)  # the epoch is done: the next starts on any count
+    assert (at_end.epoch, at_end.batches_in_epoch, at_end.world) == (1, 0, 1)

@@ -336,9 +336,10 @@ class StreamDataset(IterableDataset):
         self.rank, self.world = rank, world
         self.epoch, self.skip = 0, 0
 
-    def batches(self, epoch: int) -> int:
-        """This process's micro-batches in ``epoch``."""
-        return math.ceil(self.plan.count(epoch) / self.world)
+    def batches(self, epoch: int, world: int | None = None) -> int:
+        """This process's micro-batches in ``epoch`` (cut for ``world`` processes: default,
+        this stream's)."""
+        return math.ceil(self.plan.count(epoch) / (world or self.world))
 
     def __iter__(self) -> Iterator[dict[str, Any] | DataError]:
         """The micro-batches; a DataError (a bad shard, or a bad sample with

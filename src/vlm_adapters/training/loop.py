@@ -41,7 +41,7 @@ from vlm_adapters.training.objectives import Batch, Objective, SupervisedObjecti
 from vlm_adapters.training.progress import Progress, plot_loss, truncate_metrics
 from vlm_adapters.training.recipes import configure_stage, describe_trainable, param_groups
 from vlm_adapters.training.skips import SkipLog
-from vlm_adapters.training.streaming import StreamLoader, check_stream_world, stream_loader
+from vlm_adapters.training.streaming import StreamLoader, resume_stream, stream_loader
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -135,8 +135,7 @@ class Trainer:
         loader = self._prepare(loader, total)
         position = self._resume(resume)
         if isinstance(loader, StreamLoader):
-            check_stream_world(loader, position.world, position.batches_in_epoch)
-            position.world = loader.world
+            resume_stream(loader, position)
         loss = self._epochs(loader, position, total)
         if position.step == 0:
             raise TrainingError(

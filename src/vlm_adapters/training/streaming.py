@@ -27,6 +27,7 @@ from vlm_adapters.data.streaming import (
 )
 from vlm_adapters.errors import ConfigError, DataError, TrainingError
 from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.training.checkpoint import Position
 from vlm_adapters.training.config import TrainConfig
 from vlm_adapters.training.data import fill_cache
 from vlm_adapters.training.skips import SkipLog
@@ -125,11 +126,17 @@ def streamed_images(
     return stream_images(shards, stream_encoder(config, stage, model).images_of)
 
 
-def check_stream_world(loader: StreamLoader, world: int, batches_in_epoch: int) -> None:
-    """A stream cut for ``world`` processes resumes mid-epoch on as many only."""
-    if world and batches_in_epoch and world != loader.world:
+def resume_stream(loader: StreamLoader, position: Position) -> None:
+    """Check a resumed ``position`` against the stream and record the stream's process
+    count in it: a position at an epoch's end moves to the next epoch's start (it resumes on
+    any number of processes); one inside an epoch resumes on as many processes only."""
+    world, taken = position.world or loader.world, position.batches_in_epoch
+    if taken and taken >= loader.stream.batches(position.epoch, world):
+        position.epoch, position.batches_in_epoch = position.epoch + 1, 0
+    elif taken and world != loader.world:
         raise ConfigError(
-            f"resume: this checkpoint is {batches_in_epoch} micro-batches into an epoch of data "
-            f"streamed to {world} processes, and this run has {loader.world}; resume on "
-            f"{world} processes (a checkpoint at an epoch's end resumes on any number)"
+            f"resume: this checkpoint is {taken} micro-batches into an epoch of data streamed "
+            f"to {world} processes, and this run has {loader.world}; resume on {world} "
+            "processes (a checkpoint at an epoch's end resumes on any number)"
         )
+    position.world = loader.world
