@@ -87,9 +87,19 @@ def read_shards(paths: Sequence[str]) -> list[Shard]:
     return shards
 
 
-def _parquet_rows(path: str) -> int:
-    import pyarrow.parquet as pq
+def _pyarrow_parquet() -> Any:
+    """``pyarrow.parquet``, or a DataError saying how to install it."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            "streamed Parquet shards need pyarrow: pip install 'vlm-adapters[parquet]'"
+        ) from None
+    return pq
 
+
+def _parquet_rows(path: str) -> int:
+    pq = _pyarrow_parquet()
     try:
         handle = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
@@ -157,9 +167,7 @@ def shard_rows(shard: Shard) -> Iterator[dict[str, Any]]:
 
 
 def _parquet_shard(path: str) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    handle = pq.ParquetFile(path)
+    handle = _pyarrow_parquet().ParquetFile(path)
     for group in range(handle.num_row_groups):
         yield from handle.read_row_group(group).to_pylist()
 
