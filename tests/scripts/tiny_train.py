@@ -2,13 +2,14 @@
 
 Usage: python tiny_train.py CONFIG OUT [--resume auto] [--world N] [--fresh-connector]
 [--kill-in MODULE:FUNCTION[:N] [--kill-rank R]] [--fail-in MODULE:FUNCTION [--fail-rank R]]
-[--in-order] [--record-sharding FILE]
+[--in-order] [--record-sharding FILE] [--record-batches PREFIX]
 [KEY=VALUE ...] (run under torchrun for several processes; --world checks the process count;
 --kill-in SIGKILLs the run right after that function returned from its N-th call (default 1),
 in process R only with --kill-rank; --fail-in makes that function raise OSError instead;
 --in-order takes the samples in data-file order;
 --record-sharding writes FILE.<stage>.<rank>.json from inside each stage's first step: each
-parameter's and gradient's class and sizes, and the FSDP units). Set
+parameter's and gradient's class and sizes, and the FSDP units; --record-batches writes every
+micro-batch each process trains on to PREFIX.<rank>.<step>.<n>.safetensors). Set
 VLM_ADAPTERS_FULLY_SHARD=1 to shard with fully_shard instead of DDP.
 """
 
@@ -157,6 +158,28 @@ def record_sharding(path: str) -> None:
     Trainer._update = update
 
 
+def record_batches(prefix: str) -> None:
+    """Write every micro-batch of every optimizer step (tensors, and the streamed sample
+    indices as metadata) to ``prefix.<rank>.<step>.<n>.safetensors``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vlm_adapters.training.loop import Trainer
+
+    original = Trainer._step
+
+    def step(self, window):  # noqa: ANN001, ANN202
+        rank = os.environ.get("RANK", "0")
+        for n, batch in enumerate(window):
+            tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            meta = {"samples": json.dumps(batch.get("samples", []))}
+            name = f"{prefix}.{rank}.{self._steps_done:04d}.{n}.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, name, metadata=meta)
+        return original(self, window)
+
+    Trainer._step = step
+
+
 def in_file_order() -> None:
     """Make every epoch yield the samples in data-file order (to place samples on ranks)."""
     from vlm_adapters.data import LengthGroupedSampler
@@ -178,6 +201,7 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, help="only this process fails")
     parser.add_argument("--record-sharding", help="file prefix for what the first step sees")
     parser.add_argument("--in-order", action="store_true", help="batches in data-file order")
+    parser.add_argument("--record-batches", help="file prefix for every micro-batch trained on")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     from accelerate import PartialState
@@ -190,6 +214,8 @@ def main() -> None:
         record_sharding(args.record_sharding)
     if args.in_order:
         in_file_order()
+    if args.record_batches:
+        record_batches(args.record_batches)
 
     from vlm_adapters.training import train
 

@@ -68,9 +68,14 @@ def run(args: argparse.Namespace) -> int:
     from vlm_adapters.errors import ConfigError
     from vlm_adapters.model.build import build_vlm
     from vlm_adapters.training.data import checked_dataset
-    from vlm_adapters.training.features import describe_fill, fill_feature_cache
+    from vlm_adapters.training.features import (
+        describe_fill,
+        fill_feature_cache,
+        fill_stream_cache,
+    )
     from vlm_adapters.training.recipes import resolve_config
     from vlm_adapters.training.run import naming_file
+    from vlm_adapters.training.streaming import streamed_images
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_rest(args, "vlm-adapters cache-features CONFIG", _add_options)
@@ -88,16 +93,21 @@ def run(args: argparse.Namespace) -> int:
     with naming_file(config.where):
         model = build_vlm(config.model)
     for stage in stages:
+        folder = config.stage(stage).feature_cache
+        options = {
+            "max_pixels": config.data.max_image_pixels,
+            "batch_size": args.batch_size,
+            "device": device,
+        }
+        if config.dataset(stage).streaming:
+            print(f"{stage}: reading the streamed shards of {config.dataset(stage).path}")
+            streamed = streamed_images(config, stage, model)
+            cache, report = fill_stream_cache(model.vision, folder, streamed, **options)
+            print(f"{stage}: {describe_fill(cache, report, report.computed + report.reused)}")
+            continue
         dataset, skipped, _ = checked_dataset(config, stage, model)
         images = dataset.image_files()
         print(f"{stage}: {len(dataset)} samples ({len(skipped)} skipped), {len(images)} images")
-        cache, report = fill_feature_cache(
-            model.vision,
-            config.stage(stage).feature_cache,
-            images,
-            max_pixels=config.data.max_image_pixels,
-            batch_size=args.batch_size,
-            device=device,
-        )
+        cache, report = fill_feature_cache(model.vision, folder, images, **options)
         print(f"{stage}: {describe_fill(cache, report, len(images))}")
     return 0

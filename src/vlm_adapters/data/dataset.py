@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -22,15 +23,22 @@ from vlm_adapters.chat.templates import (
     with_image_markers,
 )
 from vlm_adapters.data.feature_cache import FeatureCache
-from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem, confined_path, open_image
+from vlm_adapters.data.images import (
+    MAX_IMAGE_PIXELS,
+    ImageProblem,
+    confined_path,
+    decode_image,
+    open_image,
+)
 from vlm_adapters.data.processor import SampleImages, TokenBudgetError, VLMProcessor
 from vlm_adapters.data.records import BadSample, Skipped, checked_turns, record_images, sample_id
 from vlm_adapters.geometry import Size
 from vlm_adapters.vision.base import ImageBatch
 
 Policy = Literal["skip", "error"]
-ImageSource = Path | Image.Image
-"""A sample's image: a checked file, or a PIL image given in memory."""
+ImageSource = Path | Image.Image | bytes
+"""A sample's image: a checked file, a PIL image given in memory, or an image file's bytes
+embedded in a shard."""
 
 
 class ConversationDataset(Dataset):
@@ -105,22 +113,54 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         return self._guarded(index, self._item)
 
+    def encode(
+        self, record: Mapping[str, Any], position: int, source: str
+    ) -> dict[str, Any] | Skipped:
+        """A record given directly (a streamed sample: ``position`` is its index in the
+        stream, ``source`` its shard), encoded as an item is."""
+        return self._guarded_record(record, position, source, self._item)
+
+    def images_of(self, record: Mapping[str, Any]) -> list[ImageSource]:
+        """A record's images: checked files (inside `image_root`, present), PIL images or
+        embedded bytes; a BadSample when they cannot be."""
+        return self._image_files(record)
+
+    def estimate(self, record: Mapping[str, Any]) -> int:
+        """A record's token estimate as `lengths` gives it without a precheck (the most visual
+        tokens for variable-size vision); nothing is decoded."""
+        return self._estimate(record)
+
     def _guarded(self, index: int, work: Callable[[Mapping[str, Any], str], Any]) -> Any:
-        """``work(record, id)``, with a bad sample turned into a Skipped or a DataError."""
         position = self.positions[index]
-        name = f"#{position}"
         try:
             record = self.records[position]  # a row of a datasets source may be a bad one
-            name = sample_id(record, position)
+        except BadSample as bad:
+            return self._bad(bad, f"#{position}", position, self.source)
+        return self._guarded_record(record, position, self.source, work)
+
+    def _guarded_record(
+        self,
+        record: Mapping[str, Any],
+        position: int,
+        source: str,
+        work: Callable[[Mapping[str, Any], str], Any],
+    ) -> Any:
+        """``work(record, id)``, with a bad sample turned into a Skipped or a DataError."""
+        name = sample_id(record, position)
+        try:
             return work(record, name)
         except BadSample as bad:
-            if self.on_bad_sample == "error":
-                where = f"{self.source}: " if self.source else ""
-                raise DataError(
-                    f"{where}sample {name!r} (index {position}): {bad}; fix the sample or set "
-                    "data.on_bad_sample: skip"
-                ) from None
-            return Skipped(name, bad.reason, bad.detail, position, self.source)
+            return self._bad(bad, name, position, source)
+
+    def _bad(self, bad: BadSample, name: str, position: int, source: str) -> Skipped:
+        """A bad sample's Skipped, or with ``on_bad_sample: error`` the DataError naming it."""
+        if self.on_bad_sample == "error":
+            where = f"{source}: " if source else ""
+            raise DataError(
+                f"{where}sample {name!r} (index {position}): {bad}; fix the sample or set "
+                "data.on_bad_sample: skip"
+            ) from None
+        return Skipped(name, bad.reason, bad.detail, position, source)
 
     def precheck(self) -> tuple[ConversationDataset, list[Skipped]]:
         """Check every sample without decoding images or tokenizing: the image field, paths
@@ -215,18 +255,23 @@ class ConversationDataset(Dataset):
         in-memory image from the image."""
         if isinstance(path, Image.Image):
             return self._within_limit("an in-memory image", path.height, path.width)
+        if isinstance(path, bytes):
+            return self._header_size(io.BytesIO(path), "an embedded image")
         if path not in self._sizes:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(path) as image:
-                        height, width = image.height, image.width
-            except Image.DecompressionBombError as error:
-                raise BadSample("image too large", f"{path}: {error}") from None
-            except (OSError, SyntaxError, ValueError) as error:
-                raise BadSample("image unreadable", f"{path}: {error}") from None
-            self._sizes[path] = self._within_limit(str(path), height, width)
+            self._sizes[path] = self._header_size(path, str(path))
         return self._sizes[path]
+
+    def _header_size(self, source: Path | io.BytesIO, name: str) -> Size:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(source) as image:
+                    height, width = image.height, image.width
+        except Image.DecompressionBombError as error:
+            raise BadSample("image too large", f"{name}: {error}") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise BadSample("image unreadable", f"{name}: {error}") from None
+        return self._within_limit(name, height, width)
 
     def _within_limit(self, name: str, height: int, width: int) -> Size:
         if height * width > self.max_image_pixels:
@@ -264,11 +309,12 @@ class ConversationDataset(Dataset):
             return {"pixel_values": self._pixels(paths)}
         features = []
         for path in paths:
-            key = self._keys.get(path) or self._keys.setdefault(path, self.feature_cache.key(path))
+            key = self._cache_key(self.feature_cache, path)
             entry = self.feature_cache.read(key)
             if entry is None:
                 problem = self.feature_cache.problem(key)
-                raise BadSample("feature cache entry unusable", f"{path}: {problem}")
+                name = "an embedded image" if isinstance(path, bytes) else path
+                raise BadSample("feature cache entry unusable", f"{name}: {problem}")
             features.append(entry)
         if not self.processor.variable:
             return {"pixel_values": None, "image_features": torch.stack(features)}
@@ -276,6 +322,14 @@ class ConversationDataset(Dataset):
         rows = tuple(len(entry) for entry in features)
         batch = ImageBatch(torch.cat(features), sizes, rows)
         return {"pixel_values": None, "image_features": batch}
+
+    def _cache_key(self, cache: FeatureCache, image: ImageSource) -> str:
+        """The feature cache key of a file (remembered) or of embedded bytes."""
+        if isinstance(image, bytes):
+            return cache.key(image)
+        if image not in self._keys:
+            self._keys[image] = cache.key(image)
+        return self._keys[image]
 
     def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
         if self.max_length is not None and len(input_ids) > self.max_length:
@@ -291,8 +345,10 @@ class ConversationDataset(Dataset):
 
     def _open(self, image: ImageSource) -> Image.Image:
         """The image as RGB, decoded (a file's size checked before decoding)."""
-        if isinstance(image, Path):
+        if isinstance(image, (Path, bytes)):
             try:
+                if isinstance(image, bytes):
+                    return decode_image(image, "an embedded image", self.max_image_pixels)
                 return open_image(image, self.max_image_pixels)
             except ImageProblem as problem:
                 raise BadSample(problem.reason, problem.detail) from None

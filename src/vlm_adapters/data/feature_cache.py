@@ -1,6 +1,7 @@
 """A cache of frozen vision features: computed once per image, then read memory-mapped.
 
-An entry is keyed by the SHA-256 of the image file's bytes and of a *namespace* that covers
+An entry is keyed by the SHA-256 of the image file's bytes (a file, or the same bytes embedded
+in a shard) and of a *namespace* that covers
 everything else the features depend on: the backbone's preprocessing settings, a hash of its
 weights and its rebuild options (feature layers included). Changing any of them changes every
 key, so stale entries are never read; changing one image's bytes changes only its own key.
@@ -31,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from vlm_adapters._io import remove_stale_temps, safetensors_problem, temp_name
-from vlm_adapters.data.images import open_image
+from vlm_adapters.data.images import ImageProblem, decode_image, open_image
 from vlm_adapters.vision.base import ImageBatch, VariableTransform
 
 logger = logging.getLogger("vlm_adapters.data")
@@ -76,9 +77,12 @@ class FeatureCache:
         rows = isinstance(vision.transform, VariableTransform)
         return cls(directory, backbone_namespace(vision), shape, rows)
 
-    def key(self, image: str | Path) -> str:
-        """The entry key of the image file ``image``."""
+    def key(self, image: str | Path | bytes) -> str:
+        """The entry key of the image file ``image`` (or of its bytes, embedded: the same)."""
         digest = hashlib.sha256(self.namespace.encode())
+        if isinstance(image, bytes):
+            digest.update(image)
+            return digest.hexdigest()
         with open(image, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -140,19 +144,32 @@ class FeatureCache:
 
     def fill(
         self,
-        images: Iterable[str | Path],
-        encode: Callable[[list[Path]], Sequence[torch.Tensor]],
+        images: Iterable[str | Path | bytes],
+        encode: Callable[[list[Any]], Sequence[torch.Tensor | None]],
         *,
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,
+        mine: Callable[[str], bool] | None = None,
     ) -> FillReport:
-        """Compute the entries of ``images`` that are missing or broken, ``batch_size`` images
-        at a time with ``encode`` (image paths -> one entry per image: ``[I, N, D]``, or a list
-        of ``[rows, N, D]``); report what it did."""
+        """Compute the entries of ``images`` (files, or embedded bytes) that are missing or
+        broken, ``batch_size`` images at a time with ``encode`` (images -> one entry per
+        image: ``[I, N, D]``, or a list of ``[rows, N, D]``; None leaves an image out);
+        report what it did. ``mine``:
+        which keys this caller fills (default: all). Images are read as they come, so a
+        stream of them is never held (a file is taken once; embedded bytes met again are
+        reused entries)."""
         report = FillReport(replaced=[])
-        todo: list[tuple[Path, str]] = []
-        for image in dict.fromkeys(Path(i) for i in images):
+        todo: list[tuple[Path | bytes, str]] = []
+        files: set[Path] = set()
+        for image in images:
+            if not isinstance(image, bytes):
+                image = Path(image)
+                if image in files:
+                    continue
+                files.add(image)
             key = self.key(image)
+            if mine is not None and not mine(key):
+                continue
             problem = self.problem(key)
             if problem is None:
                 report.reused += 1
@@ -160,18 +177,33 @@ class FeatureCache:
                     progress(1)
                 continue
             if problem != "missing":
-                logger.warning("feature cache: recomputing %s: %s", image, problem)
-                report.replaced.append(str(image))
+                name = "an embedded image" if isinstance(image, bytes) else image
+                logger.warning("feature cache: recomputing %s: %s", name, problem)
+                report.replaced.append(str(self.path(key) if isinstance(image, bytes) else image))
             todo.append((image, key))
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            features = encode([image for image, _ in chunk])  # [I, N, D] or I x [rows, N, D]
-            for (_, key), row in zip(chunk, features):
-                self.write(key, row)
-            report.computed += len(chunk)
-            if progress:
-                progress(len(chunk))
+            if len(todo) == batch_size:
+                self._compute(todo, encode, report, progress)
+        self._compute(todo, encode, report, progress)
         return report
+
+    def _compute(
+        self,
+        todo: list[tuple[Path | bytes, str]],
+        encode: Callable[[list[Any]], Sequence[torch.Tensor | None]],
+        report: FillReport,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Encode and write ``todo``'s entries, then empty it."""
+        if not todo:
+            return
+        features = encode([image for image, _ in todo])  # [I, N, D] or I x [rows, N, D]
+        for (_, key), row in zip(todo, features):
+            if row is not None:  # None: an unusable image, left out
+                self.write(key, row)
+                report.computed += 1
+        if progress:
+            progress(len(todo))
+        todo.clear()
 
     def size_on_disk(self) -> int:
         """Bytes used by the entries."""
@@ -216,15 +248,34 @@ def backbone_namespace(vision: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def image_encoder(vision: torch.nn.Module, max_pixels: int) -> Callable[[list[Path]], Any]:
-    """Paths -> ``[I, N, D]`` features with ``vision`` (its preprocessing, no gradients); for
-    variable-size vision one ``[rows, N, D]`` per image, every tile encoded in one pass."""
+def image_encoder(
+    vision: torch.nn.Module, max_pixels: int, tolerant: bool = False
+) -> Callable[[list[Any]], Any]:
+    """Paths (or embedded image bytes) -> ``[I, N, D]`` features with ``vision`` (its
+    preprocessing, no gradients); for variable-size vision one ``[rows, N, D]`` per image,
+    every tile encoded in one pass. ``tolerant``: an image that cannot be used gets None
+    (no entry: its samples are skipped when met) instead of an ImageProblem."""
+
+    def opened(image: Path | bytes) -> Any:
+        try:
+            if isinstance(image, bytes):
+                return decode_image(image, "an embedded image", max_pixels)
+            return open_image(image, max_pixels)
+        except ImageProblem:
+            if tolerant:
+                return None
+            raise
 
     @torch.no_grad()
-    def encode(paths: Sequence[Path]) -> torch.Tensor | Sequence[torch.Tensor]:
-        pixels = vision.preprocess([open_image(path, max_pixels) for path in paths])
+    def encode(paths: Sequence[Path | bytes]) -> Sequence[torch.Tensor | None]:
+        images = [opened(path) for path in paths]
+        usable = [image for image in images if image is not None]
+        if not usable:
+            return [None] * len(images)
+        pixels = vision.preprocess(usable)
         device = next(vision.parameters()).device
         features = vision(pixels.to(device)).float()  # [U, N, D]
-        return pixels.split(features) if isinstance(pixels, ImageBatch) else features
+        rows = iter(pixels.split(features) if isinstance(pixels, ImageBatch) else features)
+        return [None if image is None else next(rows) for image in images]
 
     return encode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,24 +46,34 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
     path = Path(path)
     if not path.is_file():
         raise ImageProblem("image missing", f"{path} not found")
+    return _decoded(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image embedded as ``data`` (a shard's bytes, called ``name`` in problems), checked
+    and decoded as `open_image` does a file."""
+    return _decoded(io.BytesIO(data), name, max_pixels)
+
+
+def _decoded(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings(), _whole_images_only():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageProblem(
                         "image too large",
-                        f"{path} is {width}x{height} = {width * height:,} pixels, over the "
+                        f"{name} is {width}x{height} = {width * height:,} pixels, over the "
                         f"limit of {max_pixels:,} (data.max_image_pixels)",
                     )
                 return image.convert("RGB")
     except ImageProblem:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageProblem("image too large", f"{path}: {error}") from None
+        raise ImageProblem("image too large", f"{name}: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageProblem("image unreadable", f"{path}: {error}") from None
+        raise ImageProblem("image unreadable", f"{name}: {error}") from None
 
 
 @contextlib.contextmanager

@@ -221,17 +221,19 @@ def sample_id(record: Mapping[str, Any], index: int) -> str:
     return str(record.get("id", f"#{index}"))
 
 
-def record_images(record: Mapping[str, Any]) -> list[str | Image.Image]:
-    """The record's `image` field as a list of paths and in-memory PIL images (empty for
-    text-only samples)."""
+def record_images(record: Mapping[str, Any]) -> list[str | Image.Image | bytes]:
+    """The record's `image` field as a list of paths, in-memory PIL images and embedded image
+    bytes (empty for text-only samples)."""
     image = record.get("image")
     if image is None:
         return []
     images = image if isinstance(image, list) else [image]
-    if all(isinstance(item, (str, Image.Image)) for item in images):
+    if all(isinstance(item, (str, Image.Image, bytes)) for item in images):
         return images
     raise BadSample(
-        "bad image field", f"'image' must be a path, a PIL image or a list of them: {image!r}"
+        "bad image field",
+        f"'image' must be a path, a PIL image, an image file's bytes or a list of them: "
+        f"{repr(image)[:200]}",
     )
 
 

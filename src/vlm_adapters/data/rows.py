@@ -27,7 +27,7 @@ def to_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise BadSample("bad row", f"{where}: expected a mapping, got {type(row).__name__}")
     if row.get("messages") is not None:
         inline: list[Any] = []
-        conversations = _turns_of_messages(row["messages"], where, inline)
+        conversations = turns_of_messages(row["messages"], where, inline)
         images = next((row[k] for k in ("images", "image") if row.get(k) is not None), inline)
     elif row.get("conversations") is not None:
         conversations, images = row["conversations"], row.get("image")
@@ -44,7 +44,7 @@ def to_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     return record
 
 
-def _turns_of_messages(messages: Any, where: str, inline: list[Any]) -> list[dict[str, str]]:
+def turns_of_messages(messages: Any, where: str, inline: list[Any]) -> list[dict[str, str]]:
     """TRL ``messages`` as LLaVA turns: image parts become ``<image>`` where they stood;
     images held by the parts themselves (``{"type": "image", "image": ...}``) go to
     ``inline``."""

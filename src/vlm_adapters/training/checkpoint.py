@@ -60,6 +60,8 @@ class Position:
     epoch: int = 0
     batches_in_epoch: int = 0
     seed: int = 0
+    world: int = 0
+    """Processes a streamed stage's micro-batches are cut for (0: map-style data)."""
 
 
 def save_checkpoint(

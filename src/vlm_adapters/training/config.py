@@ -58,7 +58,8 @@ class DatasetConfig(_Strict):
     path: str | None = Field(
         None,
         description="LLaVA JSON/JSONL file, a save_to_disk folder, Parquet/Arrow files (a "
-        "file, glob or folder), WebDataset .tar shards, or a hub dataset id.",
+        "file, glob or folder), WebDataset .tar shards, or a hub dataset id; with streaming, "
+        "Parquet or WebDataset tar shards (files or globs, separated by commas).",
     )
     format: Format = Field("auto", description="auto: detected from path.")
     split: str = Field("train", description="Split of a saved DatasetDict or a hub dataset.")
@@ -69,6 +70,11 @@ class DatasetConfig(_Strict):
         None, description="Image paths are relative to, and must stay inside, this folder."
     )
     template: str = Field("plain", description="Chat template name (see templates.py).")
+    streaming: bool = Field(
+        False,
+        description="Read path's shards in order as a stream (never the whole sample list): "
+        "see docs/training.md, Streaming.",
+    )
 
     @field_validator("template")
     @classmethod
@@ -148,6 +154,12 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     group_by_length: bool = Field(True, description="Modality- and length-grouped batches.")
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="Streamed data: samples held in the seeded shuffle buffer (shard order is "
+        "shuffled too); 0 = file order.",
+    )
     packing: bool = Field(
         False,
         description="Pack each micro-batch's samples into rows of at most max_length tokens, "
@@ -291,7 +303,18 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
         check_max_length(config, context)
     check_quantized_llm(config)
     check_feature_caches(config)
+    check_streaming_eval(config)
     return config
+
+
+def check_streaming_eval(config: TrainConfig) -> None:
+    """Evaluation data is read whole, not streamed."""
+    prefix = f"{config.where}: " if config.where else ""
+    if config.data.eval is not None and config.data.eval.streaming:
+        raise ConfigError(
+            f"{prefix}data.eval.streaming: evaluation data is read whole; set streaming: false "
+            "and give a LLaVA JSON/JSONL file"
+        )
 
 
 def check_feature_caches(config: TrainConfig) -> None:

@@ -5,7 +5,7 @@ the global batch."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,13 @@ from vlm_adapters.data.records import (
 )
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 from vlm_adapters.data.sources import Mixture, RowRecords, open_source
+from vlm_adapters.data.streaming import find_shards
 from vlm_adapters.errors import ConfigError, DataError, TrainingError
 from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.training.config import STAGES, DatasetConfig, TrainConfig
-from vlm_adapters.training.features import describe_fill, fill_feature_cache
+from vlm_adapters.training.features import describe_fill, fill_feature_cache, fill_stream_cache
 from vlm_adapters.training.skips import SkipLog
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -85,15 +86,32 @@ def given_records(data: Any, where: str) -> RecordSource:
 
 def read_stage_records(
     stage: str, source: DatasetConfig, memory: RecordSource | None = None, seed: int = 0
-) -> RecordSource:
+) -> RecordSource | None:
     """The stage's records: ``memory`` when given, else its source's or mixture's (opened, not
     read: a LLaVA file is parsed, a dataset memory-mapped, shards indexed), before any stage
     runs, so errors name the file and line before anything trains. A mixture's fractional
-    weights draw their samples with ``seed``."""
+    weights draw their samples with ``seed``. Streamed data is not read here (None), only
+    its shards found."""
     if (source.image_root or source.format == "llava") and not source.root().is_dir():
         raise ConfigError(f"data.{stage}.image_root: {source.root()} is not a directory")
     if memory is not None:
+        if source.streaming:
+            raise ConfigError(
+                f"data.{stage}.streaming: the stage's data is given in Python; set streaming: "
+                "false or give shard files"
+            )
         return memory
+    if source.streaming:
+        if source.sources is not None:
+            raise ConfigError(
+                f"data.{stage}.sources: a mixture is read map-style; stream one path of shards, "
+                "or set streaming: false"
+            )
+        try:
+            find_shards(source.path or "")
+        except DataError as error:
+            raise ConfigError(f"data.{stage}.path: {error}") from None
+        return None
     if source.sources is None:
         assert source.path is not None
         return _open_source(f"data.{stage}.path", source.path, source.format, source.split)
@@ -205,21 +223,23 @@ def fill_cache(
     config: TrainConfig,
     stage: str,
     model: VisionLanguageModel,
-    images: list[Path],
+    images: list[Path] | Iterable[Path | bytes],
     accelerator: Accelerator,
 ) -> FeatureCache:
     """The stage's feature cache, its missing entries computed by every process (a share
-    each) before any step."""
+    each) before any step. ``images``: the image files, or a stream's images (files or
+    embedded bytes), which every process reads whole and shares by key."""
     settings = config.stage(stage)
     if any(p.requires_grad for p in model.vision.parameters()):
         raise ConfigError(
             f"stages.{stage}.feature_cache: the vision tower trains in this stage; "
             "remove feature_cache or freeze the tower"
         )
-    cache, report = fill_feature_cache(
+    fill = fill_feature_cache if isinstance(images, list) else fill_stream_cache
+    cache, report = fill(
         model.vision,
         settings.feature_cache,
-        images,
+        images,  # type: ignore[arg-type]
         max_pixels=config.data.max_image_pixels,
         batch_size=settings.batch_size,
         device=accelerator.device,
@@ -229,7 +249,9 @@ def fill_cache(
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        logger.info("%s: %s", stage, describe_fill(cache, report, len(images)))
+        count = len(images) if isinstance(images, list) else report.computed + report.reused
+        share = "" if isinstance(images, list) else " (this process's share)"
+        logger.info("%s: %s%s", stage, describe_fill(cache, report, count), share)
     return cache
 
 

@@ -55,6 +55,7 @@ from vlm_adapters.training.sharding import (
     skeleton,
     wants_fully_shard,
 )
+from vlm_adapters.training.streaming import StreamLoader
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -215,7 +216,11 @@ class Engine:
     def prepare(
         self, module: nn.Module, optimizer: Optimizer, loader: DataLoader
     ) -> tuple[Optimizer, DataLoader]:
-        """Hand ``module`` (from `place`), the optimizer and the loader to accelerate."""
+        """Hand ``module`` (from `place`), the optimizer and the loader to accelerate (a
+        `StreamLoader` stays as it is: it is cut for each process already)."""
+        if isinstance(loader, StreamLoader):
+            self.wrapped, optimizer = self.accelerator.prepare(module, optimizer)
+            return optimizer, loader
         self.wrapped, optimizer, loader = self.accelerator.prepare(module, optimizer, loader)
         return optimizer, loader
 
@@ -291,6 +296,11 @@ class DeepSpeedEngine(InPlaceEngine):
                 "run.save_every: intermediate checkpoints are not written under DeepSpeed (its "
                 "optimizer state is partitioned); set run.save_every=0, or use FSDP2"
             )
+        if config.dataset(stage).streaming:
+            raise ConfigError(
+                f"data.{stage}.streaming: streamed data is not trained under DeepSpeed (which "
+                "sizes its batches from a map-style loader); use DDP or FSDP2, or a data file"
+            )
         module = super().place(config, stage)
         plugin = self.accelerator.state.deepspeed_plugin
         plugin.deepspeed_config["gradient_clipping"] = config.stage(stage).max_grad_norm or 0.0
@@ -353,6 +363,8 @@ class FullyShardEngine(ShardedEngine):
         self, module: nn.Module, optimizer: Optimizer, loader: DataLoader
     ) -> tuple[Optimizer, DataLoader]:
         self.wrapped = module  # accelerate would wrap it in DDP
+        if isinstance(loader, StreamLoader):
+            return self.accelerator.prepare(optimizer), loader
         optimizer, loader = self.accelerator.prepare(optimizer, loader)
         return optimizer, loader
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,19 +31,54 @@ def fill_feature_cache(
     With ``world`` processes, each fills every ``world``-th image from ``rank`` (the writes are
     atomic, so the processes share one folder); ``progress`` shows a bar of this share.
     """
+    mine = list(images)[rank::world]
+    options = {"max_pixels": max_pixels, "batch_size": batch_size, "device": device}
+    return _fill(vision, directory, mine, len(mine), None, progress, **options)
+
+
+def fill_stream_cache(
+    vision: torch.nn.Module,
+    directory: str | Path,
+    images: Iterable[Path | bytes],
+    *,
+    max_pixels: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> tuple[FeatureCache, FillReport]:
+    """`fill_feature_cache` for a stream of images (files or embedded bytes) that every
+    process reads whole: each fills the entries whose key falls to ``rank``, never holding
+    the stream. An image that cannot be used gets no entry (its samples are skipped when met)."""
+
+    def mine(key: str) -> bool:
+        return int(key[:12], 16) % world == rank
+
+    options = {"max_pixels": max_pixels, "batch_size": batch_size, "device": device}
+    return _fill(vision, directory, images, None, mine, progress, **options)
+
+
+def _fill(
+    vision: torch.nn.Module,
+    directory: str | Path,
+    images: Iterable[Path | bytes],
+    total: int | None,
+    mine: Callable[[str], bool] | None,
+    progress: bool,
+    *,
+    max_pixels: int,
+    batch_size: int,
+    device: torch.device | str,
+) -> tuple[FeatureCache, FillReport]:
     was_training = vision.training
     vision.eval().to(device)
     cache = FeatureCache.for_backbone(directory, vision)
     cache.clean()
-    mine = list(images)[rank::world]
-    bar = tqdm(total=len(mine), desc="feature cache", unit="image", disable=not progress)
+    bar = tqdm(total=total, desc="feature cache", unit="image", disable=not progress)
     try:
-        report = cache.fill(
-            mine,
-            image_encoder(vision, max_pixels),
-            batch_size=batch_size,
-            progress=bar.update,
-        )
+        encode = image_encoder(vision, max_pixels, tolerant=mine is not None)
+        report = cache.fill(images, encode, batch_size=batch_size, progress=bar.update, mine=mine)
     finally:
         bar.close()
         vision.train(was_training)

@@ -34,13 +34,14 @@ from vlm_adapters.training.callbacks import CallbackHandler
 from vlm_adapters.training.checkpoint import Position, step_dir
 from vlm_adapters.training.compiling import compile_blocks
 from vlm_adapters.training.config import TrainConfig
-from vlm_adapters.training.data import make_collator, make_loader, stage_dataset
+from vlm_adapters.training.data import Sampler, make_collator, make_loader, stage_dataset
 from vlm_adapters.training.engine import Checkpointer, make_accelerator, make_engine
 from vlm_adapters.training.evaluation import Evaluator
 from vlm_adapters.training.objectives import Batch, Objective, SupervisedObjective
 from vlm_adapters.training.progress import Progress, plot_loss, truncate_metrics
 from vlm_adapters.training.recipes import configure_stage, describe_trainable, param_groups
 from vlm_adapters.training.skips import SkipLog
+from vlm_adapters.training.streaming import StreamLoader, resume_stream, stream_loader
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -133,6 +134,8 @@ class Trainer:
         total = self._total_steps(loader)
         loader = self._prepare(loader, total)
         position = self._resume(resume)
+        if isinstance(loader, StreamLoader):
+            resume_stream(loader, position)
         loss = self._epochs(loader, position, total)
         if position.step == 0:
             raise TrainingError(
@@ -164,23 +167,29 @@ class Trainer:
         if self.is_main:
             logger.info(describe_trainable(self.model, self.stage))
 
-    def _loader(self) -> DataLoader:
+    def _loader(self) -> DataLoader | StreamLoader:
         """Batches in an order fixed by (seed, epoch) and by the global batch size (or the
-        token budget) only."""
+        token budget) only; a stream's for streamed data."""
         config, stage, model = self.config, self.stage, self.model
+        collator, self.attention = make_collator(config, stage, model)
+        self.sampler: Sampler | None = None
+        if config.dataset(stage).streaming:
+            return stream_loader(config, stage, model, collator, self.skips, self.accelerator)
         dataset = stage_dataset(config, stage, model, self.records, self.skips, self.accelerator)
         self.records = None  # the dataset holds them
-        collator, self.attention = make_collator(config, stage, model)
         loader, self.sampler = make_loader(dataset, collator, config, stage, self.global_batch)
         return loader
 
-    def _total_steps(self, loader: DataLoader) -> int:
+    def _total_steps(self, loader: DataLoader | StreamLoader) -> int:
         """Optimizer steps of the stage (``loader`` not yet prepared; micro-batches per
-        process as accelerate shards them: even batches)."""
+        process as accelerate shards them: even batches; a stream's as it cuts them)."""
+        accum, epochs = self.settings.grad_accum, range(self.settings.epochs)
+        if isinstance(loader, StreamLoader):
+            return sum(math.ceil(loader.batches(epoch) / accum) for epoch in epochs)
         batches = math.ceil(len(loader) / self.accelerator.num_processes)
-        return math.ceil(batches / self.settings.grad_accum) * self.settings.epochs
+        return math.ceil(batches / accum) * len(epochs)
 
-    def _prepare(self, loader: DataLoader, total: int) -> DataLoader:
+    def _prepare(self, loader: DataLoader | StreamLoader, total: int) -> DataLoader | StreamLoader:
         """The optimizer and scheduler (over ``total`` steps) made, handed to the engine with
         the model and ``loader``, and the stage's checkpoints; returns the prepared loader."""
         module = self.engine.place(self.config, self.stage)
@@ -214,7 +223,9 @@ class Trainer:
             truncate_metrics(metrics, position.step)
         return position
 
-    def _epochs(self, loader: DataLoader, position: Position, total: int) -> float | None:
+    def _epochs(
+        self, loader: DataLoader | StreamLoader, position: Position, total: int
+    ) -> float | None:
         progress = Progress(
             self.stage,
             total,
@@ -237,13 +248,23 @@ class Trainer:
         return loss
 
     def _epoch(
-        self, loader: DataLoader, position: Position, epoch: int, progress: Progress, total: int
+        self,
+        loader: DataLoader | StreamLoader,
+        position: Position,
+        epoch: int,
+        progress: Progress,
+        total: int,
     ) -> float | None:
         """One epoch from `position` (skipping batches a resumed run already consumed)."""
         loader.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)  # accelerate does not reach a batch sampler under DDP
         skip = position.batches_in_epoch if position.epoch == epoch else 0
-        batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+        if isinstance(loader, StreamLoader):
+            loader.start_at(skip)  # the plan skips them undecoded
+            batches: Iterable[Batch] = loader
+        else:
+            if self.sampler is not None:  # accelerate does not reach a batch sampler under DDP
+                self.sampler.set_epoch(epoch)
+            batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
         position.epoch, position.batches_in_epoch = epoch, skip
         self.skips.epoch.reset()
         loss = None

@@ -169,7 +169,7 @@ def _run(
             if plan[name] == "done":
                 _load_final(model, out / name / "final", needed=name != names[-1])
                 continue
-            samples = len(records[name])
+            samples = None if records[name] is None else len(records[name])  # None: streamed
             trainer = Trainer(
                 model,
                 config,
@@ -190,7 +190,8 @@ def _run(
             callbacks.event("on_stage_end", summary=summary)
             summaries[name] = summary
             if summary["stopped_at"] is None and accelerator.is_main_process:
-                _save_summary(out / name, {**summary, "samples": samples})
+                counted = {} if samples is None else {"samples": samples}
+                _save_summary(out / name, {**summary, **counted})
             if callbacks.control.should_stop:
                 break
     return TrainResult(model, summaries, out, callbacks.control.should_stop)
