@@ -262,6 +262,23 @@ def test_resume_takes_another_attention_kernel_but_not_another_model(tmp_path):
         check_resume_config(out, wider, allow_change=True)
 
 
+def test_a_key_added_since_a_run_started_is_not_a_change_but_a_new_value_is(tmp_path):
+    from vlm_adapters.errors import ConfigError
+    from vlm_adapters.training.config import train_config_from_dict
+    from vlm_adapters.training.rundir import check_resume_config
+
+    config = yaml.safe_load(write_tiny_config(tmp_path, num_train=8).read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(config))  # as an older release saved it
+    resolved = train_config_from_dict(config).to_dict()
+    assert "eval_task" not in config.get("data", {}) and resolved["data"]["eval_task"] == "loss"
+    check_resume_config(out, resolved, allow_change=False)  # today's defaults: no change
+    changed = {**resolved, "data": {**resolved["data"], "eval_task": "exact"}}
+    with pytest.raises(ConfigError, match=r"data\.eval_task: 'loss' -> 'exact'"):
+        check_resume_config(out, changed, allow_change=False)
+
+
 @pytest.mark.parametrize("entry", ["config.yaml", "align"])
 def test_overwrite_never_replaces_a_run_entry_the_user_made(tmp_path, entry):
     from vlm_adapters.errors import OutputError

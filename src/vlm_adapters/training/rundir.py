@@ -195,9 +195,8 @@ def check_resume_config(out: Path, config: dict[str, Any], allow_change: bool) -
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{saved_path}: unreadable; the run directory is damaged") from None
-    changes = [
-        c for c in config_differences(_with_defaults(saved), config) if c[0] not in RUNTIME_KEYS
-    ]
+    differences = config_differences(_with_defaults(saved), _with_defaults(config))
+    changes = [c for c in differences if c[0] not in RUNTIME_KEYS]
     _refuse_model_change(saved_path, [c for c in changes if c[0].split(".")[0] in SECTIONS])
     if not changes:
         return
@@ -211,8 +210,8 @@ def check_resume_config(out: Path, config: dict[str, Any], allow_change: bool) -
 
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """The saved config with today's defaults for keys added since it was written (a key
-    that is new is not a change); as saved when it no longer validates."""
+    """A config with today's defaults for the keys it leaves out (a key added since a run
+    started is not a change); as it is when it does not validate."""
     try:
         return train_config_from_dict(saved).to_dict()
     except VLMError:
