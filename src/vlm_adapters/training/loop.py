@@ -296,7 +296,7 @@ class Trainer:
         device = self.accelerator.device
         weight = torch.tensor([sum(self.objective.weight(b) for b in window)], device=device)
         counted = step_counts(window, self.model.image_token_id, device)
-        counts = torch.cat([weight.double(), counted])
+        counts = torch.cat([weight, counted])
         weight, *summed = self.accelerator.reduce(counts, "sum").tolist()
         if weight == 0:
             return None

@@ -131,10 +131,10 @@ def _embedding_and_head(llm: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 
 
 def step_counts(window: Iterable[Batch], image_token_id: int, device: torch.device) -> torch.Tensor:
-    """`COUNTS` of the micro-batches of one step, as a float64 tensor on ``device``; sums of
+    """`COUNTS` of the micro-batches of one step, as an int64 tensor on ``device``; sums of
     device tensors, so counting waits for nothing (one host-to-device copy)."""
-    host = torch.zeros(len(COUNTS), dtype=torch.float64)  # packed tokens, vision rows
-    summed = torch.zeros(len(COUNTS), dtype=torch.float64, device=device)
+    host = torch.zeros(len(COUNTS), dtype=torch.long)  # packed tokens, vision rows
+    summed = torch.zeros(len(COUNTS), dtype=torch.long, device=device)
     zero = torch.zeros((), dtype=torch.long, device=device)
     for batch in window:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -146,7 +146,7 @@ def step_counts(window: Iterable[Batch], image_token_id: int, device: torch.devi
             host[3] += _rows(batch["pixel_values"])
         tokens = mask.sum() if mask is not None else zero
         supervised = (batch["labels"] != IGNORE_INDEX).sum()
-        summed += torch.stack([tokens, supervised, (ids == image_token_id).sum(), zero]).double()
+        summed += torch.stack([tokens, supervised, (ids == image_token_id).sum(), zero])
     return summed + host.to(device)
 
 
