@@ -9,10 +9,14 @@ tokens/s and visual tokens/s; samples/s is printed as a ratio to transformers'
 CPU time, less sensitive to other jobs on the machine):
 
 - finetune (connector + LLM train, tower frozen): (a) transformers, padded batches in random
-  order; (b) ours, the same batches; (c) ours, ``LengthGroupedSampler`` batches; (d) ours,
-  packed (``TokenBudgetBatchSampler`` + ``PackingCollator`` + ``PackedAttention``, as the
-  trainer packs: rows of at most ``max_length``
-  tokens, a budget of ``batch x max_length`` tokens, the padded batches' capacity);
+  order; (a2) transformers, padded batches in the order of transformers' own
+  ``LengthGroupedSampler`` (what a ``Trainer`` user gets from
+  ``train_sampling_strategy="group_by_length"``, formerly ``group_by_length=True``, over the
+  samples' tokenized lengths); (b) ours, the same batches as (a); (c) ours,
+  ``LengthGroupedSampler`` batches; (d) ours, packed (``TokenBudgetBatchSampler`` +
+  ``PackingCollator`` + ``PackedAttention``, as the trainer packs: rows of at most
+  ``max_length`` tokens, a budget of ``batch x max_length`` tokens, the padded batches'
+  capacity);
 - align (only the connector trains): (a') transformers and (b') ours, padded, random order;
   (e) ours reading a ``FeatureCache`` filled beforehand (the fill time is reported apart);
 - generation: new tokens/s of greedy decoding, the same prompts, stop tokens and
@@ -102,6 +106,7 @@ from train_step import (  # noqa: E402  (the same composition, weights and mappi
 TEMPLATE, ALIGN_TEMPLATE = "vicuna_v1", "plain"
 MAX_LENGTH = LLM["max_position_embeddings"]  # 1024: rows and samples never exceed it
 BATCH = 4  # padded batch; the packed token budget is BATCH * MAX_LENGTH
+HF_MEGA_BATCHES = 50  # transformers' LengthGroupedSampler: batches sorted together
 PROMPTS, NEW_TOKENS = 8, 32  # generation: prompts (in batches of BATCH) and new tokens each
 SCALE_RECORDS, SCALE_BATCH = 665_000, 256
 VQA_SUFFIX = "answer the question using a single word or phrase ."
@@ -124,6 +129,7 @@ ANYRES_BASE = "padded"  # the fixed-resolution run it is compared with: the same
 # name: (side, stage, batching, feature cache, AnyRes tiling)
 CONFIGS: dict[str, tuple[str, str, str, bool, bool]] = {
     "hf": ("theirs", "finetune", "random", False, False),
+    "hf_grouped": ("theirs", "finetune", "hf_grouped", False, False),
     "padded": ("ours", "finetune", "random", False, False),
     "grouped": ("ours", "finetune", "grouped", False, False),
     "packed": ("ours", "finetune", "packed", False, False),
@@ -134,6 +140,7 @@ CONFIGS: dict[str, tuple[str, str, str, bool, bool]] = {
 }
 LABELS = {
     "hf": "(a)  transformers, padded, random order",
+    "hf_grouped": "(a2) transformers, padded, group_by_length",
     "padded": "(b)  ours, padded, random order",
     "grouped": "(c)  ours, padded, length-grouped",
     "packed": "(d)  ours, packed",
@@ -146,10 +153,17 @@ RATIOS = {  # JSON key: (ours, baseline)
     "padded_vs_hf": ("padded", "hf"),
     "grouped_vs_hf": ("grouped", "hf"),
     "packed_vs_hf": ("packed", "hf"),
+    "grouped_vs_hf_grouped": ("grouped", "hf_grouped"),
+    "packed_vs_hf_grouped": ("packed", "hf_grouped"),
     "align_vs_hf": ("align", "hf_align"),
     "align_cache_vs_hf": ("align_cache", "hf_align"),
 }
-TARGETS = {"packed_vs_hf": 1.5, "align_cache_vs_hf": 2.5, "generation_vs_hf": 1.0}
+TARGETS = {
+    "packed_vs_hf": 1.5,
+    "packed_vs_hf_grouped": 1.3,
+    "align_cache_vs_hf": 2.5,
+    "generation_vs_hf": 1.0,
+}
 SCALE_TARGETS = {"first_step_s": 60.0, "dataset_sampler_mb": 2048.0}
 
 
@@ -545,20 +559,24 @@ def _format(report: dict[str, Any], args: argparse.Namespace) -> str:
         f"{statistics.median(loads):.1f} / max {max(loads):.1f}",
         "",
         f"{'':42s} {'samples/s':>9s} {'sup tok/s':>9s} {'steps':>5s} {'rows':>5s} "
-        f"{'pad eff':>7s} {'cpu':>4s}  {'vs hf':>6s} {'(cpu)':>6s}",
+        f"{'pad eff':>7s} {'cpu':>4s}  {'vs hf':>6s} {'(cpu)':>6s}  {'vs a2':>6s} {'(cpu)':>6s}",
     ]
-    for stage, names in (("finetune", ("hf", "padded", "grouped", "packed")),
+    for stage, names in (("finetune", ("hf", "hf_grouped", "padded", "grouped", "packed")),
                          ("align", ("hf_align", "align", "align_cache"))):  # fmt: skip
         trains = "connector + LLM" if stage == "finetune" else "connector only"
         lines.append(f"{stage} ({trains} train; {configs[names[0]]['samples']} samples)")
-        base, base_cpu = configs[names[0]]["samples_per_s"], configs[names[0]]["cpu_seconds"]
+        bases = [configs[names[0]]] + ([configs["hf_grouped"]] if stage == "finetune" else [])
         for name in names:
             c = configs[name]
+            ratios = "".join(
+                f"  {c['samples_per_s'] / b['samples_per_s']:5.2f}x "
+                f"{b['cpu_seconds'] / c['cpu_seconds']:5.2f}x"
+                for b in bases
+            )
             lines.append(
                 f"  {LABELS[name]:40s} {c['samples_per_s']:9.3f} "
                 f"{c['supervised_tokens_per_s']:9.1f} {c['steps']:5d} {c['rows']:5d} "
-                f"{c['padding_efficiency']:7.2f} {c['cpu_share']:4.2f}  "
-                f"{c['samples_per_s'] / base:5.2f}x {base_cpu / c['cpu_seconds']:5.2f}x"
+                f"{c['padding_efficiency']:7.2f} {c['cpu_share']:4.2f}{ratios}"
             )
     lines += _format_anyres(report["anyres"])
     lines += _format_generation(report["generation"])
@@ -858,6 +876,8 @@ def _loader(
     from vlm_adapters.data.samplers import TokenBudgetBatchSampler
 
     dataset, pad = _dataset(tmp, stage, cached, ours)
+    if batching == "hf_grouped":
+        return _hf_grouped_loader(dataset, pad, batch)
     if batching == "packed":
         sampler = TokenBudgetBatchSampler(dataset.lengths, batch * MAX_LENGTH, seed=SEED)
         collate = PackingCollator(pad, dataset.max_length)
@@ -865,6 +885,27 @@ def _loader(
     grouped = batching == "grouped"
     lengths = dataset.lengths if grouped else [0] * len(dataset)  # zeros: a plain shuffle
     order = LengthGroupedSampler(lengths, batch, seed=SEED, group_by_modality=grouped)
+    collate = DataCollator(pad_token_id=pad)
+    return DataLoader(dataset, batch_size=batch, sampler=order, collate_fn=collate)
+
+
+def _hf_grouped_loader(dataset: Any, pad: int, batch: int) -> Any:
+    """Padded batches in the order transformers' ``LengthGroupedSampler`` gives a ``Trainer``
+    with ``train_sampling_strategy="group_by_length"`` (``get_length_grouped_indices``): the
+    lengths of the samples' ``input_ids`` (the Trainer reads them from the dataset, as here),
+    shuffled, cut into mega-batches of 50 batches, each sorted longest first, the longest
+    sample first. The sampler itself shrinks mega-batches to a quarter of a small dataset
+    (one batch at 16 samples: no grouping at all); 50 batches, what any real dataset gets,
+    is the stronger baseline."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from vlm_adapters.data import DataCollator
+
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    generator = torch.Generator().manual_seed(SEED)
+    order = get_length_grouped_indices(lengths, batch, HF_MEGA_BATCHES, generator=generator)
     collate = DataCollator(pad_token_id=pad)
     return DataLoader(dataset, batch_size=batch, sampler=order, collate_fn=collate)
 

@@ -168,14 +168,14 @@ def record_batches(prefix: str) -> None:
 
     original = Trainer._step
 
-    def step(self, window):  # noqa: ANN001, ANN202
+    def step(self, window, *rest):  # noqa: ANN001, ANN002, ANN202
         rank = os.environ.get("RANK", "0")
         for n, batch in enumerate(window):
             tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
             meta = {"samples": json.dumps(batch.get("samples", []))}
             name = f"{prefix}.{rank}.{self._steps_done:04d}.{n}.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, name, metadata=meta)
-        return original(self, window)
+        return original(self, window, *rest)
 
     Trainer._step = step
 

@@ -48,8 +48,8 @@ class TrainerCallback:
     """
 
     def on_log(self, state: TrainerState, control: TrainerControl, logs: dict[str, Any]) -> None:
-        """After each optimizer step, with its record (step, epoch, loss, lr, tokens_per_s,
-        grad_norm, seconds: a line of the stage's ``metrics.jsonl``)."""
+        """After each optimizer step, with its record (step, epoch, loss, lr, grad_norm,
+        seconds and the throughput metrics: a line of the stage's ``metrics.jsonl``)."""
 
     def on_save(self, state: TrainerState, control: TrainerControl, path: Path) -> None:
         """After a checkpoint (``<stage>/checkpoints/step-N``) or the stage's final model

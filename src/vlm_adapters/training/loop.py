@@ -38,17 +38,30 @@ from vlm_adapters.training.data import Sampler, make_collator, make_loader, stag
 from vlm_adapters.training.engine import Checkpointer, make_accelerator, make_engine
 from vlm_adapters.training.evaluation import Evaluator
 from vlm_adapters.training.objectives import Batch, Objective, SupervisedObjective
-from vlm_adapters.training.progress import Progress, plot_loss, truncate_metrics
+from vlm_adapters.training.progress import (
+    Progress,
+    plot_loss,
+    throughput_text,
+    truncate_metrics,
+)
 from vlm_adapters.training.recipes import configure_stage, describe_trainable, param_groups
 from vlm_adapters.training.skips import SkipLog
 from vlm_adapters.training.streaming import StreamLoader, resume_stream, stream_loader
+from vlm_adapters.training.throughput import (
+    COUNTS,
+    FlopModel,
+    Meter,
+    TimedIterator,
+    peak_flops,
+    step_counts,
+)
 
 logger = logging.getLogger("vlm_adapters.training")
 
 
 @dataclass
 class StageSummary:
-    """What one stage did."""
+    """What one stage did; `Trainer.fit` adds its throughput (`Meter.summary`)."""
 
     stage: str
     steps: int
@@ -151,7 +164,10 @@ class Trainer:
         summary = StageSummary(
             self.stage, position.step, loss, seconds, len(self.skips.samples), final, checkpoint
         )
-        return asdict(summary)
+        throughput = self.meter.summary()
+        if self.is_main and throughput:
+            logger.info("%s: %d steps, %s", self.stage, position.step, throughput_text(throughput))
+        return asdict(summary) | throughput
 
     def _setup_model(self) -> None:
         configure_stage(self.model, self.stage, self.settings)
@@ -166,6 +182,8 @@ class Trainer:
             self.model.vision.eval()
         if self.is_main:
             logger.info(describe_trainable(self.model, self.stage))
+        peak = peak_flops(self.accelerator.device, self.config.run.mixed_precision)
+        self.meter = Meter(FlopModel.of(self.model), peak, self.accelerator.num_processes)
 
     def _loader(self) -> DataLoader | StreamLoader:
         """Batches in an order fixed by (seed, epoch) and by the global batch size (or the
@@ -268,9 +286,10 @@ class Trainer:
         position.epoch, position.batches_in_epoch = epoch, skip
         self.skips.epoch.reset()
         loss = None
-        for window in _windows(iter(batches), self.settings.grad_accum):
+        timed = TimedIterator(iter(batches))
+        for window in _windows(timed, self.settings.grad_accum):
             self._steps_done = position.step
-            record = self._step(window)
+            record = self._step(window, timed.take())
             position.batches_in_epoch += len(window)
             if record is None:
                 continue
@@ -287,18 +306,19 @@ class Trainer:
         self.skips.report(epoch)
         return loss
 
-    def _step(self, window: list[Batch]) -> dict[str, float] | None:
-        """One optimizer step over `window` micro-batches; None when every sample was skipped."""
+    def _step(self, window: list[Batch], wait: float) -> dict[str, float] | None:
+        """One optimizer step over `window` micro-batches, which took `wait` seconds to load;
+        None when every sample was skipped."""
         started = time.perf_counter()
         # dropout depends on (seed, step, process) only, so a resumed run draws the same masks
         torch.manual_seed(_step_seed(self.config.run.seed, self._steps_done, self.accelerator))
         for batch in window:
             self.skips.epoch.update(batch)
-        counts = torch.tensor(
-            [sum(self.objective.weight(b) for b in window), sum(_tokens(b) for b in window)],
-            device=self.accelerator.device,
-        )
-        weight, tokens = self.accelerator.reduce(counts, "sum").tolist()
+        device = self.accelerator.device
+        weight = torch.tensor([sum(self.objective.weight(b) for b in window)], device=device)
+        counted = step_counts(window, self.model.image_token_id, device)
+        counts = torch.cat([weight, counted])
+        weight, *summed = self.accelerator.reduce(counts, "sum").tolist()
         if weight == 0:
             return None
         # backward divides by grad_accum and DDP averages over processes: undo both
@@ -306,15 +326,11 @@ class Trainer:
         last = len(window) - 1
         loss_sum = sum(self._micro_step(b, i == last, denom) for i, b in enumerate(window))
         norm = self._update()
-        device = self.accelerator.device
         total_loss = self.accelerator.reduce(torch.tensor(loss_sum, device=device), "sum")
-        seconds = time.perf_counter() - started
-        return {
-            "loss": float(total_loss) / weight,
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-            "grad_norm": norm,
-        }
+        loss = float(total_loss) / weight  # waits for the step's work
+        seconds = wait + time.perf_counter() - started
+        record = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm}
+        return record | self.meter.step(dict(zip(COUNTS, summed)), seconds, wait)
 
     def _micro_step(self, batch: Batch, last: bool, denom: float) -> float:
         """Forward + backward of one micro-batch; returns its summed loss. Gradients are
@@ -421,9 +437,3 @@ def _windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
             window = []
     if window:
         yield window
-
-
-def _tokens(batch: Batch) -> int:
-    """Tokens in a batch, padding excluded (packed rows count them in the collator)."""
-    mask = batch["attention_mask"]
-    return int(mask.sum()) if mask is not None else int(batch["num_tokens"])

@@ -46,7 +46,9 @@ class Progress:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def step(self, record: dict[str, Any]) -> None:
-        """One optimizer step: `record` holds step, epoch, loss, lr, tokens_per_s, grad_norm."""
+        """One optimizer step: `record` holds step, epoch, loss, lr, grad_norm and the
+        throughput metrics (`Meter.step`: tokens_per_s, supervised_tokens_per_s, data_wait,
+        mfu where known, ...)."""
         if not self.enabled:
             return
         record = {**record, "seconds": round(time.perf_counter() - self.start, 3)}
@@ -57,6 +59,7 @@ class Progress:
             loss=f"{record['loss']:.4f}",
             lr=f"{record['lr']:.2e}",
             tok_s=f"{record['tokens_per_s']:.0f}",
+            **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
         )
         if self.tracker is not None:
             self.tracker.log(
@@ -64,13 +67,22 @@ class Progress:
             )
         if record["step"] % self.log_every == 0 or record["step"] == self.total:
             logger.info(
-                "%s step %d/%d loss %.4f lr %.3g tok/s %.0f",
+                "%s step %d/%d loss %.4f lr %.3g %s",
                 self.stage, record["step"], self.total, record["loss"], record["lr"],
-                record["tokens_per_s"],
+                throughput_text(record),
             )  # fmt: skip
 
     def close(self) -> None:
         self.bar.close()
+
+
+def throughput_text(metrics: dict[str, Any]) -> str:
+    """``tok/s 1234 sup tok/s 210 data wait 3% MFU 41.2%`` (MFU only where it is known)."""
+    text = (
+        f"tok/s {metrics['tokens_per_s']:.0f} sup tok/s {metrics['supervised_tokens_per_s']:.0f} "
+        f"data wait {metrics['data_wait']:.0%}"
+    )
+    return text + (f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
