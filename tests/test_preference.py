@@ -14,6 +14,7 @@ from PIL import Image
 
 from vlm_adapters import build_vlm
 from vlm_adapters.chat.templates import IGNORE_INDEX
+from vlm_adapters.cli import main
 from vlm_adapters.data.pairs import PairCollator, PreferenceDataset
 from vlm_adapters.data.records import Skipped
 from vlm_adapters.data.sources import RowList
@@ -169,8 +170,11 @@ def test_precomputed_reference_gives_the_live_references_losses(tmp_path: Path):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
 
 
-def test_a_lora_stage_after_a_lora_finetune_starts_from_the_finetuned_model(tmp_path: Path):
-    config = write_preference_config(tmp_path, num_train=8, stage=LORA)
+def test_a_lora_stage_after_a_lora_finetune_starts_from_the_finetuned_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    stage = {**LORA, "train_connector": False}  # the adapters alone: eval's reference is exact
+    config = write_preference_config(tmp_path, num_train=8, stage=stage)
     data = yaml.safe_load(config.read_text())
     data["recipe"] = ["finetune", "preference"]
     data["stages"]["finetune"] |= LORA
@@ -181,6 +185,22 @@ def test_a_lora_stage_after_a_lora_finetune_starts_from_the_finetuned_model(tmp_
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
     assert result.summary["preference"]["rewards/accuracy"] == 1.0
+    pairs = yaml.safe_load(config.read_text())["data"]["preference"]
+    final, args = tmp_path / "out" / "preference" / "final", ["--task-type", "preference"]
+    args += ["--data", pairs["path"], "--images", pairs["image_root"], "--json"]
+    adapters = _eval(capsys, [str(final), *args])
+    finetuned = _eval(
+        capsys, [str(final), *args, "--reference", str(final.parent.parent / "finetune" / "final")]
+    )
+    assert adapters["reference"] == "adapters" and finetuned["reference"] == "model"
+    assert adapters["reward_accuracy"] == finetuned["reward_accuracy"] == 1.0
+    assert adapters["reward_margin"] == pytest.approx(finetuned["reward_margin"], abs=1e-4)
+    assert adapters["n"] == 8 and adapters["skipped"] == 0
+
+
+def _eval(capsys: pytest.CaptureFixture[str], args: list[str]) -> dict[str, Any]:
+    assert main(["eval", *args]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(

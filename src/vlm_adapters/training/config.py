@@ -238,6 +238,11 @@ class PreferenceStage(FinetuneStage):
         0.0, ge=0, lt=0.5, description="dpo, simpo: the share of preferences taken as flipped."
     )
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin.")
+    train_connector: bool = Field(
+        True,
+        description="Whether the connector trains (false: only the LLM / tower settings "
+        "train, e.g. LoRA adapters alone, as TRL's DPO with peft).",
+    )
     reference: Literal["auto", "adapters", "copy", "precomputed"] = Field(
         "auto",
         description="The reference model (dpo, ipo): adapters (LoRA: the model with its "

@@ -16,6 +16,7 @@ from torch import nn
 
 from vlm_adapters.chat.templates import IGNORE_INDEX
 from vlm_adapters.errors import TrainingError
+from vlm_adapters.inference.preference import pair_forward
 from vlm_adapters.model.lora import is_quantized, lora_parts, merge_lora
 from vlm_adapters.training.preference import (
     METRICS,
@@ -29,7 +30,6 @@ from vlm_adapters.training.reference import (
     LiveReference,
     Precompute,
     check_reference,
-    pair_forward,
     precomputed_reference,
     resolve_reference,
 )
