@@ -350,7 +350,7 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
 def check_preference(config: TrainConfig) -> None:
     """A preference stage reads whole pairs: neither streamed nor packed; its reference
     fits its training (adapters need LoRA; a reference-free loss takes none)."""
-    if "preference" not in config.recipe:
+    if "preference" not in config.recipe and config.data.preference is None:
         return
     prefix = f"{config.where}: " if config.where else ""
     stage, data = config.stages.preference, config.data.preference
