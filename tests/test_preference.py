@@ -159,6 +159,23 @@ def test_the_tower_runs_once_per_sample_not_once_per_answer(tmp_path: Path, monk
     assert rows == [4, 4]  # 2 steps of 4 single-image pairs: one tower pass each
 
 
+def test_the_frozen_tower_feature_cache_serves_the_preference_stage(tmp_path: Path, monkeypatch):
+    plain = _metrics(_train(tmp_path / "plain", {"reference": "copy"}))
+    rows: list[int] = []
+    features = VisionBackbone.forward
+
+    def counted(self, pixel_values):  # noqa: ANN001, ANN202
+        rows.append(len(pixel_values))
+        return features(self, pixel_values)
+
+    monkeypatch.setattr(VisionBackbone, "forward", counted)
+    cache = {"reference": "copy", "feature_cache": str(tmp_path / "cache")}
+    cached = _metrics(_train(tmp_path / "cached", cache))
+    assert sum(rows) == 8  # filling the cache: 8 images once; the steps read it
+    for a, b in zip(plain, cached, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
 def test_precomputed_reference_gives_the_live_references_losses(tmp_path: Path):
     live = _metrics(_train(tmp_path / "live", {"reference": "copy", "epochs": 2}))
     out = _train(tmp_path / "pre", {"reference": "precomputed", "epochs": 2})
