@@ -258,3 +258,32 @@ def test_bad_preference_configs_are_one_line_errors(tmp_path: Path, change, mess
     with pytest.raises(ConfigError, match=message) as error:
         train(config, out=tmp_path / "out", overrides=overrides, fresh_connector=True)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("recipe", [["preference"], ["finetune", "preference"]])
+def test_qlora_preference_stage_starts_at_its_reference(tmp_path: Path, recipe: list[str]):
+    """4-bit LLM + LoRA: alone, the reference is the model with its adapter off; after a QLoRA
+    finetune (whose adapter cannot be folded into 4-bit weights) it is precomputed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlm_adapters.llm import hf
+
+    if hf.bitsandbytes_problem() is not None:
+        pytest.skip(f"bitsandbytes: {hf.bitsandbytes_problem()}")
+    config = write_preference_config(tmp_path, num_train=8, stage=LORA)
+    data = yaml.safe_load(config.read_text())
+    llama = {k: v for k, v in data["llm"]["config"].items()} | {"hidden_size": 64}
+    llama["intermediate_size"] = 128  # bitsandbytes' CPU kernels need 64-wide blocks
+    torch_llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llama))
+    torch_llm.save_pretrained(tmp_path / "llama")
+    data["llm"] = {"type": "hf", "model": str(tmp_path / "llama"),
+                   "tokenizer": data["llm"]["tokenizer"], "quantization": {"bits": 4}}  # fmt: skip
+    data["recipe"] = recipe
+    data["stages"]["finetune"] |= LORA
+    config.write_text(yaml.safe_dump(data))
+    train(config, out=tmp_path / "out", fresh_connector=True)
+    steps = _metrics(tmp_path / "out")
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[-1]["rewards/margin"] > 0
+    stored = (tmp_path / "out" / "preference" / "reference_logps.safetensors").is_file()
+    assert stored == (recipe == ["finetune", "preference"])
