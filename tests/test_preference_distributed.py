@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,23 @@ def test_a_killed_run_resumes_to_bitwise_the_same_weights(tmp_path: Path) -> Non
     assert "reference log-probs: reused" in output.stderr
     assert store.stat().st_mtime_ns == written
     assert max_weight_diff(killed / FINAL, reference / FINAL) == 0.0
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [{"reference": "precomputed"}, {**LORA, "reference": "adapters"}],
+    ids=["full-precomputed", "lora-adapters"],
+)
+def test_two_fsdp2_processes_match_one_process(tmp_path: Path, stage: dict) -> None:
+    """Sharded with ``fully_shard`` (every parameter a DTensor): the precomputed pass and the
+    adapters-off reference (with the starting connector swapped in) run sharded too."""
+    config = write_preference_config(tmp_path, num_train=8, stage=stage)
+    script = [str(SCRIPTS / "tiny_train.py"), str(config)]
+    two = [*TORCHRUN, *script, str(tmp_path / "two"), "--world", "2", "--fresh-connector"]
+    sharded = {**ENV, "VLM_ADAPTERS_FULLY_SHARD": "1"}
+    record = ["--record-sharding", str(tmp_path / "seen"), "stages.preference.batch_size=2"]
+    subprocess.run([*two, *record], check=True, env=sharded, timeout=300)
+    train(config, out=tmp_path / "one", fresh_connector=True)
+    assert max_weight_diff(tmp_path / "two" / FINAL, tmp_path / "one" / FINAL) < 1e-5
+    seen = json.loads((tmp_path / "seen.preference.0.json").read_text())
+    assert {p["class"] for p in seen["params"].values()} == {"DTensor"}
