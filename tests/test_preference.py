@@ -287,3 +287,33 @@ def test_qlora_preference_stage_starts_at_its_reference(tmp_path: Path, recipe: 
     assert steps[-1]["rewards/margin"] > 0
     stored = (tmp_path / "out" / "preference" / "reference_logps.safetensors").is_file()
     assert stored == (recipe == ["finetune", "preference"])
+
+
+def _trl_rows(root: Path) -> list[dict[str, Any]]:
+    """The toy pairs in TRL's conversational columns, with embedded images."""
+    config = yaml.safe_load(write_preference_config(root).read_text())["data"]["preference"]
+    rows = []
+    for pair in json.loads(Path(config["path"]).read_text()):
+        question = pair["conversations"][0]["value"].replace("<image>", "").strip()
+        content = [{"type": "image"}, {"type": "text", "text": "\n" + question}]
+        rows.append({
+            "prompt": [{"role": "user", "content": content}],
+            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+            "images": [Image.open(Path(config["image_root"]) / pair["image"]).convert("RGB")],
+        })  # fmt: skip
+    return rows
+
+
+def test_trl_columns_train_from_a_saved_dataset_and_from_memory(tmp_path: Path):
+    datasets = pytest.importorskip("datasets")
+    rows = _trl_rows(tmp_path / "data")
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    config = write_preference_config(tmp_path / "run", stage={"reference": "copy"})
+    saved = ["data.preference.format=datasets", f"data.preference.path={folder}"]
+    from_disk = train(config, out=tmp_path / "disk", overrides=saved, fresh_connector=True)
+    in_memory = train(config, out=tmp_path / "mem", data={"preference": rows}, fresh_connector=True)
+    llava = train(config, out=tmp_path / "llava", fresh_connector=True)
+    losses = [r.summary["preference"]["final_loss"] for r in (from_disk, in_memory, llava)]
+    assert losses == pytest.approx([losses[2]] * 3, abs=1e-6)  # the same pairs, the same ids
