@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -39,12 +40,23 @@ def test_two_processes_match_one_process(tmp_path: Path, stage: dict) -> None:
     assert len(metrics) == 2  # 8 pairs / global batch 4
 
 
-def test_a_killed_run_resumes_to_bitwise_the_same_weights(tmp_path: Path) -> None:
-    """SIGKILL right after the step-2 checkpoint, ``--resume auto`` (the precomputed reference
-    log-probs are reused: their key matches), and the final weights equal an uninterrupted
-    run's bit for bit."""
+@pytest.mark.parametrize("after_finetune", [False, True], ids=["alone", "after-lora-finetune"])
+def test_a_killed_run_resumes_to_bitwise_the_same_weights(
+    tmp_path: Path, after_finetune: bool
+) -> None:
+    """SIGKILL right after the preference stage's step-2 checkpoint, ``--resume auto`` (the
+    precomputed reference log-probs are reused: their key matches; a finished LoRA finetune is
+    loaded with its adapter and folded in again), and the final weights equal an
+    uninterrupted run's bit for bit."""
     stage = {**LORA, "reference": "precomputed", "epochs": 2}
     config = write_preference_config(tmp_path, num_train=12, stage=stage, run={"save_every": 2})
+    if after_finetune:
+        data = yaml.safe_load(config.read_text())
+        data["recipe"] = ["finetune", "preference"]
+        data["stages"]["finetune"] |= {**LORA, "epochs": 1}  # 3 steps: no checkpoint at 2
+        data["run"]["save_every"] = 4
+        data["stages"]["preference"]["epochs"] = 3  # steps 1-9: checkpoints at 4 and 8
+        config.write_text(yaml.safe_dump(data))
     script = [sys.executable, str(SCRIPTS / "tiny_train.py"), str(config)]
     kill = ["--kill-in", "vlm_adapters.training.engine:prune_checkpoints"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
