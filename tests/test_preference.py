@@ -249,6 +249,10 @@ def test_compositions_learn_a_separable_preference(tmp_path: Path, connector: An
         ({"data.preference.streaming": True}, "preference pairs are read map-style"),
         ({"stages.preference.reference": "adapters"}, "adapters needs LoRA"),
         ({"stages.preference.objective": "kto"}, "stages.preference.objective"),
+        (
+            {"stages.preference.objective": "ipo", "stages.preference.label_smoothing": 0.1},
+            "the ipo loss has none",
+        ),
         ({"recipe": ["preference", "finetune"]}, "in the order align, finetune, preference"),
     ],
 )

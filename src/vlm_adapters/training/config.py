@@ -364,6 +364,11 @@ def check_preference(config: TrainConfig) -> None:
             f"{prefix}data.packing: a preference stage does not pack its pairs; set packing: "
             "false (or run the preference stage with its own config)"
         )
+    if stage.objective == "ipo" and stage.label_smoothing:
+        raise ConfigError(
+            f"{prefix}stages.preference.label_smoothing: the ipo loss has none; set it to 0 "
+            "or use dpo"
+        )
     if stage.reference == "adapters" and "lora" not in (stage.train_llm, stage.train_vision):
         raise ConfigError(
             f"{prefix}stages.preference.reference: adapters needs LoRA (train_llm: lora); use "
