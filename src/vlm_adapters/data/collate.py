@@ -47,6 +47,7 @@ class DataCollator:
         features = [f for item in kept if (f := item.get("image_features")) is not None]
         return {
             **({"image_features": join_images(features)} if features else {}),
+            **_videos(kept),
             **pad_batch(ids, self.pad_token_id, side),
             "labels": pad_rows([item["labels"] for item in kept], IGNORE_INDEX, side),
             "pixel_values": join_images(images),
@@ -87,10 +88,17 @@ class PackingCollator:
             "position_ids": _pad_positions(positions, width),
             "pixel_values": join_images(images),
             **({"image_features": join_images(features)} if features else {}),
+            **_videos([kept[i] for row in rows for i in row]),
             "skipped": [item for item in items if isinstance(item, Skipped)],
             "num_samples": len(kept),
             "num_tokens": sum(len(item["input_ids"]) for item in kept),
         }
+
+
+def _videos(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``video_values``: the items' videos in order (one ``ImageBatch``), when any has one."""
+    videos = [v for item in items if (v := item.get("video_values")) is not None]
+    return {"video_values": join_images(videos)} if videos else {}
 
 
 def _own_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from vlm_adapters.chat.templates import (
     IGNORE_INDEX,
     IMAGE_MARKER,
+    VIDEO_MARKER,
     ChatTemplate,
     DataError,
     check_template,
@@ -30,8 +31,29 @@ from vlm_adapters.data.images import (
     decode_image,
     open_image,
 )
-from vlm_adapters.data.processor import SampleImages, TokenBudgetError, VLMProcessor
-from vlm_adapters.data.records import BadSample, Skipped, checked_turns, record_images, sample_id
+from vlm_adapters.data.processor import (
+    SampleImages,
+    TokenBudgetError,
+    VLMProcessor,
+    with_video_markers,
+)
+from vlm_adapters.data.records import (
+    BadSample,
+    Skipped,
+    checked_turns,
+    record_images,
+    record_videos,
+    sample_id,
+)
+from vlm_adapters.data.video import (
+    Clip,
+    VideoHeader,
+    VideoProblem,
+    VideoSource,
+    read_header,
+    sample_video,
+    time_prompt,
+)
 from vlm_adapters.geometry import Size
 from vlm_adapters.vision.base import ImageBatch
 
@@ -73,6 +95,7 @@ class ConversationDataset(Dataset):
         source: str | Path = "",
         positions: Sequence[int] | None = None,
         feature_cache: FeatureCache | None = None,
+        video_root: str | Path | None = None,
     ) -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
@@ -80,6 +103,8 @@ class ConversationDataset(Dataset):
         self.records = records
         self.processor = processor
         self.image_root = Path(image_root)
+        self.video_root = Path(video_root) if video_root is not None else self.image_root
+        self._headers: dict[Path, VideoHeader] = {}  # checked video file -> its header
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = max_image_pixels
@@ -184,9 +209,70 @@ class ConversationDataset(Dataset):
             raise BadSample(
                 "image marker mismatch", f"{markers} {IMAGE_MARKER} markers but {len(paths)} images"
             )
+        videos = self._video_files(record)
+        if videos:
+            counts = self._token_counts(paths)
+            frames = self._frames(videos, sum(counts))
+            visual = sum(counts) + sum(self.processor.video_tokens(f) for f in frames)
+            return self._estimate(record, visual)
         if not self.processor.variable:
             return self._estimate(record)
         return self._estimate(record, sum(self._token_counts(paths)))
+
+    def _video_files(self, record: Mapping[str, Any]) -> list[VideoSource]:
+        """A record's videos (checked files inside `video_root`, or bytes), markers matched."""
+        videos = [self._video_file(v) if isinstance(v, str) else v for v in record_videos(record)]
+        turns = with_video_markers(checked_turns(record), len(videos))
+        markers = sum(str(turn.get("value", "")).count(VIDEO_MARKER) for turn in turns)
+        if markers != len(videos):
+            detail = f"{markers} {VIDEO_MARKER} markers but {len(videos)} videos"
+            raise BadSample("video marker mismatch", detail)
+        if videos and self.processor.video is None:
+            raise BadSample("video without vision.video", "the model takes no videos")
+        return videos
+
+    def _video_file(self, relative: str) -> Path:
+        """The checked file of ``relative`` (inside video_root, present), remembered."""
+        if relative not in self._files:
+            try:
+                path = confined_path(self.video_root, relative)
+            except ImageProblem as problem:
+                detail = problem.detail.replace("image_root", "video_root")
+                raise BadSample("video outside video_root", detail) from None
+            if not path.is_file():
+                raise BadSample("video missing", str(path))
+            self._files[relative] = path
+        return self._files[relative]
+
+    def _header(self, video: VideoSource) -> VideoHeader:
+        """A video's header (no frame decoded), remembered for files."""
+        name = "an embedded video" if isinstance(video, bytes) else str(video)
+        if isinstance(video, bytes) or video not in self._headers:
+            try:
+                header = read_header(video, name, self.max_image_pixels)
+            except VideoProblem as problem:
+                raise BadSample(problem.reason, problem.detail) from None
+            if isinstance(video, bytes):
+                return header
+            self._headers[video] = header
+        return self._headers[video]
+
+    def _frames(self, videos: list[VideoSource], fixed: int) -> list[int]:
+        """Frames sampled from each video, fewer where the per-sample visual-token budget
+        (``vision.video.max_visual_tokens``, beside ``fixed`` image tokens) needs it."""
+        spec = self.processor.video
+        assert spec is not None  # checked by _video_files
+        sampling = spec.config.sampling()
+        wanted = [sampling.count(h.duration, h.frames) for h in map(self._header, videos)]
+        frames = spec.fit(wanted, fixed)
+        if frames is None:
+            raise BadSample(
+                "too many visual tokens",
+                f"{len(videos)} video(s) beside {fixed} image tokens cannot fit "
+                f"vision.video.max_visual_tokens={spec.config.max_visual_tokens} with one "
+                "frame each",
+            )
+        return frames
 
     def _image_files(self, record: Mapping[str, Any]) -> list[ImageSource]:
         images = record_images(record)
@@ -233,12 +319,19 @@ class ConversationDataset(Dataset):
         for variable-size vision)."""
         turns = record.get("conversations") or []
         text = " ".join(str(turn.get("value", "")) for turn in turns if isinstance(turn, Mapping))
-        num_images = text.count(IMAGE_MARKER)
-        words = len(text.replace(IMAGE_MARKER, " ").split())
-        if num_images == 0 and not record.get("image"):
+        num_images, num_videos = text.count(IMAGE_MARKER), text.count(VIDEO_MARKER)
+        words = len(text.replace(IMAGE_MARKER, " ").replace(VIDEO_MARKER, " ").split())
+        has_images = bool(num_images or record.get("image"))
+        has_videos = bool(num_videos or record.get("video"))
+        if not has_images and not has_videos:
             return -max(words, 1)
+        if visual is not None:
+            return words + visual
         per_image = self.processor.num_image_tokens
-        return words + (max(num_images, 1) * per_image if visual is None else visual)
+        video = self.processor.video
+        per_video = video.tokens(video.config.max_frames) if video is not None else 0
+        images = max(num_images, 1) * per_image if has_images else 0
+        return words + images + (max(num_videos, 1) * per_video if has_videos else 0)
 
     def _sample_images(self, paths: list[ImageSource]) -> SampleImages:
         """What the processor counts tokens from: image sizes for variable vision."""
@@ -281,24 +374,41 @@ class ConversationDataset(Dataset):
 
     def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
         paths = self._image_files(record)
+        videos = self._video_files(record)
         turns = checked_turns(record)
-        self._token_counts(paths)  # the per-sample budget, as its own reason
+        counts = self._token_counts(paths)  # the per-sample budget, as its own reason
+        frames = self._frames(videos, sum(counts)) if videos else []
+        clips = [self._clip(video, count) for video, count in zip(videos, frames)]
+        if clips and self.processor.video.config.timestamps:  # type: ignore[union-attr]
+            turns = _with_times(with_video_markers(turns, len(clips)), clips)
         try:
-            encoded = self.processor.encode(turns, self._sample_images(paths))
+            encoded = self.processor.encode(turns, self._sample_images(paths), frames)
         except DataError as error:
             raise BadSample("bad conversation", str(error)) from None
-        if encoded.num_images != len(paths):
+        if encoded.num_images != len(paths) + len(videos):
             raise BadSample(
                 "image marker mismatch",
                 f"{encoded.num_images} {IMAGE_MARKER} markers but {len(paths)} images",
             )
         self._check_length(encoded.input_ids, encoded.labels)
+        video_values = {"video_values": self.processor.videos([c.frames for c in clips])}
         return {
             "id": name,
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             **self._images(paths),
+            **(video_values if clips else {}),
         }
+
+    def _clip(self, video: VideoSource, frames: int) -> Clip:
+        """``frames`` frames sampled from the video (its header checked first)."""
+        spec = self.processor.video
+        assert spec is not None
+        name = "an embedded video" if isinstance(video, bytes) else str(video)
+        try:
+            return sample_video(video, name, spec.config.sampling(frames), self.max_image_pixels)
+        except VideoProblem as problem:
+            raise BadSample(problem.reason, problem.detail) from None
 
     def _images(self, paths: list[ImageSource]) -> dict[str, torch.Tensor | ImageBatch | None]:
         """``pixel_values`` ``[I, 3, H, W]``, or ``image_features`` ``[I, N, D]`` read from the
@@ -357,3 +467,17 @@ class ConversationDataset(Dataset):
             return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as error:
             raise BadSample("image unreadable", f"an in-memory image: {error}") from None
+
+
+def _with_times(turns: list[dict[str, Any]], clips: list[Clip]) -> list[dict[str, Any]]:
+    """``turns`` with each ``<video>`` marker followed by its clip's length and frame times."""
+    pending = iter(clips)
+    out = []
+    for turn in turns:
+        pieces = str(turn["value"]).split(VIDEO_MARKER)
+        text = pieces[0]
+        for piece in pieces[1:]:
+            clip = next(pending)
+            text += f"{VIDEO_MARKER}\n{time_prompt(clip.times, clip.duration)}{piece}"
+        out.append({**turn, "value": text})
+    return out

@@ -1,0 +1,315 @@
+"""Video: real clips (photos panned and zoomed, encoded by PyAV as H.264, MPEG-4 part 2 and
+VP9 at odd sizes and frame rates, one with a variable frame rate) decoded by seeking, sampled
+by count or rate, their visual tokens known before the model runs, and a batch mixing video,
+several images, an AnyRes image and text only that trains, packs and generates."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm_adapters import VisionLanguageModel, build_vlm
+from vlm_adapters.data import ConversationDataset
+from vlm_adapters.data import video as video_module
+from vlm_adapters.data.video import VideoProblem, read_header, sample_video
+from vlm_adapters.errors import ConfigError
+from vlm_adapters.geometry import Sampling, frames_within_budget, video_frame_tokens
+from vlm_adapters.testing import tiny_model_config
+from vlm_adapters.testing.tiny import tiny_tiled_config
+
+av = pytest.importorskip("av")
+skimage_data = pytest.importorskip("skimage.data")
+
+# name -> (codec, container, pixel format, (width, height), frame rate, frames, pts in ms)
+CLIPS = {
+    "h264": ("libx264", "mp4", "yuv444p", (131, 97), Fraction(7), 6, None),
+    "mpeg4": ("mpeg4", "mp4", "yuv420p", (97, 61), Fraction(13, 2), 5, None),
+    "vp9": ("libvpx-vp9", "webm", "yuv420p", (75, 53), Fraction(11), 7, None),
+    "vfr": ("libx264", "mkv", "yuv444p", (64, 45), Fraction(25), 6, [0, 40, 200, 260, 700, 760]),
+    "long": ("libx264", "mp4", "yuv444p", (40, 30), Fraction(10), 60, None),
+}
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+def _codec(name: str) -> str:
+    """The codec, or the MPEG-4 part 2 fallback when PyAV's FFmpeg lacks it."""
+    return name if name in av.codecs_available else "mpeg4"
+
+
+def _frames(photo: np.ndarray, size: tuple[int, int], count: int) -> list[np.ndarray]:
+    """A pan across ``photo`` and a zoom into it: ``count`` RGB frames of ``size``."""
+    width, height = size
+    frames = []
+    for index in range(count):
+        zoom = 1.0 - 0.4 * index / max(count - 1, 1)
+        crop_h, crop_w = int(photo.shape[0] * zoom), int(photo.shape[1] * zoom)
+        top = (photo.shape[0] - crop_h) * index // max(count - 1, 1)
+        left = (photo.shape[1] - crop_w) // 2
+        crop = Image.fromarray(photo[top : top + crop_h, left : left + crop_w])
+        frames.append(np.asarray(crop.resize((width, height), Image.BILINEAR)))
+    return frames
+
+
+def write_clip(path: Path, name: str, photo: str = "astronaut") -> Path:
+    """Encode the clip ``name`` of :data:`CLIPS` at ``path``."""
+    codec, _, pix_fmt, size, rate, count, pts = CLIPS[name]
+    codec = _codec(codec)
+    pix_fmt = pix_fmt if codec == "libx264" else "yuv420p"
+    image = getattr(skimage_data, photo)()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate, options={"g": "10"})
+        stream.width, stream.height, stream.pix_fmt = *size, pix_fmt
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for index, frame in enumerate(_frames(image, size, count)):
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            if pts is not None:
+                picture.pts, picture.time_base = pts[index], Fraction(1, 1000)
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    return {
+        name: write_clip(root / f"{name}.{CLIPS[name][1]}", name, PHOTOS[i % len(PHOTOS)])
+        for i, name in enumerate(CLIPS)
+    }
+
+
+def _every_frame(path: Path) -> list[tuple[float, np.ndarray]]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [(float(f.time), f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+
+
+def _on_screen(frames: list[tuple[float, np.ndarray]], when: float) -> np.ndarray:
+    shown = [frame for time, frame in frames if time <= when + 1e-9]
+    return shown[-1] if shown else frames[0][1]
+
+
+# decoding and sampling
+
+
+@pytest.mark.parametrize("name", sorted(CLIPS))
+@pytest.mark.parametrize("sampling", [Sampling(3), Sampling(None, fps=4.0), Sampling(50, None, 4)])
+def test_sampled_frames_are_the_frames_on_screen_at_their_times(clips, name, sampling):
+    header = read_header(clips[name], name)
+    width, height = CLIPS[name][3]
+    assert header.size == (height, width)
+    clip = sample_video(clips[name], name, sampling)
+    expected = sampling.count(header.duration, header.frames)
+    assert len(clip) == expected == len(clip.times) and clip.frames.shape[1:] == (height, width, 3)
+    assert clip.times == tuple(sampling.times(header.duration, expected))
+    every = _every_frame(clips[name])
+    for time, frame in zip(clip.times, clip.frames):
+        assert np.array_equal(frame, _on_screen(every, time))
+
+
+def test_seeking_gives_the_frames_a_full_decode_gives(clips, monkeypatch):
+    every = _every_frame(clips["long"])
+    monkeypatch.setattr(video_module, "SEEK_GAP", 0.3)  # 6 s clip, keyframes every second
+    clip = sample_video(clips["long"], "long", Sampling(5))
+    assert [round(t, 2) for t in clip.times] == [0.6, 1.8, 3.0, 4.2, 5.4]
+    for time, frame in zip(clip.times, clip.frames):
+        assert np.array_equal(frame, _on_screen(every, time))
+
+
+def test_a_variable_frame_rate_is_sampled_by_timestamps(clips):
+    clip = sample_video(clips["vfr"], "vfr", Sampling(4))
+    every = _every_frame(clips["vfr"])
+    assert [t for t, _ in every] == [0.0, 0.04, 0.2, 0.26, 0.7, 0.76]
+    indices = [
+        next(i for i, (_, f) in enumerate(every) if np.array_equal(f, c)) for c in clip.frames
+    ]
+    shown = [max(i for i, (t, _) in enumerate(every) if t <= when) for when in clip.times]
+    assert indices == shown and len(set(indices)) > 2  # not frame indices: the long gap shows
+
+
+def test_frame_sampling_arithmetic():
+    assert Sampling(8).count(10.0, 300) == 8
+    assert Sampling(8).count(0.5, 3) == 3  # never more frames than the video holds
+    assert Sampling(None, fps=2).count(10.0, 300) == 20
+    assert Sampling(None, fps=2, max_frames=6).count(10.0, 300) == 6
+    assert Sampling(None, fps=2).count(0.1, 0) == 1
+    assert Sampling(4).times(8.0, 4) == [1.0, 3.0, 5.0, 7.0]
+    with pytest.raises(ConfigError, match="exactly one of num_frames and fps"):
+        Sampling(4, fps=1.0)
+
+
+# bad input
+
+
+def _audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 800), dtype=np.int16), format="s16", layout="mono"
+        )
+        frame.rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _no_frames(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height = 32, 32
+        container.start_encoding()  # the header only
+    return path
+
+
+def test_bad_videos_are_refused_with_the_file_named(clips, tmp_path):
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(clips["h264"].read_bytes()[:200])
+    cases = {
+        corrupt: "video unreadable",
+        truncated: "video unreadable",
+        _audio_only(tmp_path / "audio.wav"): "no video stream",
+        _no_frames(tmp_path / "empty.avi"): "video has no frames",
+        tmp_path / "absent.mp4": "video missing",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(VideoProblem) as problem:
+            sample_video(path, str(path), Sampling(2))
+        assert problem.value.reason == reason, (path, problem.value)
+        assert path.name in str(problem.value)
+
+
+def test_a_huge_frame_size_is_refused_from_the_header_before_decoding(clips, monkeypatch):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(video_module, "_frames_at", no_decoding)
+    with pytest.raises(VideoProblem, match=r"h264.mp4 has 131x97 = 12,707 pixel frames, over"):
+        sample_video(clips["h264"], str(clips["h264"]), Sampling(2), max_pixels=10_000)
+
+
+# geometry: tokens known before the model runs
+
+
+def _model(tokenizer_dir: str, vision="hf", connector="mlp", **video) -> VisionLanguageModel:
+    torch.manual_seed(0)
+    config = tiny_model_config(tokenizer_dir, vision, connector)
+    config["vision"]["video"] = {"num_frames": 3, **video}
+    return build_vlm(config).eval()
+
+
+def _record(ident: str, question: str, answer: str, **media) -> dict:
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": ident, **media, "conversations": turns}
+
+
+def test_geometry_of_frames_and_budgets():
+    assert video_frame_tokens(27, 2) == 196  # SigLIP-384's 27x27 grid -> OneVision's 14x14
+    assert video_frame_tokens(24, 2) == 144 and video_frame_tokens(4, 1) == 16
+    assert frames_within_budget([8, 8], 196, True, 64 * 196 + 2) == [8, 8]
+    assert frames_within_budget([64], 196, True, 6000) == [30]
+    assert frames_within_budget([10, 2], 4, True, 30, fixed=4) == [4, 2]
+    assert frames_within_budget([3, 3], 4, True, 9) is None
+
+
+@pytest.mark.parametrize(
+    ("vision", "video", "budget_frames"),
+    [
+        ("hf", {"num_frames": 3, "pool": 2}, None),
+        ("hf", {"num_frames": 5, "pool": 1, "newline": False}, None),
+        ("hf_siglip", {"num_frames": None, "fps": 6.0, "pool": 4}, None),
+        ("hf", {"num_frames": 6, "pool": 2, "max_visual_tokens": 2 * 4 + 1}, 2),
+        (tiny_tiled_config("hf", max_tiles=4), {"num_frames": 4, "pool": 2}, None),
+    ],
+)
+def test_predicted_video_tokens_are_what_the_model_produces(
+    tokenizer_dir, clips, vision, video, budget_frames
+):
+    model = _model(tokenizer_dir, vision, **video)
+    spec = model.video_spec
+    records = [
+        _record(name, "<video> what moves ?", "the camera", video=path.name)
+        for name, path in clips.items()
+    ]
+    root = next(iter(clips.values())).parent
+    dataset = ConversationDataset.for_model(
+        model, records, image_root=root, template="chatml", on_bad_sample="error"
+    )
+    checked, _ = dataset.precheck()
+    for index, (name, path) in enumerate(clips.items()):
+        header = read_header(path, name)
+        frames = model.video.sampling().count(header.duration, header.frames)
+        frames = min(frames, budget_frames or frames)
+        item = dataset[index]
+        assert item["video_values"].counts == (frames,)
+        predicted = int((item["input_ids"] == spec.token_id).sum())
+        assert predicted == spec.tokens(frames) == checked.lengths[index] - 5  # 5 words
+        with torch.no_grad():
+            produced = model.video_tokens(item["video_values"])
+        assert produced.shape[0] == predicted
+
+
+def test_a_sample_that_cannot_fit_the_budget_is_skipped_and_listed(tokenizer_dir, clips):
+    model = _model(tokenizer_dir, num_frames=4, max_visual_tokens=2 * (4 + 1) - 1)
+    records = [
+        _record("one", "<video> ?", "yes", video="h264.mp4"),
+        _record("two", "<video> <video> ?", "yes", video=["h264.mp4", "vp9.webm"]),
+    ]
+    root = clips["h264"].parent
+    dataset = ConversationDataset.for_model(model, records, image_root=root, template="chatml")
+    kept, skipped = dataset.precheck()
+    assert [s.id for s in skipped] == ["two"] and skipped[0].reason == "too many visual tokens"
+    assert dataset[0]["video_values"].counts == (2,)  # 4 frames cut to what fits
+
+
+def test_video_paths_stay_inside_the_video_root(tokenizer_dir, clips, tmp_path):
+    model = _model(tokenizer_dir)
+    records = [
+        _record("out", "<video> ?", "yes", video="../elsewhere.mp4"),
+        _record("two", "<video> ?", "yes", video=["h264.mp4", "vp9.webm"]),
+        _record("ok", "<video> ?", "yes", video="h264.mp4"),
+    ]
+    dataset = ConversationDataset.for_model(
+        model, records, image_root=tmp_path, video_root=clips["h264"].parent, template="chatml"
+    )
+    _, skipped = dataset.precheck()
+    assert [(s.id, s.reason) for s in skipped] == [
+        ("out", "video outside video_root"),
+        ("two", "video marker mismatch"),
+    ]
+    assert "video_root" in skipped[0].detail
+
+
+def test_a_config_that_cannot_lay_frames_out_fails_when_built(tokenizer_dir):
+    with pytest.raises(ConfigError, match="vision.video.pool: 8 is larger than the 4x4"):
+        _model(tokenizer_dir, pool=8)
+    with pytest.raises(ConfigError, match="vision.video: the 'resampler' connector's tokens"):
+        _model(tokenizer_dir, connector="resampler")
+    with pytest.raises(ConfigError, match="num_frames or fps, not both"):
+        _model(tokenizer_dir, fps=2.0)
+
+
+def test_timestamps_go_into_the_prompt(tokenizer_dir, clips):
+    model = _model(tokenizer_dir, timestamps=True, num_frames=2)
+    records = [_record("t", "what moves ?", "the camera", video="h264.mp4")]
+    dataset = ConversationDataset.for_model(
+        model, records, image_root=clips["h264"].parent, template="chatml"
+    )
+    seen = []
+    encode = dataset.processor.encode
+    dataset.processor.encode = lambda turns, *args: seen.append(turns) or encode(turns, *args)
+    assert dataset[0]["video_values"].counts == (2,)
+    text = seen[0][0]["value"]
+    assert text.startswith("<video>\nThe video lasts for 0.86 seconds, and 2 frames are ")
+    assert "These frames are located at 0.21s,0.64s. Please answer" in text
