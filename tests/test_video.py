@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from vlm_adapters import VisionLanguageModel, build_vlm
-from vlm_adapters.data import ConversationDataset
+from vlm_adapters.data import ConversationDataset, DataCollator
 from vlm_adapters.data import video as video_module
+from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.video import VideoProblem, read_header, sample_video
 from vlm_adapters.errors import ConfigError
 from vlm_adapters.geometry import Sampling, frames_within_budget, video_frame_tokens
@@ -313,3 +314,87 @@ def test_timestamps_go_into_the_prompt(tokenizer_dir, clips):
     text = seen[0][0]["value"]
     assert text.startswith("<video>\nThe video lasts for 0.86 seconds, and 2 frames are ")
     assert "These frames are located at 0.21s,0.64s. Please answer" in text
+
+
+# a mixed batch: video, several images, an AnyRes image, text only
+
+MIXED = [
+    _record("video", "<video> what is in the video ?", "a red circle", video="h264.mp4"),
+    _record(
+        "images", "<image> <image> what shape is at the top left ?", "a blue square",
+        image=["tiny.png", "square.png"],
+    ),
+    _record("anyres", "<image>\nwhat colour is the circle ?", "red", image="wide.png"),
+    _record("text", "how many shapes are there ?", "two"),
+    _record(
+        "both", "<image> then <video> what changed ?", "the shapes", image="tiny.png",
+        video=["vfr.mkv"],
+    ),
+]  # fmt: skip
+
+
+def _mixed(tokenizer_dir: str, clips: dict[str, Path], pool: int = 2):
+    root = clips["h264"].parent
+    rng = np.random.default_rng(0)
+    for name, size in {"tiny": (9, 6), "square": (40, 40), "wide": (120, 30)}.items():
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{name}.png")
+    model = _model(tokenizer_dir, tiny_tiled_config("hf", max_tiles=4), pool=pool)
+    dataset = ConversationDataset.for_model(
+        model, MIXED, image_root=root, template="chatml", on_bad_sample="error"
+    )
+    return model, [dataset[i] for i in range(len(MIXED))]
+
+
+def test_a_mixed_batch_trains_and_generates(tokenizer_dir, clips):
+    model, items = _mixed(tokenizer_dir, clips)
+    batch = DataCollator(model.tokenizer.pad_token_id)(items)
+    assert batch["video_values"].counts == (3, 3) and len(batch["pixel_values"]) == 4
+    keys = ("input_ids", "attention_mask", "labels", "pixel_values", "video_values")
+    inputs = {k: batch[k] for k in keys}
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = model(**inputs).loss
+        loss.backward()
+        assert model.connector.image_newline.grad.abs().sum() > 0
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], losses
+    model.eval()
+    frames = sample_video(clips["h264"], "h264", model.video.sampling()).frames
+    question = [{"from": "human", "value": "<video> what is in the video ?"}]
+    answers = model.generate([question], videos=[frames], template="chatml")
+    assert answers == ["a red circle"]
+
+
+def test_padded_and_packed_video_batches_give_the_same_per_sample_loss(tokenizer_dir, clips):
+    model, items = _mixed(tokenizer_dir, clips, pool=1)
+    padded = DataCollator(model.tokenizer.pad_token_id)(items)
+    total = sum(len(item["input_ids"]) for item in items)
+    packed = PackingCollator(model.tokenizer.pad_token_id, max_length=total - 1)(items)
+    assert 1 < packed["input_ids"].shape[0] < len(items)
+    with torch.no_grad():
+        keys = ("input_ids", "attention_mask", "pixel_values", "video_values")
+        rows = model(**{k: padded[k] for k in keys}).logits
+        packs = model(**{k: packed[k] for k in (*keys, "position_ids")}).logits
+    for index, item in enumerate(items):
+        n = len(item["input_ids"])
+        row, start = _where(packed, item["input_ids"])
+        alone = _loss(rows[index, : n - 1], item["labels"][1:])
+        together = _loss(packs[row, start : start + n - 1], item["labels"][1:])
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+
+
+def _where(packed: dict, ids: torch.Tensor) -> tuple[int, int]:
+    for row, row_ids in enumerate(packed["input_ids"]):
+        for start in (packed["position_ids"][row] == 0).nonzero().flatten().tolist():
+            if torch.equal(row_ids[start : start + len(ids)], ids):
+                return row, start
+    raise AssertionError("sample not found in the packed rows")
