@@ -398,3 +398,57 @@ def _where(packed: dict, ids: torch.Tensor) -> tuple[int, int]:
             if torch.equal(row_ids[start : start + len(ids)], ids):
                 return row, start
     raise AssertionError("sample not found in the packed rows")
+
+
+# kill and resume
+
+
+def test_a_killed_video_run_resumes_to_bitwise_the_same_weights(tmp_path):
+    """SIGKILL mid-stage on video samples, then ``--resume auto``: the final weights equal an
+    uninterrupted run's, bit for bit."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    scripts = Path(__file__).parent / "scripts"
+    sys.path.insert(0, str(scripts))
+    from tiny_train import max_weight_diff, write_tiny_config
+
+    config = write_tiny_config(tmp_path, num_train=8)
+    data = yaml.safe_load(config.read_text())
+    root = Path(data["data"]["finetune"]["image_root"])
+    write_clip(root / "pan.mp4", "h264")
+    write_clip(root / "zoom.webm", "vp9", "coffee")
+    images = json.loads(Path(data["data"]["finetune"]["path"]).read_text())
+    videos = [
+        _record(f"v{n}", "<video> what moves ?", answer, video=name)
+        for n, (name, answer) in enumerate([("pan.mp4", "the camera"), ("zoom.webm", "a cup")] * 3)
+    ]
+    mixed = root / "mixed.json"
+    mixed.write_text(json.dumps([r for pair in zip(images, videos) for r in pair]))
+    data["data"]["finetune"]["path"] = str(mixed)
+    data["vision"]["video"] = {"num_frames": 2, "pool": 2}
+    config.write_text(yaml.safe_dump(data))
+    script = [sys.executable, str(scripts / "tiny_train.py"), str(config)]
+    args = ["--stage", "finetune", "--fresh-connector"]  # 3 steps, killed after the 2nd
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    quiet = {"stdout": subprocess.DEVNULL}
+    uninterrupted = subprocess.Popen([*script, str(reference), *args], **quiet)
+    process = subprocess.Popen([*script, str(killed), *args, "run.save_every=2"], **quiet)
+    checkpoint = killed / "finetune" / "checkpoints" / "step-000002"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "finetune" / "final").exists()
+    resumed = subprocess.run([*script, str(killed), "--resume", "auto", *args], check=False)
+    assert resumed.returncode == 0 and uninterrupted.wait() == 0
+    final = killed / "finetune" / "final"
+    assert max_weight_diff(final, reference / "finetune" / "final") == 0.0
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["vision"]["video"]["num_frames"] == 2
