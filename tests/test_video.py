@@ -452,3 +452,60 @@ def test_a_killed_video_run_resumes_to_bitwise_the_same_weights(tmp_path):
     assert max_weight_diff(final, reference / "finetune" / "final") == 0.0
     saved = json.loads((final / "config.json").read_text())
     assert saved["vision"]["video"]["num_frames"] == 2
+
+
+# the command line
+
+
+def test_generate_and_chat_take_a_video(tokenizer_dir, clips, tmp_path, monkeypatch, capsys):
+    import io
+
+    from vlm_adapters.cli import main
+
+    model = _model(tokenizer_dir, num_frames=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    seen = []
+    original = VisionLanguageModel.generate_ids
+
+    def spy(self, input_ids, attention_mask=None, pixel_values=None, video_values=None, **kw):
+        seen.append((int((input_ids == self.video_spec.token_id).sum()), video_values.counts))
+        return original(self, input_ids, attention_mask, pixel_values, video_values, **kw)
+
+    monkeypatch.setattr(VisionLanguageModel, "generate_ids", spy)
+    video = str(clips["vp9"])
+    argv = ["--max-new-tokens", "2", "--template", "chatml"]
+    assert main(["generate", str(tmp_path / "ckpt"), "--video", video, "--prompt", "?", *argv]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"what ?\n/video {clips['h264']}\nand ?\n"))
+    assert main(["chat", str(tmp_path / "ckpt"), "--video", video, *argv]) == 0
+    assert "(new video; conversation cleared)" in capsys.readouterr().out
+    assert seen == [(2 * 4 + 1, (2,))] * 3
+
+
+def test_a_video_for_a_model_without_video_is_one_line(tokenizer_dir, clips, tmp_path, capsys):
+    from vlm_adapters.cli import main
+
+    build_vlm(tiny_model_config(tokenizer_dir)).save_pretrained(tmp_path / "ckpt")
+    argv = ["generate", str(tmp_path / "ckpt"), "--video", str(clips["h264"]), "--prompt", "?"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "this model takes no videos" in err
+
+
+def test_eval_reads_video_samples(tokenizer_dir, clips, tmp_path, capsys):
+    import json
+
+    from vlm_adapters.cli import main
+
+    model = _model(tokenizer_dir, num_frames=2, timestamps=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    records = [
+        _record("v", "<video> what moves ?", "the camera", video="h264.mp4"),
+        _record("t", "what moves ?", "nothing"),
+    ]
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+    root = str(clips["h264"].parent)
+    argv = ["eval", str(tmp_path / "ckpt"), "--data", str(data), "--images", root, "--json"]
+    assert main([*argv, "--max-new-tokens", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 2 and result["loss"] > 0

@@ -36,6 +36,7 @@ from vlm_adapters.data.processor import (
     TokenBudgetError,
     VLMProcessor,
     with_video_markers,
+    with_video_times,
 )
 from vlm_adapters.data.records import (
     BadSample,
@@ -52,7 +53,6 @@ from vlm_adapters.data.video import (
     VideoSource,
     read_header,
     sample_video,
-    time_prompt,
 )
 from vlm_adapters.geometry import Size
 from vlm_adapters.vision.base import ImageBatch
@@ -380,7 +380,7 @@ class ConversationDataset(Dataset):
         frames = self._frames(videos, sum(counts)) if videos else []
         clips = [self._clip(video, count) for video, count in zip(videos, frames)]
         if clips and self.processor.video.config.timestamps:  # type: ignore[union-attr]
-            turns = _with_times(with_video_markers(turns, len(clips)), clips)
+            turns = with_video_times(turns, clips)
         try:
             encoded = self.processor.encode(turns, self._sample_images(paths), frames)
         except DataError as error:
@@ -468,16 +468,3 @@ class ConversationDataset(Dataset):
         except (OSError, SyntaxError, ValueError) as error:
             raise BadSample("image unreadable", f"an in-memory image: {error}") from None
 
-
-def _with_times(turns: list[dict[str, Any]], clips: list[Clip]) -> list[dict[str, Any]]:
-    """``turns`` with each ``<video>`` marker followed by its clip's length and frame times."""
-    pending = iter(clips)
-    out = []
-    for turn in turns:
-        pieces = str(turn["value"]).split(VIDEO_MARKER)
-        text = pieces[0]
-        for piece in pieces[1:]:
-            clip = next(pending)
-            text += f"{VIDEO_MARKER}\n{time_prompt(clip.times, clip.duration)}{piece}"
-        out.append({**turn, "value": text})
-    return out

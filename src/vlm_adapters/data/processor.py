@@ -28,6 +28,7 @@ from vlm_adapters.chat.templates import (
     encode_prompt,
     with_image_markers,
 )
+from vlm_adapters.data.video import time_prompt
 from vlm_adapters.errors import DataError
 from vlm_adapters.geometry import Size
 from vlm_adapters.vision.base import ImageBatch, VariableTransform
@@ -371,6 +372,22 @@ def with_video_markers(turns: Sequence[Mapping[str, Any]], num_videos: int) -> l
             turn["value"] = f"{VIDEO_MARKER}\n{turn['value']}"
             break
     return turns
+
+
+def with_video_times(turns: Sequence[Mapping[str, Any]], clips: Sequence[Any]) -> list[dict]:
+    """``turns`` (a marker added for one video without one) with each ``<video>`` followed by
+    its clip's length and frame times (``clips``: each with ``times`` and ``duration``, such as
+    :class:`~vlm_adapters.data.video.Clip`), OneVision's sentence."""
+    pending = iter(clips)
+    out = []
+    for turn in with_video_markers(turns, len(clips)):
+        pieces = str(turn["value"]).split(VIDEO_MARKER)
+        text = pieces[0]
+        for piece in pieces[1:]:
+            clip = next(pending)
+            text += f"{VIDEO_MARKER}\n{time_prompt(clip.times, clip.duration)}{piece}"
+        out.append({**turn, "value": text})
+    return out
 
 
 def _has_video_marker(turns: Sequence[Mapping[str, Any]]) -> bool:
