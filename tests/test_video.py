@@ -169,6 +169,9 @@ def test_geometry_of_frames_and_budgets():
     assert video_frame_tokens(24, 2) == 144 and video_frame_tokens(4, 1) == 16
     assert frames_within_budget([8, 8], 196, True, 64 * 196 + 2) == [8, 8]
     assert frames_within_budget([64], 196, True, 6000) == [30]
+    for budget, alone, beside_image in [(4096, 20, 17), (8192, 41, 38), (16384, 64, 64)]:
+        assert frames_within_budget([64], 196, True, budget) == [alone]  # docs/video.md
+        assert frames_within_budget([64], 196, True, budget, fixed=729) == [beside_image]
     assert frames_within_budget([10, 2], 4, True, 30, fixed=4) == [4, 2]
     assert frames_within_budget([3, 3], 4, True, 9) is None
 
