@@ -126,7 +126,10 @@ def test_bad_videos_are_refused_with_the_file_named(clips, tmp_path):
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     truncated = tmp_path / "truncated.mp4"
     truncated.write_bytes(clips["h264"].read_bytes()[:200])
+    unknown = tmp_path / "unknown-codec.mkv"  # the Matroska codec id of no decoder
+    unknown.write_bytes(clips["vfr"].read_bytes().replace(b"V_MPEG4/ISO/AVC", b"V_QQQQQ/ISO/QQQ"))
     cases = {
+        unknown: "video codec unsupported",
         corrupt: "video unreadable",
         truncated: "video unreadable",
         _audio_only(tmp_path / "audio.wav"): "no video stream",
@@ -461,3 +464,32 @@ def test_eval_reads_video_samples(tokenizer_dir, clips, tmp_path, capsys):
     assert main([*argv, "--max-new-tokens", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 2 and result["loss"] > 0
+
+
+def test_a_datasets_source_takes_a_videos_column(tokenizer_dir, clips):
+    datasets = pytest.importorskip("datasets")
+    from vlm_adapters.data.sources import RowRecords
+
+    model = _model(tokenizer_dir, num_frames=2)
+    question = [{"type": "video"}, {"type": "text", "text": " what moves ?"}]
+    rows = {
+        "messages": [
+            [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": [{"type": "text", "text": "the camera"}]},
+            ]
+        ]
+        * 2,
+        "videos": [
+            [{"bytes": clips["vp9"].read_bytes(), "path": None}],
+            [{"bytes": None, "path": "h264.mp4"}],
+        ],
+    }
+    records = RowRecords(datasets.Dataset.from_dict(rows), "rows")
+    dataset = ConversationDataset.for_model(
+        model, records, image_root=clips["h264"].parent, template="chatml", on_bad_sample="error"
+    )
+    for index in range(2):
+        item = dataset[index]
+        assert item["video_values"].counts == (2,)
+        assert int((item["input_ids"] == model.video_spec.token_id).sum()) == 2 * 4 + 1
