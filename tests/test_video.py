@@ -493,3 +493,43 @@ def test_a_datasets_source_takes_a_videos_column(tokenizer_dir, clips):
         item = dataset[index]
         assert item["video_values"].counts == (2,)
         assert int((item["input_ids"] == model.video_spec.token_id).sum()) == 2 * 4 + 1
+
+
+# the feature cache
+
+
+def test_the_feature_cache_holds_each_video_per_sampling(tokenizer_dir, clips, tmp_path):
+    from vlm_adapters.data.feature_cache import FeatureCache, image_encoder
+    from vlm_adapters.training.features import fill_video_features
+
+    model, items = _mixed(tokenizer_dir, clips)
+    root = clips["h264"].parent
+    cache = FeatureCache.for_backbone(tmp_path / "cache", model.vision)
+    plain = ConversationDataset.for_model(model, MIXED, image_root=root, template="chatml")
+    checked, _ = plain.precheck()
+    cache.fill(checked.image_files(), image_encoder(model.vision, 10**8), batch_size=4)
+    entries = checked.video_entries()
+    assert [(Path(v).name, s.num_frames) for v, s in entries] == [("h264.mp4", 3), ("vfr.mkv", 3)]
+    report = fill_video_features(model, cache, entries, max_pixels=10**8)
+    assert report.computed == 2 and report.reused == 0
+    assert fill_video_features(model, cache, entries, max_pixels=10**8).reused == 2
+    cached = ConversationDataset.for_model(
+        model, MIXED, image_root=root, template="chatml", feature_cache=cache
+    )
+    collate = DataCollator(model.tokenizer.pad_token_id)
+    a = collate(items)
+    b = collate([cached[i] for i in range(len(MIXED))])
+    assert "video_values" not in b and b["video_features"].counts == (3, 3)
+    keys = ("input_ids", "attention_mask", "labels")
+    with torch.no_grad():
+        loss = model(**{k: a[k] for k in keys}, pixel_values=a["pixel_values"],
+                     video_values=a["video_values"]).loss  # fmt: skip
+        again = model(**{k: b[k] for k in keys}, image_features=b["image_features"],
+                      video_features=b["video_features"]).loss  # fmt: skip
+    torch.testing.assert_close(again, loss, rtol=1e-6, atol=1e-6)
+    other = cache.for_videos(Sampling(2, max_frames=64).key())  # another sampling: no entry
+    assert other.problem(other.key(clips["h264"])) == "missing"
+    entry = cache.for_videos(entries[0][1].key())
+    entry.path(entry.key(entries[0][0])).write_bytes(b"broken")
+    cached.on_bad_sample = "skip"
+    assert cached[0].reason == "feature cache entry unusable"

@@ -96,9 +96,14 @@ class PackingCollator:
 
 
 def _videos(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``video_values``: the items' videos in order (one ``ImageBatch``), when any has one."""
-    videos = [v for item in items if (v := item.get("video_values")) is not None]
-    return {"video_values": join_images(videos)} if videos else {}
+    """``video_values`` (or cached ``video_features``): the items' videos in order (one
+    ``ImageBatch``), when any has one."""
+    out = {}
+    for key in ("video_values", "video_features"):
+        videos = [v for item in items if (v := item.get(key)) is not None]
+        if videos:
+            out[key] = join_images(videos)
+    return out
 
 
 def _own_labels(labels: torch.Tensor) -> torch.Tensor:

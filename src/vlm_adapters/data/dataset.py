@@ -48,13 +48,15 @@ from vlm_adapters.data.records import (
 )
 from vlm_adapters.data.video import (
     Clip,
+    Timing,
     VideoHeader,
     VideoProblem,
     VideoSource,
+    plan,
     read_header,
     sample_video,
 )
-from vlm_adapters.geometry import Size
+from vlm_adapters.geometry import Sampling, Size
 from vlm_adapters.vision.base import ImageBatch
 
 Policy = Literal["skip", "error"]
@@ -105,6 +107,7 @@ class ConversationDataset(Dataset):
         self.image_root = Path(image_root)
         self.video_root = Path(video_root) if video_root is not None else self.image_root
         self._headers: dict[Path, VideoHeader] = {}  # checked video file -> its header
+        self._video_keys: dict[tuple[str, Path], str] = {}  # (cache namespace, file) -> key
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = max_image_pixels
@@ -378,9 +381,8 @@ class ConversationDataset(Dataset):
         turns = checked_turns(record)
         counts = self._token_counts(paths)  # the per-sample budget, as its own reason
         frames = self._frames(videos, sum(counts)) if videos else []
-        clips = [self._clip(video, count) for video, count in zip(videos, frames)]
-        if clips and self.processor.video.config.timestamps:  # type: ignore[union-attr]
-            turns = with_video_times(turns, clips)
+        if videos and self.processor.video.config.timestamps:  # type: ignore[union-attr]
+            turns = with_video_times(turns, [self._timing(v, f) for v, f in zip(videos, frames)])
         try:
             encoded = self.processor.encode(turns, self._sample_images(paths), frames)
         except DataError as error:
@@ -391,22 +393,65 @@ class ConversationDataset(Dataset):
                 f"{encoded.num_images} {IMAGE_MARKER} markers but {len(paths)} images",
             )
         self._check_length(encoded.input_ids, encoded.labels)
-        video_values = {"video_values": self.processor.videos([c.frames for c in clips])}
         return {
             "id": name,
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             **self._images(paths),
-            **(video_values if clips else {}),
+            **(self._videos(videos, frames) if videos else {}),
         }
+
+    def _timing(self, video: VideoSource, frames: int) -> Timing:
+        """Where the ``frames`` sampled from ``video`` lie (from its header)."""
+        return plan(self._header(video), self._sampling(frames))
+
+    def _sampling(self, frames: int) -> Sampling:
+        spec = self.processor.video
+        assert spec is not None  # checked by _video_files
+        return spec.config.sampling(frames)
+
+    def _videos(self, videos: list[VideoSource], frames: list[int]) -> dict[str, ImageBatch | None]:
+        """``video_values`` (the sampled frames' pixels), or ``video_features`` read from the
+        feature cache (one entry per video and sampling; an unusable one makes the sample a
+        bad one)."""
+        if self.feature_cache is None:
+            clips = [self._clip(video, count) for video, count in zip(videos, frames)]
+            return {"video_values": self.processor.videos([clip.frames for clip in clips])}
+        entries = []
+        for video, count in zip(videos, frames):
+            cache = self.feature_cache.for_videos(self._sampling(count).key())
+            key = self._video_key(cache, video)
+            entry = cache.read(key)
+            if entry is None:
+                name = "an embedded video" if isinstance(video, bytes) else video
+                raise BadSample("feature cache entry unusable", f"{name}: {cache.problem(key)}")
+            entries.append(entry)
+        sizes = tuple(self._header(video).size for video in videos)
+        batch = ImageBatch(torch.cat(entries), sizes, tuple(len(e) for e in entries))
+        return {"video_features": batch}
+
+    def video_entries(self) -> list[tuple[VideoSource, Sampling]]:
+        """Each distinct (video, sampling) of the samples (checked ones after `precheck`), in
+        order of first use: what a feature cache holds for them."""
+        entries: dict[tuple[VideoSource, str], tuple[VideoSource, Sampling]] = {}
+        for position in self.positions:
+            record = self.records[position]
+            try:
+                videos = self._video_files(record)
+                counts = self._token_counts(self._image_files(record)) if videos else []
+                frames = self._frames(videos, sum(counts)) if videos else []
+            except BadSample:
+                continue  # a skipped sample's videos need no entry
+            for video, count in zip(videos, frames):
+                sampling = self._sampling(count)
+                entries.setdefault((video, sampling.key()), (video, sampling))
+        return list(entries.values())
 
     def _clip(self, video: VideoSource, frames: int) -> Clip:
         """``frames`` frames sampled from the video (its header checked first)."""
-        spec = self.processor.video
-        assert spec is not None
         name = "an embedded video" if isinstance(video, bytes) else str(video)
         try:
-            return sample_video(video, name, spec.config.sampling(frames), self.max_image_pixels)
+            return sample_video(video, name, self._sampling(frames), self.max_image_pixels)
         except VideoProblem as problem:
             raise BadSample(problem.reason, problem.detail) from None
 
@@ -432,6 +477,15 @@ class ConversationDataset(Dataset):
         rows = tuple(len(entry) for entry in features)
         batch = ImageBatch(torch.cat(features), sizes, rows)
         return {"pixel_values": None, "image_features": batch}
+
+    def _video_key(self, cache: FeatureCache, video: VideoSource) -> str:
+        """The key of a video file (remembered per sampling) or of embedded bytes."""
+        if isinstance(video, bytes):
+            return cache.key(video)
+        memo = (cache.namespace, video)
+        if memo not in self._video_keys:
+            self._video_keys[memo] = cache.key(video)
+        return self._video_keys[memo]
 
     def _cache_key(self, cache: FeatureCache, image: ImageSource) -> str:
         """The feature cache key of a file (remembered) or of embedded bytes."""

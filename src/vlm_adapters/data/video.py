@@ -43,6 +43,20 @@ class VideoHeader:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """Where sampled frames lie: their ``times`` and the video's ``duration`` (seconds)."""
+
+    times: tuple[float, ...]
+    duration: float
+
+
+def plan(header: VideoHeader, sampling: Sampling) -> Timing:
+    """The times ``sampling`` takes frames at from a video with ``header`` (no decoding)."""
+    count = sampling.count(header.duration, header.frames)
+    return Timing(tuple(sampling.times(header.duration, count)), header.duration)
+
+
+@dataclass(frozen=True)
 class Clip:
     """Sampled frames ``[F, H, W, 3]`` uint8 RGB, the sampling ``times`` and the video's
     ``duration`` (seconds)."""
@@ -84,9 +98,9 @@ def sample_video(
     with _opened(source, name) as container:
         stream = _stream(container, name)
         header = _header(container, stream, name, max_pixels)
-        times = sampling.times(header.duration, sampling.count(header.duration, header.frames))
-        frames = list(_frames_at(container, stream, times, name))
-    return Clip(np.stack(frames), tuple(times), header.duration)
+        times = plan(header, sampling).times
+        frames = list(_frames_at(container, stream, list(times), name))
+    return Clip(np.stack(frames), times, header.duration)
 
 
 def time_prompt(clip_times: Sequence[float], duration: float) -> str:

@@ -172,20 +172,29 @@ class VisionLanguageModel(nn.Module):
         newline = self.connector.end_of_row()
         return self.vision.arrange(rows, images, newline)  # [K, H]
 
-    def video_tokens(self, videos: ImageBatch) -> torch.Tensor:
+    def video_tokens(self, videos: ImageBatch, cached: bool = False) -> torch.Tensor:
         """Every video's visual tokens, video after video ``[K, H]``: its frames ``[F, 3, S, S]``
-        through the (untiled) tower and the connector, pooled per frame, then the end token."""
+        through the (untiled) tower (or, when ``cached``, their tower features ``[F, N, Dv]``
+        from a feature cache) and the connector, pooled per frame, then the end token."""
         spec = self.video_spec
         if spec is None:
             raise ValueError("this model takes no videos: build it with a vision.video section")
-        features = self.vision.untiled()(videos.values)  # [F, N, Dv]
+        values = videos.values
+        features = values if cached else self.vision.untiled()(values)  # [F, N, Dv]
         rows = self.connector(features.to(_dtype(self.connector, features.dtype)))  # [F, M, H]
         return spec.arrange(rows, videos, self.connector.end_of_row())  # [K, H]
 
     def _with_videos(
-        self, embeds: torch.Tensor, input_ids: torch.Tensor, videos: ImageBatch | None
+        self,
+        embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        videos: ImageBatch | None,
+        cached: ImageBatch | None = None,
     ) -> torch.Tensor:
-        """``embeds`` with the videos' visual tokens written into the ``<video>`` positions."""
+        """``embeds`` with the videos' visual tokens (from frames, or ``cached`` features)
+        written into the ``<video>`` positions."""
+        from_cache = cached is not None
+        videos = cached if from_cache else videos
         if self.video_spec is None:
             if videos is not None:
                 raise ValueError("this model takes no videos: build it with vision.video")
@@ -199,7 +208,7 @@ class VisionLanguageModel(nn.Module):
             if self.training and torch.is_grad_enabled() and newline is not None:
                 embeds = embeds + 0.0 * newline.sum()  # in the graph on every process
             return embeds
-        visual = self.video_tokens(videos)  # [K, H]
+        visual = self.video_tokens(videos, from_cache)  # [K, H]
         if slots != visual.shape[0]:
             raise ValueError(
                 f"video features and video tokens do not match: {slots} placeholder tokens for "
@@ -213,17 +222,18 @@ class VisionLanguageModel(nn.Module):
         pixel_values: Images | None,
         image_features: Images | None = None,
         video_values: ImageBatch | None = None,
+        video_features: ImageBatch | None = None,
     ) -> torch.Tensor:
         """Text embeddings with visual tokens written into the placeholder positions, from
         ``pixel_values`` or from cached vision ``image_features``, and the frames of
-        ``video_values`` (an :class:`ImageBatch`, one entry per video) into the ``<video>``
-        ones."""
+        ``video_values`` (an :class:`ImageBatch`, one entry per video), or their cached
+        ``video_features``, into the ``<video>`` ones."""
         is_image = input_ids == self.image_token_id  # [B, T]
         is_placeholder = is_image
         if self.video_spec is not None:
             is_placeholder = is_image | (input_ids == self.video_spec.token_id)
         embeds = self.llm.embed(input_ids.masked_fill(is_placeholder, 0))  # [B, T, H]
-        embeds = self._with_videos(embeds, input_ids, video_values)
+        embeds = self._with_videos(embeds, input_ids, video_values, video_features)
         slots = int(is_image.sum())
         images = pixel_values if image_features is None else image_features
         if images is None or len(images) == 0:
@@ -259,6 +269,7 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_features: Images | None = None,
         video_values: ImageBatch | None = None,
+        video_features: ImageBatch | None = None,
     ) -> VLMOutput:
         """Loss (head applied only at supervised positions) when ``labels`` are given, else logits.
 
@@ -268,9 +279,10 @@ class VisionLanguageModel(nn.Module):
         no ``attention_mask``: attention then stays inside each sample. ``image_features``
         (``[I, N, Dv]``, from a feature cache of the frozen tower) replaces ``pixel_values``.
         Variable-size vision (AnyRes, NaFlex) takes and caches :class:`ImageBatch` instead.
-        ``video_values``: the frames of every video, one :class:`ImageBatch` entry per video.
+        ``video_values``: the frames of every video, one :class:`ImageBatch` entry per video
+        (``video_features``: their tower features, from a feature cache).
         """
-        embeds = self.embed(input_ids, pixel_values, image_features, video_values)
+        embeds = self.embed(input_ids, pixel_values, image_features, video_values, video_features)
         extra = {} if position_ids is None else {"position_ids": position_ids}
         hidden = self.llm.body(embeds, attention_mask, **extra)  # [B, T, H]
         if labels is None:

@@ -18,7 +18,7 @@ from vlm_adapters.chat.templates import IGNORE_INDEX
 Batch = dict[str, Any]
 """A collated micro-batch."""
 
-_OPTIONAL_INPUTS = ("position_ids", "image_features", "video_values")  # packed; cache; videos
+_OPTIONAL_INPUTS = ("position_ids", "image_features", "video_values", "video_features")
 
 
 class Objective(ABC):
