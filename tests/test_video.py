@@ -386,6 +386,7 @@ def test_a_killed_video_run_resumes_to_bitwise_the_same_weights(tmp_path):
     mixed = root / "mixed.json"
     mixed.write_text(json.dumps([r for pair in zip(images, videos) for r in pair]))
     data["data"]["finetune"]["path"] = str(mixed)
+    data["data"]["finetune"]["video_root"] = str(root)  # where the images are, here
     data["vision"]["video"] = {"num_frames": 2, "pool": 2}
     config.write_text(yaml.safe_dump(data))
     script = [sys.executable, str(scripts / "tiny_train.py"), str(config)]

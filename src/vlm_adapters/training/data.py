@@ -172,6 +172,7 @@ def checked_dataset(
         model,
         records,
         image_root=source.root(),
+        video_root=source.video_root,
         template=source.template,
         max_length=data.max_length or model.llm.max_positions,
         on_bad_sample=data.on_bad_sample,
