@@ -1,9 +1,11 @@
-"""Image geometry: how many visual tokens an image becomes, from numbers alone (no torch).
+"""Image and video geometry: how many visual tokens an image or a video becomes, from numbers
+alone (no torch).
 
 One set of functions for every caller (config validation, the model, the processor, export):
 a fixed-size tower's tokens through the connector, pooled patch grids, AnyRes tiling
-(LLaVA-NeXT's grid choice, tiles, padding removal and end-of-row tokens) and the bounds a
-NaFlex tower's ``max_num_patches`` sets.
+(LLaVA-NeXT's grid choice, tiles, padding removal and end-of-row tokens), the bounds a
+NaFlex tower's ``max_num_patches`` sets, and videos: frames sampled from a header's duration,
+tokens per pooled frame and per video, and the frames a per-sample budget leaves.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ class DataCollator:
 
     Returns `input_ids`, `attention_mask` and `labels` (padded with -100) as [B, T] tensors,
     `pixel_values` (every image of the batch, in sample order, [num_images, 3, H, W], or one
-    `ImageBatch` for variable-size vision) or None, and `skipped` (the dropped items). When
+    `ImageBatch` for variable-size vision) or None, `video_values` (every video's frames, one
+    `ImageBatch` entry per video; `video_features` from a feature cache) when any item has a
+    video, and `skipped` (the dropped items). When
     every item was skipped, B is 0: the tensors have shape [0, 0]; count the skips and do not
     step on such a batch.
     """
