@@ -274,11 +274,25 @@ def main() -> int:
     if args.worker:
         print(json.dumps(_run_worker(args)))
         return 0
+    if args.video:
+        return _video(args)
     with tempfile.TemporaryDirectory(prefix="vlm-throughput-") as tmp:
         report = _benchmark(Path(tmp), args)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0 if report["loss_check_ok"] and report["generation"]["same_ids"] else 1
+
+
+def _video(args: argparse.Namespace) -> int:
+    """The video mix (see ``video_mix.py``): decode + preprocess and packed vs padded."""
+    import video_mix
+
+    report = video_mix.run(args.rounds, args.video_samples, _printer(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(video_mix.format_report(report)))
+    return 0 if report["decode"]["same_frames"] else 1
 
 
 def _benchmark(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -668,6 +682,10 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--scale-records", type=_positive, default=SCALE_RECORDS)
     parser.add_argument("--first-step-timeout", type=_positive, default=600)
     parser.add_argument("--json", action="store_true", help="Print one JSON object at the end.")
+    parser.add_argument(
+        "--video", action="store_true", help="Run the video mix only (video_mix.py)."
+    )
+    parser.add_argument("--video-samples", type=_positive, default=48)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     return parser.parse_args()

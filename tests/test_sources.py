@@ -326,7 +326,7 @@ def test_to_record_turns_trl_rows_into_llava_records() -> None:
         ({"text": "hi"}, "bad row", "row 5: no 'messages'"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "bad conversation", "message 0"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "video"}]}]},
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
             "bad conversation",
             "content part",
         ),

@@ -14,20 +14,29 @@ from vlm_adapters.geometry import check_token_bound, image_token_bound
 from vlm_adapters.plugins import get_registry
 from vlm_adapters.registry import KINDS, ComponentConfig, Section, format_errors
 from vlm_adapters.vision.tiling import TilingConfig
+from vlm_adapters.vision.video import VideoConfig
 
 SECTIONS = KINDS
 
 
 class VisionSection(Section):
-    """The vision section: a backbone of any registered type, optionally ``tiling`` (AnyRes)."""
+    """The vision section: a backbone of any registered type, optionally ``tiling`` (AnyRes)
+    and ``video`` (video frames through the tower)."""
 
     tiling: TilingConfig | None = Field(
         None, description="AnyRes: cut images into tiles (below); null: whole images."
     )
+    video: VideoConfig | None = Field(
+        None, description="Videos: frame sampling, pooling and budget; null: no videos."
+    )
 
     def to_dict(self) -> dict[str, Any]:
-        tiling = {} if self.tiling is None else {"tiling": self.tiling.model_dump()}
-        return {**super().to_dict(), **tiling}
+        extra = {k: getattr(self, k).model_dump() for k in _EXTRAS if getattr(self, k) is not None}
+        return {**super().to_dict(), **extra}
+
+
+_EXTRAS = {"tiling": TilingConfig, "video": VideoConfig}
+"""What a vision section may hold beside its backbone's options, whatever the backbone."""
 
 
 class ModelConfig(BaseModel):
@@ -62,19 +71,23 @@ class ModelConfig(BaseModel):
 
 def parse_section(kind: str, raw: Any, where: str = "") -> Section:
     """Validate one component section (``{type: ..., **kwargs}``) against the registry; a
-    vision section may also hold ``tiling``, which any backbone takes."""
-    if kind != "vision" or not isinstance(raw, dict) or "tiling" not in raw:
+    vision section may also hold ``tiling`` and ``video``, which any backbone takes."""
+    if kind != "vision" or not isinstance(raw, dict) or not _EXTRAS.keys() & raw.keys():
         return get_registry().parse(kind, raw, where)
-    rest = {k: v for k, v in raw.items() if k != "tiling"}
+    rest = {k: v for k, v in raw.items() if k not in _EXTRAS}
     section = get_registry().parse(kind, rest, where)
-    if raw["tiling"] is None:
+    extras: dict[str, Any] = {}
+    for key, model in _EXTRAS.items():
+        if raw.get(key) is None:
+            continue
+        try:
+            extras[key] = model.model_validate(raw[key])
+        except ValidationError as exc:
+            prefix = f"{where}: " if where else ""
+            raise ConfigError(prefix + format_errors(exc, f"vision.{key}")) from None
+    if not extras:
         return section
-    try:
-        tiling = TilingConfig.model_validate(raw["tiling"])
-    except ValidationError as exc:
-        prefix = f"{where}: " if where else ""
-        raise ConfigError(prefix + format_errors(exc, "vision.tiling")) from None
-    return VisionSection(type=section.type, params=section.params, tiling=tiling)
+    return VisionSection(type=section.type, params=section.params, **extras)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Image geometry: how many visual tokens an image becomes, from numbers alone (no torch).
+"""Image and video geometry: how many visual tokens an image or a video becomes, from numbers
+alone (no torch).
 
 One set of functions for every caller (config validation, the model, the processor, export):
 a fixed-size tower's tokens through the connector, pooled patch grids, AnyRes tiling
-(LLaVA-NeXT's grid choice, tiles, padding removal and end-of-row tokens) and the bounds a
-NaFlex tower's ``max_num_patches`` sets.
+(LLaVA-NeXT's grid choice, tiles, padding removal and end-of-row tokens), the bounds a
+NaFlex tower's ``max_num_patches`` sets, and videos: frames sampled from a header's duration,
+tokens per pooled frame and per video, and the frames a per-sample budget leaves.
 """
 
 from __future__ import annotations
@@ -160,14 +162,16 @@ def check_tileable(native: bool) -> None:
         )
 
 
-def tile_token_side(num_patches: int, connector: ConnectorShape, name: str) -> int:
-    """Tokens per tile side after the ``name`` connector, for AnyRes: it must keep the tile's
-    square patch grid (linear, mlp) or shrink it (pool)."""
+def tile_token_side(
+    num_patches: int, connector: ConnectorShape, name: str, key: str = "vision.tiling"
+) -> int:
+    """Tokens per tile (or video frame: ``key``) side after the ``name`` connector: it must
+    keep the square patch grid (linear, mlp) or shrink it (pool)."""
     grid = square_side(num_patches)
     if grid is None:
         raise ConfigError(
-            f"vision.tiling: the tower gives {num_patches} patches per image, not a square "
-            "grid that tiles can be laid out on"
+            f"{key}: the tower gives {num_patches} patches per image, not a square "
+            f"grid that {_laid_out(key)} can be laid out on"
         )
     try:
         tokens = connector.output_grid(grid, grid)
@@ -175,12 +179,16 @@ def tile_token_side(num_patches: int, connector: ConnectorShape, name: str) -> i
         raise ConfigError(f"connector: {exc}") from None
     if tokens is None:
         raise ConfigError(
-            f"vision.tiling: the {name!r} connector's tokens have no place on the "
-            "patch grid, so tiles cannot be laid out; use linear, mlp or pool, or implement "
+            f"{key}: the {name!r} connector's tokens have no place on the patch grid, so "
+            f"{_laid_out(key)} cannot be laid out; use linear, mlp or pool, or implement "
             "`output_grid(rows, cols)` on the connector's config (the grid its tokens lie on, "
             "row by row; see Writing a plugin)"
         )
     return tokens[0]
+
+
+def _laid_out(key: str) -> str:
+    return "frames" if key == "vision.video" else "tiles"
 
 
 def image_token_bound(
@@ -229,3 +237,62 @@ def check_token_bound(
             f"{context} positions; use a pooling/query connector or a smaller image size"
             + (", or fewer tiles (vision.tiling)" if tiled else "")
         )
+
+
+def video_frame_tokens(side: int, pool: int) -> int:
+    """Visual tokens of one video frame: its ``side`` x ``side`` token grid pooled with stride
+    ``pool`` (bilinear, rounding up: OneVision's 27 -> 14 for 2)."""
+    pooled = math.ceil(side / pool)
+    return pooled * pooled
+
+
+def video_tokens(frames: int, per_frame: int, newline: bool) -> int:
+    """Visual tokens of a video of ``frames`` sampled frames: every frame's ``per_frame``,
+    then one end token when ``newline``."""
+    return frames * per_frame + int(newline)
+
+
+def frames_within_budget(
+    frames: list[int], per_frame: int, newline: bool, budget: int, fixed: int = 0
+) -> list[int] | None:
+    """Each video's frame count, cut (the longest first) so that the videos' tokens plus
+    ``fixed`` others (a sample's images) fit ``budget``; None when not even one frame per
+    video fits."""
+    room = budget - fixed - len(frames) * int(newline)
+    allowed = room // per_frame if per_frame else sum(frames)
+    if allowed < len(frames):
+        return None
+    counts = list(frames)
+    while sum(counts) > allowed:
+        longest = max(range(len(counts)), key=counts.__getitem__)
+        counts[longest] -= 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How frames are taken from a video: ``num_frames`` of them, or ``fps`` per second;
+    at most ``max_frames`` either way."""
+
+    num_frames: int | None = 8
+    fps: float | None = None
+    max_frames: int = 64
+
+    def __post_init__(self) -> None:
+        if (self.num_frames is None) == (self.fps is None):
+            raise ConfigError("vision.video: give exactly one of num_frames and fps")
+
+    def count(self, duration: float, frames: int) -> int:
+        """Frames sampled from a video of ``duration`` seconds holding about ``frames``
+        frames (0: unknown): never more than it holds, at least one."""
+        wanted = self.num_frames if self.num_frames is not None else duration * self.fps
+        count = min(self.max_frames, max(1, math.floor(wanted)))
+        return min(count, frames) if frames > 0 else count
+
+    def times(self, duration: float, count: int) -> list[float]:
+        """The ``count`` sampling times (seconds from the start): centres of equal spans."""
+        return [(index + 0.5) * duration / count for index in range(count)]
+
+    def key(self) -> str:
+        """The settings as text (for cache keys)."""
+        return f"num_frames={self.num_frames},fps={self.fps},max_frames={self.max_frames}"

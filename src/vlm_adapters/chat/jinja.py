@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from vlm_adapters.chat.templates import EOS, IMAGE_MARKER, ChatTemplate, get_template
+from vlm_adapters.chat.templates import EOS, IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, get_template
 
 _CONTENT = "{content}"
 
@@ -14,8 +14,9 @@ def chat_template_jinja(template: str | ChatTemplate, tokenizer: Any) -> str:
     """A Jinja chat template rendering ``template`` exactly like :mod:`vlm_adapters.chat.templates`.
 
     Message content may be a string or a list of ``{"type": "image"}`` / ``{"type": "text"}``
-    items (an image item renders as ``<image>\\n``). ``bos_token`` is written only when the
-    template wants it and the tokenizer does not add it by itself.
+    items (an image item renders as ``<image>\\n``, a video item as ``<video>\\n``).
+    ``bos_token`` is written only when the template wants it and the tokenizer does not add it
+    by itself.
     """
     template = get_template(template) if isinstance(template, str) else template
     if template.from_tokenizer:
@@ -56,6 +57,7 @@ _CONTENT_MACRO = (
     "{%- if content is string -%}{{- content -}}{%- else -%}"
     "{%- for item in content -%}"
     f"{{%- if item['type'] == 'image' -%}}{{{{- {_lit(IMAGE_MARKER + chr(10))} -}}}}"
+    f"{{%- elif item['type'] == 'video' -%}}{{{{- {_lit(VIDEO_MARKER + chr(10))} -}}}}"
     "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 """Label of a position that is not supervised (PyTorch's cross-entropy default)."""
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
 DEFAULT_TEMPLATE = "vicuna_v1"
 """The template a model without a recorded one is used with (LLaVA-1.5's)."""
 EOS = "{eos}"

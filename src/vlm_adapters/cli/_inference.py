@@ -75,20 +75,31 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stream_answer(
-    model: VisionLanguageModel, turns: list[dict[str, str]], image: Any, args: argparse.Namespace
+    model: VisionLanguageModel,
+    turns: list[dict[str, str]],
+    image: Any,
+    args: argparse.Namespace,
+    video: Any = None,
 ) -> str:
-    """The answer to ``turns`` about ``image`` (None: text only), printed to stdout as it is
+    """The answer to ``turns`` about ``image`` and ``video`` (a sampled
+    :class:`~vlm_adapters.data.video.Clip`; None: neither), printed to stdout as it is
     generated, and returned. If the streamer received nothing (an LLM backend whose
     ``generate`` ignores ``streamer``), the answer is printed once it is complete."""
     from transformers import TextStreamer
 
+    from vlm_adapters.data.processor import with_video_times
     from vlm_adapters.model.generation import generate_ids
 
     # The prompt reaches the LLM as embeddings: transformers' first put (the prompt's ids) is
     # empty and a backend need not make it, so no put is skipped as the prompt.
     streamer = _Counting(TextStreamer(model.tokenizer, skip_special_tokens=True))
     kwargs = generation_kwargs(args)
-    ids = generate_ids(model, [turns], [image], streamer=streamer, **kwargs)[0]
+    videos = None
+    if video is not None:
+        videos = [video.frames]
+        if model.video is not None and model.video.timestamps:
+            turns = with_video_times(turns, [video])
+    ids = generate_ids(model, [turns], [image], streamer=streamer, videos=videos, **kwargs)[0]
     answer = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
     if not streamer.tokens:
         print(answer, flush=True)
@@ -115,3 +126,19 @@ def open_image(path: str) -> Any:
     from vlm_adapters.data.images import open_image as open_checked
 
     return open_checked(path)
+
+
+def open_video(model: VisionLanguageModel, path: str) -> Any:
+    """The frames the model's ``vision.video`` settings sample from the video at ``path``
+    (a :class:`~vlm_adapters.data.video.Clip`); a one-line error when the model takes no
+    videos, or the file is missing, unreadable, holds no video or is too big."""
+    from pathlib import Path
+
+    from vlm_adapters.data.video import sample_video
+    from vlm_adapters.errors import DataError
+
+    if model.video is None:
+        raise DataError(
+            f"--video {path}: this model takes no videos (its config has no vision.video)"
+        )
+    return sample_video(Path(path), path, model.video.sampling())

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         describe_fill,
         fill_feature_cache,
         fill_stream_cache,
+        fill_video_features,
     )
     from vlm_adapters.training.recipes import resolve_config
     from vlm_adapters.training.run import naming_file
@@ -110,4 +111,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{stage}: {len(dataset)} samples ({len(skipped)} skipped), {len(images)} images")
         cache, report = fill_feature_cache(model.vision, folder, images, **options)
         print(f"{stage}: {describe_fill(cache, report, len(images))}")
+        videos = dataset.video_entries()
+        if videos:
+            report = fill_video_features(
+                model, cache, videos, max_pixels=options["max_pixels"], device=device
+            )
+            print(f"{stage}: {len(videos)} sampled videos, {report}")
     return 0

@@ -1,4 +1,5 @@
-"""``vlm-adapters generate``: one answer about one image, streamed to the terminal."""
+"""``vlm-adapters generate``: one answer about an image and/or a video, streamed to the
+terminal."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from vlm_adapters.cli._inference import (
     add_generation_options,
     load_checkpoint,
     open_image,
+    open_video,
     stream_answer,
 )
 
@@ -18,6 +20,7 @@ def add_parser(sub: Any) -> None:
     parser = sub.add_parser("generate", help=COMMANDS["generate"])
     add_generation_options(parser)
     parser.add_argument("--image", help="Image file (omit for a text-only prompt).")
+    parser.add_argument("--video", help="Video file (a model with vision.video).")
     parser.add_argument("--prompt", required=True, help="The question or instruction.")
     parser.set_defaults(func=run)
 
@@ -25,5 +28,6 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, args.trust_remote_code)
     image = open_image(args.image) if args.image else None
-    stream_answer(model, [{"from": "human", "value": args.prompt}], image, args)
+    video = open_video(model, args.video) if args.video else None
+    stream_answer(model, [{"from": "human", "value": args.prompt}], image, args, video)
     return 0

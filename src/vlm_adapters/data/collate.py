@@ -21,7 +21,9 @@ class DataCollator:
 
     Returns `input_ids`, `attention_mask` and `labels` (padded with -100) as [B, T] tensors,
     `pixel_values` (every image of the batch, in sample order, [num_images, 3, H, W], or one
-    `ImageBatch` for variable-size vision) or None, and `skipped` (the dropped items). When
+    `ImageBatch` for variable-size vision) or None, `video_values` (every video's frames, one
+    `ImageBatch` entry per video; `video_features` from a feature cache) when any item has a
+    video, and `skipped` (the dropped items). When
     every item was skipped, B is 0: the tensors have shape [0, 0]; count the skips and do not
     step on such a batch.
     """
@@ -47,6 +49,7 @@ class DataCollator:
         features = [f for item in kept if (f := item.get("image_features")) is not None]
         return {
             **({"image_features": join_images(features)} if features else {}),
+            **_videos(kept),
             **pad_batch(ids, self.pad_token_id, side),
             "labels": pad_rows([item["labels"] for item in kept], IGNORE_INDEX, side),
             "pixel_values": join_images(images),
@@ -87,10 +90,22 @@ class PackingCollator:
             "position_ids": _pad_positions(positions, width),
             "pixel_values": join_images(images),
             **({"image_features": join_images(features)} if features else {}),
+            **_videos([kept[i] for row in rows for i in row]),
             "skipped": [item for item in items if isinstance(item, Skipped)],
             "num_samples": len(kept),
             "num_tokens": sum(len(item["input_ids"]) for item in kept),
         }
+
+
+def _videos(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``video_values`` (or cached ``video_features``): the items' videos in order (one
+    ``ImageBatch``), when any has one."""
+    out = {}
+    for key in ("video_values", "video_features"):
+        videos = [v for item in items if (v := item.get(key)) is not None]
+        if videos:
+            out[key] = join_images(videos)
+    return out
 
 
 def _own_labels(labels: torch.Tensor) -> torch.Tensor:

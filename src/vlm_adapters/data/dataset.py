@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from vlm_adapters.chat.templates import (
     IGNORE_INDEX,
     IMAGE_MARKER,
+    VIDEO_MARKER,
     ChatTemplate,
     DataError,
     check_template,
@@ -30,9 +31,32 @@ from vlm_adapters.data.images import (
     decode_image,
     open_image,
 )
-from vlm_adapters.data.processor import SampleImages, TokenBudgetError, VLMProcessor
-from vlm_adapters.data.records import BadSample, Skipped, checked_turns, record_images, sample_id
-from vlm_adapters.geometry import Size
+from vlm_adapters.data.processor import (
+    SampleImages,
+    TokenBudgetError,
+    VLMProcessor,
+    with_video_markers,
+    with_video_times,
+)
+from vlm_adapters.data.records import (
+    BadSample,
+    Skipped,
+    checked_turns,
+    record_images,
+    record_videos,
+    sample_id,
+)
+from vlm_adapters.data.video import (
+    Clip,
+    Timing,
+    VideoHeader,
+    VideoProblem,
+    VideoSource,
+    plan,
+    read_header,
+    sample_video,
+)
+from vlm_adapters.geometry import Sampling, Size
 from vlm_adapters.vision.base import ImageBatch
 
 Policy = Literal["skip", "error"]
@@ -73,6 +97,7 @@ class ConversationDataset(Dataset):
         source: str | Path = "",
         positions: Sequence[int] | None = None,
         feature_cache: FeatureCache | None = None,
+        video_root: str | Path | None = None,
     ) -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
@@ -80,6 +105,9 @@ class ConversationDataset(Dataset):
         self.records = records
         self.processor = processor
         self.image_root = Path(image_root)
+        self.video_root = Path(video_root) if video_root is not None else self.image_root
+        self._headers: dict[Path, VideoHeader] = {}  # checked video file -> its header
+        self._video_keys: dict[tuple[str, Path], str] = {}  # (cache namespace, file) -> key
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = max_image_pixels
@@ -184,9 +212,70 @@ class ConversationDataset(Dataset):
             raise BadSample(
                 "image marker mismatch", f"{markers} {IMAGE_MARKER} markers but {len(paths)} images"
             )
+        videos = self._video_files(record)
+        if videos:
+            counts = self._token_counts(paths)
+            frames = self._frames(videos, sum(counts))
+            visual = sum(counts) + sum(self.processor.video_tokens(f) for f in frames)
+            return self._estimate(record, visual)
         if not self.processor.variable:
             return self._estimate(record)
         return self._estimate(record, sum(self._token_counts(paths)))
+
+    def _video_files(self, record: Mapping[str, Any]) -> list[VideoSource]:
+        """A record's videos (checked files inside `video_root`, or bytes), markers matched."""
+        videos = [self._video_file(v) if isinstance(v, str) else v for v in record_videos(record)]
+        turns = with_video_markers(checked_turns(record), len(videos))
+        markers = sum(str(turn.get("value", "")).count(VIDEO_MARKER) for turn in turns)
+        if markers != len(videos):
+            detail = f"{markers} {VIDEO_MARKER} markers but {len(videos)} videos"
+            raise BadSample("video marker mismatch", detail)
+        if videos and self.processor.video is None:
+            raise BadSample("video without vision.video", "the model takes no videos")
+        return videos
+
+    def _video_file(self, relative: str) -> Path:
+        """The checked file of ``relative`` (inside video_root, present), remembered."""
+        if relative not in self._files:
+            try:
+                path = confined_path(self.video_root, relative)
+            except ImageProblem as problem:
+                detail = problem.detail.replace("image_root", "video_root")
+                raise BadSample("video outside video_root", detail) from None
+            if not path.is_file():
+                raise BadSample("video missing", str(path))
+            self._files[relative] = path
+        return self._files[relative]
+
+    def _header(self, video: VideoSource) -> VideoHeader:
+        """A video's header (no frame decoded), remembered for files."""
+        name = "an embedded video" if isinstance(video, bytes) else str(video)
+        if isinstance(video, bytes) or video not in self._headers:
+            try:
+                header = read_header(video, name, self.max_image_pixels)
+            except VideoProblem as problem:
+                raise BadSample(problem.reason, problem.detail) from None
+            if isinstance(video, bytes):
+                return header
+            self._headers[video] = header
+        return self._headers[video]
+
+    def _frames(self, videos: list[VideoSource], fixed: int) -> list[int]:
+        """Frames sampled from each video, fewer where the per-sample visual-token budget
+        (``vision.video.max_visual_tokens``, beside ``fixed`` image tokens) needs it."""
+        spec = self.processor.video
+        assert spec is not None  # checked by _video_files
+        sampling = spec.config.sampling()
+        wanted = [sampling.count(h.duration, h.frames) for h in map(self._header, videos)]
+        frames = spec.fit(wanted, fixed)
+        if frames is None:
+            raise BadSample(
+                "too many visual tokens",
+                f"{len(videos)} video(s) beside {fixed} image tokens cannot fit "
+                f"vision.video.max_visual_tokens={spec.config.max_visual_tokens} with one "
+                "frame each",
+            )
+        return frames
 
     def _image_files(self, record: Mapping[str, Any]) -> list[ImageSource]:
         images = record_images(record)
@@ -233,12 +322,19 @@ class ConversationDataset(Dataset):
         for variable-size vision)."""
         turns = record.get("conversations") or []
         text = " ".join(str(turn.get("value", "")) for turn in turns if isinstance(turn, Mapping))
-        num_images = text.count(IMAGE_MARKER)
-        words = len(text.replace(IMAGE_MARKER, " ").split())
-        if num_images == 0 and not record.get("image"):
+        num_images, num_videos = text.count(IMAGE_MARKER), text.count(VIDEO_MARKER)
+        words = len(text.replace(IMAGE_MARKER, " ").replace(VIDEO_MARKER, " ").split())
+        has_images = bool(num_images or record.get("image"))
+        has_videos = bool(num_videos or record.get("video"))
+        if not has_images and not has_videos:
             return -max(words, 1)
+        if visual is not None:
+            return words + visual
         per_image = self.processor.num_image_tokens
-        return words + (max(num_images, 1) * per_image if visual is None else visual)
+        video = self.processor.video
+        per_video = video.tokens(video.config.max_frames) if video is not None else 0
+        images = max(num_images, 1) * per_image if has_images else 0
+        return words + images + (max(num_videos, 1) * per_video if has_videos else 0)
 
     def _sample_images(self, paths: list[ImageSource]) -> SampleImages:
         """What the processor counts tokens from: image sizes for variable vision."""
@@ -281,13 +377,17 @@ class ConversationDataset(Dataset):
 
     def _item(self, record: Mapping[str, Any], name: str) -> dict[str, Any]:
         paths = self._image_files(record)
+        videos = self._video_files(record)
         turns = checked_turns(record)
-        self._token_counts(paths)  # the per-sample budget, as its own reason
+        counts = self._token_counts(paths)  # the per-sample budget, as its own reason
+        frames = self._frames(videos, sum(counts)) if videos else []
+        if videos and self.processor.video.config.timestamps:  # type: ignore[union-attr]
+            turns = with_video_times(turns, [self._timing(v, f) for v, f in zip(videos, frames)])
         try:
-            encoded = self.processor.encode(turns, self._sample_images(paths))
+            encoded = self.processor.encode(turns, self._sample_images(paths), frames)
         except DataError as error:
             raise BadSample("bad conversation", str(error)) from None
-        if encoded.num_images != len(paths):
+        if encoded.num_images != len(paths) + len(videos):
             raise BadSample(
                 "image marker mismatch",
                 f"{encoded.num_images} {IMAGE_MARKER} markers but {len(paths)} images",
@@ -298,7 +398,62 @@ class ConversationDataset(Dataset):
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             **self._images(paths),
+            **(self._videos(videos, frames) if videos else {}),
         }
+
+    def _timing(self, video: VideoSource, frames: int) -> Timing:
+        """Where the ``frames`` sampled from ``video`` lie (from its header)."""
+        return plan(self._header(video), self._sampling(frames))
+
+    def _sampling(self, frames: int) -> Sampling:
+        spec = self.processor.video
+        assert spec is not None  # checked by _video_files
+        return spec.config.sampling(frames)
+
+    def _videos(self, videos: list[VideoSource], frames: list[int]) -> dict[str, ImageBatch | None]:
+        """``video_values`` (the sampled frames' pixels), or ``video_features`` read from the
+        feature cache (one entry per video and sampling; an unusable one makes the sample a
+        bad one)."""
+        if self.feature_cache is None:
+            clips = [self._clip(video, count) for video, count in zip(videos, frames)]
+            return {"video_values": self.processor.videos([clip.frames for clip in clips])}
+        entries = []
+        for video, count in zip(videos, frames):
+            cache = self.feature_cache.for_videos(self._sampling(count).key())
+            key = self._video_key(cache, video)
+            entry = cache.read(key)
+            if entry is None:
+                name = "an embedded video" if isinstance(video, bytes) else video
+                raise BadSample("feature cache entry unusable", f"{name}: {cache.problem(key)}")
+            entries.append(entry)
+        sizes = tuple(self._header(video).size for video in videos)
+        batch = ImageBatch(torch.cat(entries), sizes, tuple(len(e) for e in entries))
+        return {"video_features": batch}
+
+    def video_entries(self) -> list[tuple[VideoSource, Sampling]]:
+        """Each distinct (video, sampling) of the samples (checked ones after `precheck`), in
+        order of first use: what a feature cache holds for them."""
+        entries: dict[tuple[VideoSource, str], tuple[VideoSource, Sampling]] = {}
+        for position in self.positions:
+            record = self.records[position]
+            try:
+                videos = self._video_files(record)
+                counts = self._token_counts(self._image_files(record)) if videos else []
+                frames = self._frames(videos, sum(counts)) if videos else []
+            except BadSample:
+                continue  # a skipped sample's videos need no entry
+            for video, count in zip(videos, frames):
+                sampling = self._sampling(count)
+                entries.setdefault((video, sampling.key()), (video, sampling))
+        return list(entries.values())
+
+    def _clip(self, video: VideoSource, frames: int) -> Clip:
+        """``frames`` frames sampled from the video (its header checked first)."""
+        name = "an embedded video" if isinstance(video, bytes) else str(video)
+        try:
+            return sample_video(video, name, self._sampling(frames), self.max_image_pixels)
+        except VideoProblem as problem:
+            raise BadSample(problem.reason, problem.detail) from None
 
     def _images(self, paths: list[ImageSource]) -> dict[str, torch.Tensor | ImageBatch | None]:
         """``pixel_values`` ``[I, 3, H, W]``, or ``image_features`` ``[I, N, D]`` read from the
@@ -322,6 +477,15 @@ class ConversationDataset(Dataset):
         rows = tuple(len(entry) for entry in features)
         batch = ImageBatch(torch.cat(features), sizes, rows)
         return {"pixel_values": None, "image_features": batch}
+
+    def _video_key(self, cache: FeatureCache, video: VideoSource) -> str:
+        """The key of a video file (remembered per sampling) or of embedded bytes."""
+        if isinstance(video, bytes):
+            return cache.key(video)
+        memo = (cache.namespace, video)
+        if memo not in self._video_keys:
+            self._video_keys[memo] = cache.key(video)
+        return self._video_keys[memo]
 
     def _cache_key(self, cache: FeatureCache, image: ImageSource) -> str:
         """The feature cache key of a file (remembered) or of embedded bytes."""
@@ -357,3 +521,4 @@ class ConversationDataset(Dataset):
             return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as error:
             raise BadSample("image unreadable", f"an in-memory image: {error}") from None
+

@@ -77,6 +77,13 @@ class FeatureCache:
         rows = isinstance(vision.transform, VariableTransform)
         return cls(directory, backbone_namespace(vision), shape, rows)
 
+    def for_videos(self, sampling: str) -> FeatureCache:
+        """The same folder's entries of videos' frames ``[F, N, D]`` sampled as ``sampling``
+        says (:meth:`Sampling.key <vlm_adapters.geometry.Sampling.key>`): keyed by the video
+        file's bytes and the sampling, so other settings never read them."""
+        namespace = f"{self.namespace}:video-frames:{sampling}"
+        return FeatureCache(self.directory, namespace, self.shape, rows=True)
+
     def key(self, image: str | Path | bytes) -> str:
         """The entry key of the image file ``image`` (or of its bytes, embedded: the same)."""
         digest = hashlib.sha256(self.namespace.encode())

@@ -237,6 +237,21 @@ def record_images(record: Mapping[str, Any]) -> list[str | Image.Image | bytes]:
     )
 
 
+def record_videos(record: Mapping[str, Any]) -> list[str | bytes]:
+    """The record's `video` field as a list of paths and embedded video bytes (empty for
+    samples without videos)."""
+    video = record.get("video")
+    if video is None:
+        return []
+    videos = video if isinstance(video, list) else [video]
+    if all(isinstance(item, (str, bytes)) for item in videos):
+        return videos
+    raise BadSample(
+        "bad video field",
+        f"'video' must be a path, a video file's bytes or a list of them: {repr(video)[:200]}",
+    )
+
+
 def image_paths(record: Mapping[str, Any]) -> list[str]:
     """The record's `image` field as a list of paths (empty for text-only samples)."""
     images = record_images(record)

@@ -1,5 +1,5 @@
 """One row of a data source (TRL's ``messages`` + ``images``, or LLaVA's ``conversations`` +
-``image``) as the LLaVA record the dataset reads."""
+``image``; either with ``videos``) as the LLaVA record the dataset reads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlm_adapters.chat.templates import IMAGE_MARKER
+from vlm_adapters.chat.templates import IMAGE_MARKER, VIDEO_MARKER
 from vlm_adapters.data.pairs import is_pair, pair_of_row
 from vlm_adapters.data.records import BadSample
 
@@ -45,7 +45,32 @@ def to_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     image = _images(images, where)
     if image is not None:
         record["image"] = image
+    video = _videos(next((row[k] for k in ("videos", "video") if row.get(k) is not None), None))
+    if video:
+        record["video"] = [_video(v, f"{where}: video {i}") for i, v in enumerate(video)]
     return record
+
+
+def _videos(videos: Any) -> list[Any]:
+    """A row's videos column (one video, a list of them, or None) as a list."""
+    if videos is None:
+        return []
+    return list(videos) if isinstance(videos, list) else [videos]
+
+
+def _video(video: Any, where: str) -> str | bytes:
+    """A video file's path (read under ``video_root``) or its embedded bytes."""
+    if isinstance(video, Mapping):
+        video = video.get("bytes") if video.get("bytes") is not None else video.get("path")
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        return bytes(video)
+    if isinstance(video, str):
+        return video
+    raise BadSample(
+        "bad video field",
+        f"{where}: a video must be a path, bytes or a {{'bytes', 'path'}} dict, got "
+        f"{type(video).__name__}",
+    )
 
 
 def turns_of_messages(messages: Any, where: str, inline: list[Any]) -> list[dict[str, str]]:
@@ -78,13 +103,15 @@ def _content_text(content: Any, where: str, inline: list[Any]) -> str:
             pieces.append(IMAGE_MARKER)
             if part.get("image") is not None:
                 inline.append(part["image"])
+        elif kind == "video":
+            pieces.append(VIDEO_MARKER)
         elif kind == "text" and isinstance(part.get("text"), str):
             pieces.append(part["text"])
         else:
             raise BadSample(
                 "bad conversation",
-                f"{where}: a content part must be {{'type': 'text', 'text': str}} or "
-                f"{{'type': 'image'}}, got {part!r}",
+                f"{where}: a content part must be {{'type': 'text', 'text': str}}, "
+                f"{{'type': 'image'}} or {{'type': 'video'}}, got {part!r}",
             )
     return "".join(pieces)
 

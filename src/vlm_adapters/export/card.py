@@ -268,7 +268,9 @@ def _card_data(
     licence = _combined_licence(vision.licence, llm.licence)
     results = _eval_results(run)
     tiled = model.vision.tiling is not None
-    tags = ["vlm-adapters", "llava_next" if tiled else "llava", "vision-language"]
+    kind = "llava_next" if tiled else "llava"
+    kind = "llava_onevision" if getattr(model, "video", None) is not None else kind
+    tags = ["vlm-adapters", kind, "vision-language"]
     tags.append(f"connector-{model.component_types.get('connector', 'unknown')}")
     return ModelCardData(
         license=licence,

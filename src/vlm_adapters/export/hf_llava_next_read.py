@@ -39,7 +39,7 @@ class LlavaNextFormat:
         """The tower's image processor and the tile grids, once the processor's token
         arithmetic is found to be the model's."""
         _check_token_arithmetic(config, processor, source)
-        return _vision_options(config, processor_config(processor.image_processor), source)
+        return tiling_options(config, processor_config(processor.image_processor), source)
 
     def backbone(self, model: VisionLanguageModel) -> HFVisionBackbone:
         """The transformers tower's backbone, under the tiling."""
@@ -64,7 +64,7 @@ class LlavaNextFormat:
             model.connector.image_newline.copy_(llava.model.image_newline)
 
 
-def _vision_options(config: Any, data: dict[str, Any], source: str) -> dict[str, Any]:
+def tiling_options(config: Any, data: dict[str, Any], source: str) -> dict[str, Any]:
     """The tower's image processor (the LLaVA-NeXT one without its tiling keys) and
     ``tiling`` grids from ``image_grid_pinpoints`` in tiles of the tower's input size."""
     if data.get("image_processor_type") != "LlavaNextImageProcessor":

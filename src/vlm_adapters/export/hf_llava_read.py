@@ -18,6 +18,7 @@ from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, TEMPLATES
 from vlm_adapters.connectors.base import ACTIVATIONS
 from vlm_adapters.errors import ExportError
 from vlm_adapters.export.hf_llava_next_read import LlavaNextFormat
+from vlm_adapters.export.hf_llava_onevision import LlavaOnevisionFormat
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.io import asks_for_remote_code
 from vlm_adapters.vision.hf import HFVisionBackbone
@@ -53,7 +54,11 @@ class LlavaFormat:
         """Checks and weights beyond the tower, LLM and projector (none here)."""
 
 
-FORMATS = {"llava": LlavaFormat(), "llava_next": LlavaNextFormat()}
+FORMATS = {
+    "llava": LlavaFormat(),
+    "llava_next": LlavaNextFormat(),
+    "llava_onevision": LlavaOnevisionFormat(),
+}
 """Each transformers ``model_type`` vlm-adapters imports, with what it adds."""
 MODEL_TYPES = tuple(FORMATS)
 """The transformers ``model_type`` values vlm-adapters imports."""
@@ -93,7 +98,10 @@ def check_source(source: str) -> str:
         config = load_or_explain("import", source, lambda: AutoConfig.from_pretrained(source))
         model_type = config.model_type
     if model_type not in MODEL_TYPES:
-        classes = "LlavaForConditionalGeneration or LlavaNextForConditionalGeneration"
+        classes = (
+            "LlavaForConditionalGeneration, LlavaNextForConditionalGeneration or "
+            "LlavaOnevisionForConditionalGeneration"
+        )
         raise ExportError(
             f"{source}: not a transformers LLaVA checkpoint (model_type {model_type!r}); "
             f"import reads {classes} checkpoints"

@@ -1,6 +1,8 @@
 """Writing transformers' LLaVA format (``LlavaForConditionalGeneration`` + ``LlavaProcessor``);
 with AnyRes tiling (``vision.tiling``), LLaVA-NeXT's (``LlavaNextForConditionalGeneration`` +
-``LlavaNextProcessor``).
+``LlavaNextProcessor``); with videos too (``vision.video``), LLaVA-OneVision's
+(``LlavaOnevisionForConditionalGeneration`` + ``LlavaOnevisionProcessor``, see
+:mod:`~vlm_adapters.export.hf_llava_onevision`).
 
 A model exports when transformers' class can compute exactly what it computes: a transformers
 vision tower with a fixed input size and at most one prefix token (CLS) to drop, a ``linear``
@@ -29,6 +31,7 @@ from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, stop_token_ids
 from vlm_adapters.connectors.simple import MLPConnector
 from vlm_adapters.errors import ExportError
 from vlm_adapters.export.card import CARD_NAME, RunRecord, model_card, read_run
+from vlm_adapters.export.hf_llava_onevision import onevision_config, onevision_processor
 from vlm_adapters.export.hf_llava_read import META_NAME
 from vlm_adapters.export.serving import vllm_report
 from vlm_adapters.export.support import check_exportable
@@ -135,6 +138,8 @@ def _llava_config(model: VisionLanguageModel) -> Any:
         "dtype": vision.dtype,
     }
     layout = model.vision.layout
+    if model.video_spec is not None:
+        return onevision_config(model, common)
     if layout is None:
         return LlavaConfig(**common, image_seq_length=model.num_image_tokens)
     pinpoints = [[r * layout.tile, c * layout.tile] for r, c in layout.grids]
@@ -155,10 +160,16 @@ def _negative_layers(vision: HFVisionBackbone) -> int | list[int]:
 def _llava_model(model: VisionLanguageModel) -> nn.Module:
     """A ``LlavaForConditionalGeneration`` (``LlavaNext...``) whose parameters are ``model``'s
     (no copy)."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     tiled = model.vision.tiling is not None
     kind = LlavaNextForConditionalGeneration if tiled else LlavaForConditionalGeneration
+    if model.video_spec is not None:
+        kind = LlavaOnevisionForConditionalGeneration
     with torch.device("meta"):
         llava = kind(_llava_config(model))
     llm = model.llm.transformers_model
@@ -217,6 +228,8 @@ def _processor(model: VisionLanguageModel, template: str) -> Any:
 
     tokenizer = copy.deepcopy(model.tokenizer)
     tokenizer.chat_template = chat_template_jinja(template, tokenizer)
+    if model.video_spec is not None:
+        return onevision_processor(model, tokenizer, template)
     vision = _tower(model)
     kind = LlavaProcessor if model.vision.tiling is None else LlavaNextProcessor
     return kind(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlm_adapters.connectors.simple import LinearConnector, MLPConnector
+from vlm_adapters.export.hf_llava_onevision import onevision_reason
 from vlm_adapters.geometry import AnyResLayout
 from vlm_adapters.llm.hf import HFLLM
 from vlm_adapters.vision.base import VisionBackbone
@@ -28,6 +29,7 @@ def check_exportable(model: VisionLanguageModel) -> str | None:
         _vision_reason(model.vision.untiled()),
         _connector_reason(model),
         _llm_reason(model.llm),
+        onevision_reason(model),
     ]
     return "; ".join(reason for reason in reasons if reason) or None
 

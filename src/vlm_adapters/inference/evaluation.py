@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 from vlm_adapters.chat.templates import IMAGE_MARKER, DataError, normalize_turns
 from vlm_adapters.data import ConversationDataset, DataCollator
 from vlm_adapters.data.images import ImageProblem, confined_path, open_image
-from vlm_adapters.data.records import Skipped, image_paths, sample_id
+from vlm_adapters.data.processor import with_video_times
+from vlm_adapters.data.records import Skipped, image_paths, record_videos, sample_id
+from vlm_adapters.data.video import Clip, VideoProblem, sample_video
 from vlm_adapters.model.generation import generate, resolve_template
 from vlm_adapters.scoring import normalize_answer
 
@@ -40,6 +42,7 @@ class _Item:
     question: str
     images: list[Path]
     question_type: str | None
+    videos: list[Path]
 
 
 def evaluate(
@@ -111,6 +114,7 @@ def _item(
                 else "an eval sample must end with a 'human' question"
             )
         images = [confined_path(root, path) for path in image_paths(record)]
+        videos = [confined_path(root, path) for path in _video_paths(record)]
     last_human = max(i for i, role in enumerate(roles) if role == "human")
     question = str(turns[last_human]["value"])
     return _Item(
@@ -121,7 +125,15 @@ def _item(
         question=question.replace(IMAGE_MARKER, "").strip(),
         images=images,
         question_type=record.get("question_type"),
+        videos=videos,
     )
+
+
+def _video_paths(record: Mapping[str, Any]) -> list[str]:
+    videos = record_videos(record)
+    if all(isinstance(video, str) for video in videos):
+        return videos  # type: ignore[return-value]
+    raise DataError("'video' must be a path or a list of paths here")
 
 
 def _where(source: str | Path, name: str, index: int) -> str:
@@ -150,10 +162,17 @@ def _predict(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         images = [_open(item) for item in chunk]
-        turns = [item.turns for item in chunk]
+        clips = [_clips(model, item) for item in chunk]
+        turns = [_timed(model, item.turns, c) for item, c in zip(chunk, clips)]
+        videos = [[clip.frames for clip in c] for c in clips] if any(clips) else None
         try:
             predictions += generate(
-                model, turns, images, template=template, max_new_tokens=max_new_tokens
+                model,
+                turns,
+                images,
+                template=template,
+                max_new_tokens=max_new_tokens,
+                videos=videos,
             )
         except DataError:
             _blame(model, template, chunk, images)
@@ -166,6 +185,23 @@ def _open(item: _Item) -> list[Image.Image]:
         return [open_image(path) for path in item.images]
     except ImageProblem as problem:
         raise DataError(f"{item.where}: {problem}; check --images / image_root") from None
+
+
+def _clips(model: VisionLanguageModel, item: _Item) -> list[Clip]:
+    """The item's videos, sampled as the model's ``vision.video`` says."""
+    if item.videos and model.video is None:
+        raise DataError(f"{item.where}: the sample holds a video but the model takes none")
+    try:
+        return [sample_video(path, str(path), model.video.sampling()) for path in item.videos]
+    except VideoProblem as problem:
+        raise DataError(f"{item.where}: {problem}; check --images / image_root") from None
+
+
+def _timed(model: VisionLanguageModel, turns: list, clips: list[Clip]) -> list:
+    """``turns`` with the clips' times after their markers when the model was trained so."""
+    if clips and model.video is not None and model.video.timestamps:
+        return with_video_times(turns, clips)
+    return turns
 
 
 def _blame(
@@ -203,7 +239,8 @@ def answer_loss(
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         if batch["skipped"]:
             _refuse(batch["skipped"][0], source)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        keys = ("input_ids", "attention_mask", "labels", "pixel_values", "video_values")
+        inputs = {k: batch[k] for k in keys if k in batch}
         inputs = {k: v.to(device) if v is not None else None for k, v in inputs.items()}
         out = model(**inputs, num_items_in_batch=1)
         total += float(out.loss)

@@ -52,6 +52,17 @@ class LLMBackend(nn.Module, ABC):
         """The placeholder token's text (``<image>``)."""
         return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
+    def add_placeholder(self, token: str) -> int:
+        """Add ``token`` as another placeholder (``<video>``), growing the embeddings if needed;
+        returns its id. The default works for a transformers model in ``self.model``."""
+        if token not in self.tokenizer.get_vocab():
+            self.tokenizer.add_special_tokens(
+                {"extra_special_tokens": [token]}, replace_extra_special_tokens=False
+            )
+        if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+            self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        return self.tokenizer.convert_tokens_to_ids(token)
+
     @property
     def hidden_size(self) -> int:
         """Width of the embeddings the connector must produce."""

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, IGNORE_INDEX
+from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, IGNORE_INDEX, VIDEO_MARKER
 from vlm_adapters.config import ModelConfig, model_config_from_dict
 from vlm_adapters.connectors.base import Connector
 from vlm_adapters.data.processor import ImageInput, Turns, VLMProcessor
+from vlm_adapters.errors import ConfigError
 from vlm_adapters.geometry import (
     Size,
     check_tileable,
@@ -30,6 +31,10 @@ from vlm_adapters.vision.base import ImageBatch, VariableTransform, VisionBackbo
 
 if TYPE_CHECKING:
     from vlm_adapters.vision.tiling import TilingConfig
+    from vlm_adapters.vision.video import VideoConfig, VideoSpec
+
+VIDEO_TOKEN = VIDEO_MARKER
+"""The placeholder token of video frames' visual tokens (added with ``vision.video``)."""
 
 Images = torch.Tensor | ImageBatch
 """Pixel values ``[I, 3, H, W]``, or an :class:`ImageBatch` for variable-size vision."""
@@ -55,8 +60,9 @@ class VisionLanguageModel(nn.Module):
     """A LLaVA-style model composed of any registered vision backbone, connector and LLM.
 
     ``num_image_tokens`` is the visual tokens of one image: all of them for a fixed-size
-    tower, the most one image can give for variable-size vision (AnyRes tiling, a NaFlex
-    tower), where :meth:`image_tokens` gives an image's exact count from its size.
+    tower), where :meth:`image_tokens` gives an image's exact count from its size. With
+    ``video`` (``vision.video``), videos' frames go through the tower (untiled), the connector
+    and a per-frame pooling into ``<video>`` placeholders.
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class VisionLanguageModel(nn.Module):
         connector: Connector,
         llm: LLMBackend,
         component_types: dict[str, str] | None = None,
+        video: VideoConfig | None = None,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -78,6 +85,8 @@ class VisionLanguageModel(nn.Module):
         check_token_bound(  # towers without a probe
             self.num_image_tokens, llm.max_positions, tiled=tiling is not None, budget=budget
         )
+        self.video = video
+        self.video_spec = self._video_spec(video) if video is not None else None
 
     @classmethod
     def from_config(cls, config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
@@ -98,7 +107,27 @@ class VisionLanguageModel(nn.Module):
         if tiling is not None:
             vision = _tiled(vision, connector, config.connector.type, tiling)
         types = {k: getattr(config, k).type for k in KINDS}
-        return cls(vision, connector, llm, types)
+        return cls(vision, connector, llm, types, getattr(config.vision, "video", None))
+
+    def _video_spec(self, video: VideoConfig) -> VideoSpec:
+        """Check that frames can be pooled and laid out; add the placeholder and end token."""
+        tower = self.vision.untiled()
+        if isinstance(tower.transform, VariableTransform):
+            raise ConfigError(
+                "vision.video: the tower encodes images at their own size (NaFlex); video "
+                "frames need a tower with a fixed input size"
+            )
+        name = self.component_types.get("connector", type(self.connector).__name__)
+        side = tile_token_side(tower.num_patches, self.connector.cfg, name, "vision.video")
+        if video.pool > side:
+            raise ConfigError(
+                f"vision.video.pool: {video.pool} is larger than the {side}x{side} token grid "
+                "of a frame; use at most " + str(side)
+            )
+        if video.newline and self.connector.end_of_row() is None:
+            self.connector.add_image_newline()
+        token_id = self.llm.add_placeholder(VIDEO_TOKEN)
+        return video.spec(token_id, side, tower.transform)
 
     @property
     def tokenizer(self) -> Any:
@@ -121,6 +150,7 @@ class VisionLanguageModel(nn.Module):
             self.num_image_tokens,
             self.image_token_id,
             template,
+            video=self.video_spec,
         )
 
     def image_tokens(self, size: Size) -> int:
@@ -149,19 +179,72 @@ class VisionLanguageModel(nn.Module):
         newline = self.connector.end_of_row()
         return self.vision.arrange(rows, images, newline)  # [K, H]
 
+    def video_tokens(self, videos: ImageBatch, cached: bool = False) -> torch.Tensor:
+        """Every video's visual tokens, video after video ``[K, H]``: its frames ``[F, 3, S, S]``
+        through the (untiled) tower (or, when ``cached``, their tower features ``[F, N, Dv]``
+        from a feature cache) and the connector, pooled per frame, then the end token."""
+        spec = self.video_spec
+        if spec is None:
+            raise ValueError("this model takes no videos: build it with a vision.video section")
+        values = videos.values
+        features = values if cached else self.vision.untiled()(values)  # [F, N, Dv]
+        rows = self.connector(features.to(_dtype(self.connector, features.dtype)))  # [F, M, H]
+        return spec.arrange(rows, videos, self.connector.end_of_row())  # [K, H]
+
+    def _with_videos(
+        self,
+        embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        videos: ImageBatch | None,
+        cached: ImageBatch | None = None,
+    ) -> torch.Tensor:
+        """``embeds`` with the videos' visual tokens (from frames, or ``cached`` features)
+        written into the ``<video>`` positions."""
+        from_cache = cached is not None
+        videos = cached if from_cache else videos
+        if self.video_spec is None:
+            if videos is not None:
+                raise ValueError("this model takes no videos: build it with vision.video")
+            return embeds
+        is_video = input_ids == self.video_spec.token_id  # [B, T]
+        slots = int(is_video.sum())
+        if videos is None or len(videos) == 0:
+            if slots:
+                raise ValueError(f"input has {slots} video placeholder tokens but no videos")
+            newline = self.connector.end_of_row()
+            if self.training and torch.is_grad_enabled() and newline is not None:
+                embeds = embeds + 0.0 * newline.sum()  # in the graph on every process
+            return embeds
+        visual = self.video_tokens(videos, from_cache)  # [K, H]
+        if slots != visual.shape[0]:
+            raise ValueError(
+                f"video features and video tokens do not match: {slots} placeholder tokens for "
+                f"{len(videos)} videos giving {visual.shape[0]} visual tokens"
+            )
+        return embeds.masked_scatter(is_video.unsqueeze(-1), visual.to(embeds.dtype))
+
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: Images | None,
         image_features: Images | None = None,
+        video_values: ImageBatch | None = None,
+        video_features: ImageBatch | None = None,
+        *,
         shared_images: int = 1,
     ) -> torch.Tensor:
         """Text embeddings with visual tokens written into the placeholder positions, from
-        ``pixel_values`` or from cached vision ``image_features``. ``shared_images``: the rows
-        are that many groups of the same samples (a preference pair's chosen rows, then its
-        rejected rows), every group using the images once computed."""
+        ``pixel_values`` or from cached vision ``image_features``, and the frames of
+        ``video_values`` (an :class:`ImageBatch`, one entry per video), or their cached
+        ``video_features``, into the ``<video>`` ones. ``shared_images``: the rows are that
+        many groups of the same samples (a preference pair's chosen rows, then its rejected
+        rows), every group using the images once computed."""
         is_image = input_ids == self.image_token_id  # [B, T]
-        embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))  # [B, T, H]
+        is_placeholder = is_image
+        if self.video_spec is not None:
+            is_placeholder = is_image | (input_ids == self.video_spec.token_id)
+        embeds = self.llm.embed(input_ids.masked_fill(is_placeholder, 0))  # [B, T, H]
+        embeds = self._with_videos(embeds, input_ids, video_values, video_features)
         slots = int(is_image.sum())
         images = pixel_values if image_features is None else image_features
         if images is None or len(images) == 0:
@@ -198,6 +281,8 @@ class VisionLanguageModel(nn.Module):
         num_items_in_batch: int | torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         image_features: Images | None = None,
+        video_values: ImageBatch | None = None,
+        video_features: ImageBatch | None = None,
         *,
         shared_images: int = 1,
         per_sequence: bool = False,
@@ -211,13 +296,22 @@ class VisionLanguageModel(nn.Module):
         no ``attention_mask``: attention then stays inside each sample. ``image_features``
         (``[I, N, Dv]``, from a feature cache of the frozen tower) replaces ``pixel_values``.
         Variable-size vision (AnyRes, NaFlex) takes and caches :class:`ImageBatch` instead.
+        ``video_values``: the frames of every video, one :class:`ImageBatch` entry per video
+        (``video_features``: their tower features, from a feature cache).
         ``shared_images``: see :meth:`embed` (the tower and connector run once per image).
         ``per_sequence``: also each row's summed label log-probability and label count.
         ``return_image_features``: also the vision features, for a second pass to reuse.
         """
         if return_image_features and image_features is None and pixel_values is not None:
             image_features = self._features(pixel_values)
-        embeds = self.embed(input_ids, pixel_values, image_features, shared_images)
+        embeds = self.embed(
+            input_ids,
+            pixel_values,
+            image_features,
+            video_values,
+            video_features,
+            shared_images=shared_images,
+        )
         extra = {} if position_ids is None else {"position_ids": position_ids}
         hidden = self.llm.body(embeds, attention_mask, **extra)  # [B, T, H]
         kept = image_features if return_image_features else None
@@ -254,10 +348,11 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: Images | None = None,
+        video_values: ImageBatch | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """New token ids ``[B, new]`` for left-padded prompts (KV cache on by default)."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, video_values=video_values)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return self.llm.generate(embeds, attention_mask, **generate_kwargs)
 

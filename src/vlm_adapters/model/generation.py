@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlm_adapters.chat.templates import DEFAULT_TEMPLATE, stop_token_ids
-from vlm_adapters.data.processor import ImageInput, Turns
+from vlm_adapters.data.processor import ImageInput, Turns, VideoInput
 
 if TYPE_CHECKING:
     from vlm_adapters.model import VisionLanguageModel
@@ -29,10 +29,12 @@ def prompt_batch(
     conversations: Sequence[Turns],
     images: Sequence[ImageInput] | None,
     template: str,
-) -> dict[str, torch.Tensor | None]:
-    """Left-padded ``input_ids``/``attention_mask`` [B, T] and ``pixel_values`` [I, 3, H, W],
-    built by the model's processor with ``template``, on the model's device."""
-    batch = model.processor_for(template).prompt_batch(conversations, images)
+    videos: Sequence[VideoInput] | None = None,
+) -> dict[str, Any]:
+    """Left-padded ``input_ids``/``attention_mask`` [B, T] and ``pixel_values`` [I, 3, H, W]
+    (and ``video_values`` for ``videos``), built by the model's processor with ``template``,
+    on the model's device."""
+    batch = model.processor_for(template).prompt_batch(conversations, images, videos)
     device = model.llm.device
     return {k: v.to(device) if v is not None else None for k, v in batch.items()}
 
@@ -49,16 +51,18 @@ def generate_ids(
     seed: int | None = None,
     streamer: Any = None,
     use_cache: bool = True,
+    videos: Sequence[VideoInput] | None = None,
 ) -> list[list[int]]:
     """New token ids per conversation, cut before the first stop token.
 
     Greedy when ``temperature`` is 0, else sampling with ``temperature`` and ``top_p``
     (reproducible with ``seed``). ``streamer`` (e.g. transformers' ``TextStreamer``, batch of
-    one) receives tokens as they come.
+    one) receives tokens as they come. ``videos``: one entry per conversation (a video's
+    sampled frames ``[F, H, W, 3]`` uint8, a list of them, or None).
     """
     template = resolve_template(model, template)
     stops = stop_token_ids(model.tokenizer, template)
-    batch = prompt_batch(model, conversations, images, template)
+    batch = prompt_batch(model, conversations, images, template, videos)
     sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}

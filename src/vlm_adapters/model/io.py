@@ -78,6 +78,8 @@ def checkpoint_config(model: VisionLanguageModel) -> dict[str, Any]:
     sections = {
         k: {"type": model.component_types[k], **m.rebuild_kwargs()} for k, m in parts.items()
     }
+    if model.video is not None:
+        sections["vision"]["video"] = model.video.model_dump()
     providers = {k: registry.get(k, model.component_types[k]).provider for k in parts}
     versions = package_versions("vlm-adapters", "torch", "transformers", *set(providers.values()))
     template = {"template": model.template} if model.template else {}

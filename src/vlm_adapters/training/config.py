@@ -71,6 +71,11 @@ class DatasetConfig(_Strict):
     image_root: str | None = Field(
         None, description="Image paths are relative to, and must stay inside, this folder."
     )
+    video_root: str | None = Field(
+        None,
+        description="Video paths are relative to, and must stay inside, this folder "
+        "(default: image_root).",
+    )
     template: str = Field("plain", description="Chat template name (see templates.py).")
     streaming: bool = Field(
         False,

@@ -32,7 +32,12 @@ from vlm_adapters.llm import LLMBackend
 from vlm_adapters.llm.packed_attention import PackedAttention, check_packing
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.training.config import STAGES, DatasetConfig, TrainConfig
-from vlm_adapters.training.features import describe_fill, fill_feature_cache, fill_stream_cache
+from vlm_adapters.training.features import (
+    describe_fill,
+    fill_feature_cache,
+    fill_stream_cache,
+    fill_video_features,
+)
 from vlm_adapters.training.skips import SkipLog
 
 logger = logging.getLogger("vlm_adapters.training")
@@ -175,6 +180,7 @@ def checked_dataset(
         model,
         records,
         image_root=source.root(),
+        video_root=source.video_root,
         template=source.template,
         max_length=data.max_length or model.llm.max_positions,
         on_bad_sample=data.on_bad_sample,
@@ -224,6 +230,19 @@ def stage_dataset(
         except DataError as error:  # embedded images: the cache keys on files
             raise ConfigError(f"stages.{stage}.feature_cache: {error}") from None
         dataset.feature_cache = fill_cache(config, stage, model, images, accelerator)
+        videos = dataset.video_entries()
+        if videos:
+            report = fill_video_features(
+                model,
+                dataset.feature_cache,
+                videos,
+                max_pixels=config.data.max_image_pixels,
+                device=accelerator.device,
+                rank=accelerator.process_index,
+                world=accelerator.num_processes,
+            )
+            accelerator.wait_for_everyone()
+            logger.info("%s: feature cache of %d sampled videos: %s", stage, len(videos), report)
     return dataset
 
 

@@ -10,6 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_adapters.data.feature_cache import FeatureCache, FillReport, image_encoder
+from vlm_adapters.data.video import VideoProblem, sample_video
+from vlm_adapters.geometry import Sampling
 
 logger = logging.getLogger("vlm_adapters.training")
 
@@ -89,3 +91,46 @@ def describe_fill(cache: FeatureCache, report: FillReport, images: int) -> str:
     """E.g. "feature cache runs/f: 300 images, 300 computed (...), 0 reused; 41.2 MB"."""
     size = cache.size_on_disk() / 1e6
     return f"feature cache {cache.directory}: {images} images, {report}; {size:.1f} MB on disk"
+
+
+def fill_video_features(
+    model: torch.nn.Module,
+    cache: FeatureCache,
+    entries: Sequence[tuple[Path | bytes, Sampling]],
+    *,
+    max_pixels: int,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+) -> FillReport:
+    """Compute the missing or broken entries of videos' sampled frames ``[F, N, D]`` (one per
+    video and sampling) with the frozen (untiled) tower of ``model``; each of ``world``
+    processes fills every ``world``-th entry from ``rank``. A video that cannot be read gets
+    no entry (its samples are skipped when met)."""
+    tower, spec = model.vision.untiled(), model.video_spec
+    report = FillReport(replaced=[])
+    was_training = tower.training
+    tower.eval().to(device)
+    try:
+        for video, sampling in list(entries)[rank::world]:
+            videos = cache.for_videos(sampling.key())
+            key = videos.key(video)
+            problem = videos.problem(key)
+            if problem is None:
+                report.reused += 1
+                continue
+            if problem != "missing":
+                report.replaced.append(str(videos.path(key)))
+            name = "an embedded video" if isinstance(video, bytes) else str(video)
+            try:
+                clip = sample_video(video, name, sampling, max_pixels)
+            except VideoProblem as error:
+                logger.warning("feature cache: %s", error)
+                continue
+            with torch.no_grad():
+                features = tower(spec.transform(clip.frames).to(device)).float()  # [F, N, D]
+            videos.write(key, features)
+            report.computed += 1
+    finally:
+        tower.train(was_training)
+    return report

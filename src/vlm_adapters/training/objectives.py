@@ -39,7 +39,7 @@ logger = logging.getLogger("vlm_adapters.training")
 Batch = dict[str, Any]
 """A collated micro-batch."""
 
-_OPTIONAL_INPUTS = ("position_ids", "image_features")  # packed rows; a feature cache
+_OPTIONAL_INPUTS = ("position_ids", "image_features", "video_values", "video_features")
 
 
 class Objective(ABC):

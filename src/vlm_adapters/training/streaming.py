@@ -111,6 +111,7 @@ def stream_encoder(
         model,
         [],
         image_root=source.root(),
+        video_root=source.video_root,
         template=source.template,
         max_length=data.max_length or model.llm.max_positions,
         on_bad_sample=data.on_bad_sample,

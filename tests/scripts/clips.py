@@ -1,0 +1,62 @@
+"""Real video clips for the video tests: photos panned and zoomed, encoded by PyAV."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+from skimage import data as skimage_data
+
+# name -> (codec, container, pixel format, (width, height), frame rate, frames, pts in ms)
+CLIPS = {
+    "h264": ("libx264", "mp4", "yuv444p", (131, 97), Fraction(7), 6, None),
+    "mpeg4": ("mpeg4", "mp4", "yuv420p", (97, 61), Fraction(13, 2), 5, None),
+    "vp9": ("libvpx-vp9", "webm", "yuv420p", (75, 53), Fraction(11), 7, None),
+    "vfr": ("libx264", "mkv", "yuv444p", (64, 45), Fraction(25), 6, [0, 40, 200, 260, 700, 760]),
+    "long": ("libx264", "mp4", "yuv444p", (40, 30), Fraction(10), 60, None),
+}
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+def _codec(name: str) -> str:
+    """The codec, or the MPEG-4 part 2 fallback when PyAV's FFmpeg lacks it."""
+    return name if name in av.codecs_available else "mpeg4"
+
+
+def _frames(photo: np.ndarray, size: tuple[int, int], count: int) -> list[np.ndarray]:
+    """A pan across ``photo`` and a zoom into it: ``count`` RGB frames of ``size``."""
+    width, height = size
+    frames = []
+    for index in range(count):
+        zoom = 1.0 - 0.4 * index / max(count - 1, 1)
+        crop_h, crop_w = int(photo.shape[0] * zoom), int(photo.shape[1] * zoom)
+        top = (photo.shape[0] - crop_h) * index // max(count - 1, 1)
+        left = (photo.shape[1] - crop_w) // 2
+        crop = Image.fromarray(photo[top : top + crop_h, left : left + crop_w])
+        frames.append(np.asarray(crop.resize((width, height), Image.BILINEAR)))
+    return frames
+
+
+def write_clip(path: Path, name: str, photo: str = "astronaut") -> Path:
+    """Encode the clip ``name`` of :data:`CLIPS` at ``path``."""
+    codec, _, pix_fmt, size, rate, count, pts = CLIPS[name]
+    codec = _codec(codec)
+    pix_fmt = pix_fmt if codec == "libx264" else "yuv420p"
+    image = getattr(skimage_data, photo)()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate, options={"g": "10"})
+        stream.width, stream.height, stream.pix_fmt = *size, pix_fmt
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for index, frame in enumerate(_frames(image, size, count)):
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            if pts is not None:
+                picture.pts, picture.time_base = pts[index], Fraction(1, 1000)
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
