@@ -242,9 +242,14 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file through a temporary sibling and a rename."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename."""
     tmp = path.with_name(temp_name(path.name, _TMP))
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

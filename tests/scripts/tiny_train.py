@@ -56,6 +56,45 @@ def write_tiny_config(root: Path, num_train: int = 16, run: dict | None = None) 
     return path
 
 
+REJECTED = "i do not know"
+
+
+def write_pairs(root: Path, finetune: Path, count: int | None = None) -> Path:
+    """A separable toy preference set (LLaVA-style pair JSON) from the shapes finetune data:
+    the prompt is a sample's first question, chosen its true answer, rejected always
+    `REJECTED`."""
+    records = json.loads(finetune.read_text())[:count]
+    pairs = [
+        {
+            "id": f"pair-{n}",
+            "image": record["image"],
+            "conversations": [record["conversations"][0]],
+            "chosen": record["conversations"][1]["value"],
+            "rejected": REJECTED,
+        }
+        for n, record in enumerate(records)
+    ]
+    path = root / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+def write_preference_config(
+    root: Path, num_train: int = 8, stage: dict | None = None, run: dict | None = None
+) -> Path:
+    """`write_tiny_config` plus a preference stage on `write_pairs`, the recipe only it."""
+    path = write_tiny_config(root, num_train=num_train, run=run)
+    config = yaml.safe_load(path.read_text())
+    finetune = config["data"]["finetune"]
+    pairs = write_pairs(root, Path(finetune["path"]))
+    config["data"]["preference"] = {**finetune, "path": str(pairs)}
+    config["recipe"] = ["preference"]
+    settings = {"epochs": 1, "batch_size": 4, "lr": 1e-2, "warmup_ratio": 0.0}
+    config["stages"]["preference"] = {**settings, "scheduler": "constant", **(stage or {})}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 TEXT_ONLY = [
     {"from": "human", "value": "what colour is the circle ?"},
     {"from": "gpt", "value": "red"},

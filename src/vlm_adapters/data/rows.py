@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from vlm_adapters.chat.templates import IMAGE_MARKER
+from vlm_adapters.data.pairs import is_pair, pair_of_row
 from vlm_adapters.data.records import BadSample
 
 ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
@@ -21,10 +22,13 @@ def to_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     + ``images`` (or images inside the image parts), or LLaVA's ``conversations`` +
     ``image``. Embedded images (``{"bytes",
     "path"}`` dicts, raw bytes) become PIL images; paths stay paths (read under
-    ``image_root``). ``where`` names the row in errors; a row that cannot be used is a
-    `BadSample`."""
+    ``image_root``). A preference pair (TRL's ``prompt`` / ``chosen`` / ``rejected``, or a
+    LLaVA pair) becomes a pair record (`pair_of_row`). ``where`` names the row in errors; a
+    row that cannot be used is a `BadSample`."""
     if not isinstance(row, Mapping):
         raise BadSample("bad row", f"{where}: expected a mapping, got {type(row).__name__}")
+    if is_pair(row):
+        return pair_of_row(row, where, turns_of_messages, _images)
     if row.get("messages") is not None:
         inline: list[Any] = []
         conversations = turns_of_messages(row["messages"], where, inline)

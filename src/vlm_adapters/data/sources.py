@@ -16,12 +16,20 @@ from vlm_adapters.data.rows import to_record
 from vlm_adapters.data.shards import TarRecords
 from vlm_adapters.errors import ConfigError, DataError, InstallError
 
-__all__ = ["FORMATS", "Mixture", "RowRecords", "detect_format", "open_source", "to_record"]
+__all__ = [
+    "FORMATS",
+    "Mixture",
+    "RowList",
+    "RowRecords",
+    "detect_format",
+    "open_source",
+    "to_record",
+]
 
 FORMATS = ("auto", "llava", "datasets", "parquet", "arrow", "webdataset", "hub")
 """Values of ``data.<stage>.format`` (``auto``: detected from the path)."""
 
-ROW_COLUMNS = ("messages", "conversations")
+ROW_COLUMNS = ("messages", "conversations", "prompt")
 """A row holds its turns in one of these (TRL's, LLaVA's)."""
 
 
@@ -172,7 +180,8 @@ def _quietly(path: str, load: Callable[[], Any]) -> Any:
 def _check_columns(columns: Sequence[str], where: str) -> None:
     if not any(column in columns for column in ROW_COLUMNS):
         raise DataError(
-            f"{where}: no 'messages' (TRL) or 'conversations' (LLaVA) column (it has "
+            f"{where}: no 'messages' (TRL) or 'conversations' (LLaVA) column, nor 'prompt' "
+            f"(TRL preference pairs) (it has "
             f"{', '.join(columns) or 'none'}); rename the column of the turns to one of them"
         )
 
@@ -236,6 +245,20 @@ class RowRecords(Sequence[dict[str, Any]]):
             raise IndexError(index)
         row = self._rows[index].to_pylist()[0]
         return to_record(row, f"{self.where} row {index}")
+
+
+class RowList(Sequence[dict[str, Any]]):
+    """Rows given in memory (TRL's ``prompt`` / ``chosen`` / ``rejected`` dicts) as records
+    (`to_record`), each converted when it is used."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], where: str) -> None:
+        self.rows, self.where = list(rows), where
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        return to_record(self.rows[index], f"{self.where} row {index}")
 
 
 # -- mixtures

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,13 @@ class VLMOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     num_tokens: int = 0
+    sequence_logps: torch.Tensor | None = None
+    """With ``per_sequence``: each row's summed log-probability of its labels ``[B]``."""
+    sequence_tokens: torch.Tensor | None = None
+    """With ``per_sequence``: each row's number of supervised tokens ``[B]``."""
+    image_features: Images | None = None
+    """With ``return_image_features``: the vision features the visual tokens came from
+    (``[I, N, Dv]``, an :class:`ImageBatch` for variable-size vision), to reuse."""
 
 
 class VisionLanguageModel(nn.Module):
@@ -147,9 +154,12 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: Images | None,
         image_features: Images | None = None,
+        shared_images: int = 1,
     ) -> torch.Tensor:
         """Text embeddings with visual tokens written into the placeholder positions, from
-        ``pixel_values`` or from cached vision ``image_features``."""
+        ``pixel_values`` or from cached vision ``image_features``. ``shared_images``: the rows
+        are that many groups of the same samples (a preference pair's chosen rows, then its
+        rejected rows), every group using the images once computed."""
         is_image = input_ids == self.image_token_id  # [B, T]
         embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))  # [B, T, H]
         slots = int(is_image.sum())
@@ -161,6 +171,8 @@ class VisionLanguageModel(nn.Module):
                 embeds = embeds + 0.0 * self.visual_tokens(self._blank_image()).sum()
             return embeds
         visual = self.visual_tokens(pixel_values, image_features)  # [K, H]
+        if shared_images > 1:
+            visual = visual.repeat(shared_images, 1)  # [groups * K, H]
         if slots != visual.shape[0]:
             raise ValueError(
                 f"image features and image tokens do not match: {slots} placeholder tokens for "
@@ -186,6 +198,10 @@ class VisionLanguageModel(nn.Module):
         num_items_in_batch: int | torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         image_features: Images | None = None,
+        *,
+        shared_images: int = 1,
+        per_sequence: bool = False,
+        return_image_features: bool = False,
     ) -> VLMOutput:
         """Loss (head applied only at supervised positions) when ``labels`` are given, else logits.
 
@@ -195,19 +211,42 @@ class VisionLanguageModel(nn.Module):
         no ``attention_mask``: attention then stays inside each sample. ``image_features``
         (``[I, N, Dv]``, from a feature cache of the frozen tower) replaces ``pixel_values``.
         Variable-size vision (AnyRes, NaFlex) takes and caches :class:`ImageBatch` instead.
+        ``shared_images``: see :meth:`embed` (the tower and connector run once per image).
+        ``per_sequence``: also each row's summed label log-probability and label count.
+        ``return_image_features``: also the vision features, for a second pass to reuse.
         """
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        if return_image_features and image_features is None and pixel_values is not None:
+            image_features = self._features(pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_features, shared_images)
         extra = {} if position_ids is None else {"position_ids": position_ids}
         hidden = self.llm.body(embeds, attention_mask, **extra)  # [B, T, H]
+        kept = image_features if return_image_features else None
         if labels is None:
-            return VLMOutput(logits=self.llm.logits(hidden))
+            return VLMOutput(logits=self.llm.logits(hidden), image_features=kept)
         targets = labels[:, 1:]  # [B, T-1]
         supervised = targets != IGNORE_INDEX
         logits = self.llm.logits(hidden[:, :-1][supervised]).float()  # [K, V]
-        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
         count = int(supervised.sum())
         denom = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
-        return VLMOutput(loss=loss / denom, num_tokens=count)
+        if not per_sequence:
+            loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+            return VLMOutput(loss=loss / denom, num_tokens=count, image_features=kept)
+        losses = F.cross_entropy(logits, targets[supervised], reduction="none")  # [K]
+        rows = supervised.nonzero()[:, 0]  # [K]: the row of each supervised token
+        return VLMOutput(
+            loss=losses.sum() / denom,
+            num_tokens=count,
+            sequence_logps=-losses.new_zeros(len(labels)).index_add(0, rows, losses),  # [B]
+            sequence_tokens=supervised.sum(dim=1),  # [B]
+            image_features=kept,
+        )
+
+    def _features(self, pixel_values: Images) -> Images:
+        """The vision features of ``pixel_values`` (an :class:`ImageBatch` keeps its layout)."""
+        features = self.vision(pixel_values)  # [U, N, Dv]
+        if isinstance(pixel_values, ImageBatch):
+            return replace(pixel_values, values=features)
+        return features
 
     @torch.no_grad()
     def generate_ids(

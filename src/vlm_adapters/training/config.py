@@ -30,7 +30,9 @@ from vlm_adapters.data.images import MAX_IMAGE_PIXELS
 from vlm_adapters.model.lora import LoraSettings
 from vlm_adapters.registry import format_errors
 
-STAGES = ("align", "finetune")
+STAGES = ("align", "finetune", "preference")
+DEFAULT_RECIPE = ("align", "finetune")
+"""The recipe of a config that names none (a preference stage is added by listing it)."""
 
 
 class _Strict(BaseModel):
@@ -125,6 +127,9 @@ class DataConfig(_Strict):
 
     align: DatasetConfig | None = None
     finetune: DatasetConfig | None = None
+    preference: DatasetConfig | None = Field(
+        None, description="Preference pairs (docs/preference.md), for a preference stage."
+    )
     eval: DatasetConfig | None = Field(
         None,
         description="Evaluated after each stage (and every stages.<stage>.eval_every steps) "
@@ -218,9 +223,33 @@ class FinetuneStage(StageConfig):
     )
 
 
+class PreferenceStage(FinetuneStage):
+    """Stage 3 (optional): preference optimisation on chosen / rejected answer pairs
+    (docs/preference.md); trains like finetune (full, LoRA or QLoRA; the tower frozen or not)."""
+
+    lr: float = Field(5e-7, gt=0, description="LLM lr (and default for the rest).")
+    objective: Literal["dpo", "ipo", "simpo"] = Field(
+        "dpo",
+        description="dpo: DPO's sigmoid loss; ipo: IPO's squared loss (per-token average "
+        "log-probs); simpo: reference-free, length-normalised.",
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the preference (all losses).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo, simpo: the share of preferences taken as flipped."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin.")
+    reference: Literal["auto", "adapters", "copy", "precomputed"] = Field(
+        "auto",
+        description="The reference model (dpo, ipo): adapters (LoRA: the model with its "
+        "adapters off), copy (a frozen copy), precomputed (its log-probs computed once before "
+        "training, kept in the run folder); auto: adapters with LoRA, else copy.",
+    )
+
+
 class Stages(_Strict):
     align: AlignStage = Field(default_factory=AlignStage)
     finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+    preference: PreferenceStage = Field(default_factory=PreferenceStage)
 
 
 class RunConfig(_Strict):
@@ -256,7 +285,7 @@ class TrainConfig(BaseModel):
 
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
-    recipe: list[str] = Field(default_factory=lambda: list(STAGES))
+    recipe: list[str] = Field(default_factory=lambda: list(DEFAULT_RECIPE))
     stages: Stages = Field(default_factory=Stages)
     run: RunConfig = Field(default_factory=RunConfig)
     where: str = ""
@@ -269,9 +298,14 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
         if not recipe:
             raise ValueError("empty recipe; list stages to run, e.g. [align, finetune]")
+        order = [STAGES.index(name) for name in recipe]
+        if order != sorted(set(order)):
+            raise ValueError(
+                f"recipe {recipe}: list each stage once, in the order {', '.join(STAGES)}"
+            )
         return recipe
 
-    def stage(self, name: str) -> AlignStage | FinetuneStage:
+    def stage(self, name: str) -> AlignStage | FinetuneStage | PreferenceStage:
         """The settings of stage `name`."""
         return getattr(self.stages, name)
 
@@ -304,7 +338,32 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
     check_quantized_llm(config)
     check_feature_caches(config)
     check_streaming_eval(config)
+    check_preference(config)
     return config
+
+
+def check_preference(config: TrainConfig) -> None:
+    """A preference stage reads whole pairs: neither streamed nor packed; its reference
+    fits its training (adapters need LoRA; a reference-free loss takes none)."""
+    if "preference" not in config.recipe:
+        return
+    prefix = f"{config.where}: " if config.where else ""
+    stage, data = config.stages.preference, config.data.preference
+    if data is not None and data.streaming:
+        raise ConfigError(
+            f"{prefix}data.preference.streaming: preference pairs are read map-style; set "
+            "streaming: false"
+        )
+    if config.data.packing:
+        raise ConfigError(
+            f"{prefix}data.packing: a preference stage does not pack its pairs; set packing: "
+            "false (or run the preference stage with its own config)"
+        )
+    if stage.reference == "adapters" and "lora" not in (stage.train_llm, stage.train_vision):
+        raise ConfigError(
+            f"{prefix}stages.preference.reference: adapters needs LoRA (train_llm: lora); use "
+            "copy, precomputed or auto"
+        )
 
 
 def check_streaming_eval(config: TrainConfig) -> None:
@@ -321,13 +380,14 @@ def check_feature_caches(config: TrainConfig) -> None:
     """A feature cache holds a frozen tower's features (a stage that trains the tower has
     none), in a folder we can write to or create."""
     prefix = f"{config.where}: " if config.where else ""
-    finetune = config.stages.finetune
-    if finetune.feature_cache and finetune.train_vision != "frozen":
-        raise ConfigError(
-            f"{prefix}stages.finetune.feature_cache: the vision tower trains in this stage "
-            f"(train_vision: {finetune.train_vision}), so its features change every step; "
-            "remove feature_cache or set train_vision: frozen"
-        )
+    for name in ("finetune", "preference"):
+        settings = config.stage(name)
+        if settings.feature_cache and settings.train_vision != "frozen":  # type: ignore[union-attr]
+            raise ConfigError(
+                f"{prefix}stages.{name}.feature_cache: the vision tower trains in this stage "
+                f"(train_vision: {settings.train_vision}), so its features change every "  # type: ignore[union-attr]
+                "step; remove feature_cache or set train_vision: frozen"
+            )
     for stage in STAGES:
         folder = config.stage(stage).feature_cache
         problem = folder and cache_folder_problem(Path(folder))
@@ -358,14 +418,15 @@ def check_quantized_llm(config: TrainConfig) -> None:
     """A 4-/8-bit LLM (``llm.quantization``) trains through LoRA only: its weights are
     frozen integers."""
     quantization = getattr(config.model.llm.params, "quantization", None)
-    if quantization is None or "finetune" not in config.recipe:
+    if quantization is None:
         return
-    if config.stages.finetune.train_llm == "full":
-        prefix = f"{config.where}: " if config.where else ""
-        raise ConfigError(
-            f"{prefix}stages.finetune.train_llm: full cannot train a {quantization.bits}-bit "
-            "LLM (llm.quantization); use lora (QLoRA) or frozen, or remove llm.quantization"
-        )
+    for name in ("finetune", "preference"):
+        if name in config.recipe and config.stage(name).train_llm == "full":  # type: ignore[union-attr]
+            prefix = f"{config.where}: " if config.where else ""
+            raise ConfigError(
+                f"{prefix}stages.{name}.train_llm: full cannot train a {quantization.bits}-bit "
+                "LLM (llm.quantization); use lora (QLoRA) or frozen, or remove llm.quantization"
+            )
 
 
 def check_precision(config: TrainConfig, device_type: str) -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from vlm_adapters.data import ConversationDataset, DataCollator, LengthGroupedSampler
 from vlm_adapters.data.collate import PackingCollator
 from vlm_adapters.data.feature_cache import FeatureCache
+from vlm_adapters.data.pairs import PairCollator, PreferenceDataset
 from vlm_adapters.data.records import (
     IN_MEMORY,
     RecordSource,
@@ -24,7 +25,7 @@ from vlm_adapters.data.records import (
     sample_id,
 )
 from vlm_adapters.data.samplers import TokenBudgetBatchSampler
-from vlm_adapters.data.sources import Mixture, RowRecords, open_source
+from vlm_adapters.data.sources import Mixture, RowList, RowRecords, open_source
 from vlm_adapters.data.streaming import find_shards
 from vlm_adapters.errors import ConfigError, DataError, TrainingError
 from vlm_adapters.llm import LLMBackend
@@ -37,7 +38,7 @@ from vlm_adapters.training.skips import SkipLog
 logger = logging.getLogger("vlm_adapters.training")
 
 Sampler = LengthGroupedSampler | TokenBudgetBatchSampler
-Collator = DataCollator | PackingCollator
+Collator = DataCollator | PackingCollator | PairCollator
 
 
 DataSources = Any
@@ -77,10 +78,15 @@ def with_given_data(
 
 
 def given_records(data: Any, where: str) -> RecordSource:
-    """Records given in Python: a `datasets.Dataset` (TRL's ``messages`` + ``images`` or
-    LLaVA's columns) read row by row through `to_record`, else `memory_records`."""
-    if isinstance(getattr(data, "column_names", None), list) and "messages" in data.column_names:
+    """Records given in Python: a `datasets.Dataset` (TRL's ``messages`` + ``images``, TRL's
+    ``prompt`` / ``chosen`` / ``rejected`` or LLaVA's columns) or a list of TRL preference rows,
+    read row by row through `to_record`, else `memory_records`."""
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, list) and ("messages" in columns or "prompt" in columns):
         return RowRecords(data, where)
+    rows = isinstance(data, (list, tuple)) and data and isinstance(data[0], Mapping)
+    if rows and "prompt" in data[0]:  # TRL preference rows
+        return RowList(data, where)
     return memory_records(data, where)
 
 
@@ -163,7 +169,8 @@ def checked_dataset(
         records = read_stage_records(stage, source, seed=config.run.seed)
     if not records:
         raise TrainingError(f"{source.label()}: no samples; stage {stage} has nothing to train")
-    dataset = ConversationDataset.for_model(
+    kind = PreferenceDataset if stage == "preference" else ConversationDataset
+    dataset = kind.for_model(
         model,
         records,
         image_root=source.root(),
@@ -277,6 +284,8 @@ def make_collator(
     """The stage's collator and, when it packs rows, the per-sample attention it installed
     (the caller restores it when the stage ends)."""
     pad = model.tokenizer.pad_token_id
+    if stage == "preference":
+        return PairCollator(pad), None
     if not config.data.packing:
         return DataCollator(pad_token_id=pad), None
     max_length = config.data.max_length or model.llm.max_positions

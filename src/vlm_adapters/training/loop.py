@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from vlm_adapters._io import remove_stale_temps
+from vlm_adapters.data import ConversationDataset
 from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import TrainingError
 from vlm_adapters.llm.packed_attention import PackedAttention
@@ -37,7 +38,7 @@ from vlm_adapters.training.config import TrainConfig
 from vlm_adapters.training.data import Sampler, make_collator, make_loader, stage_dataset
 from vlm_adapters.training.engine import Checkpointer, make_accelerator, make_engine
 from vlm_adapters.training.evaluation import Evaluator
-from vlm_adapters.training.objectives import Batch, Objective, SupervisedObjective
+from vlm_adapters.training.objectives import Batch, Objective, objective_for
 from vlm_adapters.training.progress import (
     Progress,
     plot_loss,
@@ -109,7 +110,7 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(config, out)
         self.accelerator.gradient_accumulation_steps = self.settings.grad_accum
         self.engine = make_engine(self.accelerator, model)
-        self.objective = objective or SupervisedObjective()
+        self.objective = objective or objective_for(stage, self.settings)
         self.callbacks = callbacks or CallbackHandler([], Path(out))
         if self.accelerator.num_processes > 1:
             self.callbacks.agree = self._anyone
@@ -117,6 +118,8 @@ class Trainer:
         self._fallback: Batch | None = None  # last non-empty micro-batch
         self._steps_done = 0  # optimizer steps before the one being taken
         self.attention: PackedAttention | None = None  # per-sample attention while packing
+        self.dataset: ConversationDataset | None = None  # map-style data (None: streamed)
+        self.metrics: dict[str, float] = {}  # the objective's metrics of the last step
         self._uncompile: Callable[[], None] = lambda: None  # takes run.compile off again
 
     @property
@@ -146,6 +149,7 @@ class Trainer:
         loader = self._loader()
         total = self._total_steps(loader)
         loader = self._prepare(loader, total)
+        self.objective.start(self)
         position = self._resume(resume)
         if isinstance(loader, StreamLoader):
             resume_stream(loader, position)
@@ -167,10 +171,12 @@ class Trainer:
         throughput = self.meter.summary()
         if self.is_main and throughput:
             logger.info("%s: %d steps, %s", self.stage, position.step, throughput_text(throughput))
-        return asdict(summary) | throughput
+        return asdict(summary) | throughput | self.metrics
 
     def _setup_model(self) -> None:
+        self.objective.adapt(self.model)
         configure_stage(self.model, self.stage, self.settings)
+        self.objective.setup(self.model, self.stage)
         self.model.template = self.config.dataset(self.stage).template  # saved for inference
         vision_trains = any(p.requires_grad for p in self.model.vision.parameters())
         if self.config.run.gradient_checkpointing:
@@ -190,11 +196,13 @@ class Trainer:
         token budget) only; a stream's for streamed data."""
         config, stage, model = self.config, self.stage, self.model
         collator, self.attention = make_collator(config, stage, model)
+        self.collator = collator
         self.sampler: Sampler | None = None
         if config.dataset(stage).streaming:
             return stream_loader(config, stage, model, collator, self.skips, self.accelerator)
         dataset = stage_dataset(config, stage, model, self.records, self.skips, self.accelerator)
         self.records = None  # the dataset holds them
+        self.dataset = dataset
         loader, self.sampler = make_loader(dataset, collator, config, stage, self.global_batch)
         return loader
 
@@ -324,13 +332,23 @@ class Trainer:
         # backward divides by grad_accum and DDP averages over processes: undo both
         denom = weight / (self.settings.grad_accum * self.accelerator.num_processes)
         last = len(window) - 1
+        self._metric_sums = torch.zeros(len(self.objective.metric_names), device=device)
         loss_sum = sum(self._micro_step(b, i == last, denom) for i, b in enumerate(window))
         norm = self._update()
         total_loss = self.accelerator.reduce(torch.tensor(loss_sum, device=device), "sum")
         loss = float(total_loss) / weight  # waits for the step's work
         seconds = wait + time.perf_counter() - started
         record = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm}
+        record |= self._objective_metrics(weight)
         return record | self.meter.step(dict(zip(COUNTS, summed)), seconds, wait)
+
+    def _objective_metrics(self, weight: float) -> dict[str, float]:
+        """The objective's metrics of the step (all processes), each divided by ``weight``."""
+        if not self.objective.metric_names:
+            return {}
+        sums = self.accelerator.reduce(self._metric_sums, "sum").tolist()
+        self.metrics = {k: v / weight for k, v in zip(self.objective.metric_names, sums)}
+        return self.metrics
 
     def _micro_step(self, batch: Batch, last: bool, denom: float) -> float:
         """Forward + backward of one micro-batch; returns its summed loss. Gradients are
@@ -346,6 +364,9 @@ class Trainer:
         with sync, self.engine.autocast():
             loss = self.objective.loss(self.engine.wrapped, batch, denom)
             self.accelerator.backward(loss * scale)
+        sums = self.objective.metric_sums()
+        if sums is not None:
+            self._metric_sums += sums.detach().to(self._metric_sums.device) * scale
         return float(loss.detach()) * denom * scale
 
     def _update(self) -> float:

@@ -21,13 +21,19 @@ from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, OutputError
 from vlm_adapters.model.build import build_vlm
 from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.model.files import CONFIG_NAME as MODEL_CONFIG
 from vlm_adapters.model.files import WEIGHTS_NAME
-from vlm_adapters.model.lora import load_weights
+from vlm_adapters.model.lora import (
+    CONFIG_KEYS,
+    has_lora,
+    load_lora,
+    load_weights,
+)
 from vlm_adapters.training.artifact import CONFIG_NAME as CONNECTOR_CONFIG
 from vlm_adapters.training.callbacks import CallbackHandler, TrainerCallback
 from vlm_adapters.training.checkpoint import checkpoint_problem
 from vlm_adapters.training.config import (
-    STAGES,
+    DEFAULT_RECIPE,
     DatasetConfig,
     TrainConfig,
     check_max_length,
@@ -164,7 +170,9 @@ def _run(
             with naming_file(config.where):
                 model = build_vlm(config.model)
         _check_model_fits(config, model, datasets)
-        if "align" not in names:
+        if names == ["preference"] and _finished(out / "finetune"):
+            _load_final(model, out / "finetune" / "final", needed=True)  # the model it tunes
+        elif "align" not in names:
             _carry_connector(model, out, required=built_here and not fresh_connector)
         summaries = {}
         for name in names:
@@ -221,7 +229,7 @@ def _named_stages(raw: dict[str, Any], stage: str) -> list[str]:
     if stage != "all":
         return [stage]
     recipe = raw.get("recipe")
-    return [str(name) for name in recipe] if isinstance(recipe, list) else list(STAGES)
+    return [str(name) for name in recipe] if isinstance(recipe, list) else list(DEFAULT_RECIPE)
 
 
 @contextlib.contextmanager
@@ -365,6 +373,12 @@ def _carry_connector(model: VisionLanguageModel, out: Path, required: bool) -> N
 
 
 def _load_final(model: VisionLanguageModel, final: Path, needed: bool) -> None:
-    logger.info("%s already finished; skipping it", final.parent.name)
-    if needed:
+    """A finished stage's weights (its adapters attached first when the model lacks them)."""
+    logger.info("%s already finished; using its final model", final.parent.name)
+    if not needed:
+        return
+    saved = json.loads((final / MODEL_CONFIG).read_text())
+    if any(key in saved for key in CONFIG_KEYS.values()) and not has_lora(model):
+        load_lora(model, final, saved)
+    else:
         load_weights(model, final, WEIGHTS_NAME)
