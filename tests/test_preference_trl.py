@@ -1,9 +1,13 @@
 """Our preference loss against TRL's ``DPOTrainer`` on an exported twin: the same pairs, the
 same token ids, and equal loss, rewards and gradients (fp32, 1e-4), for DPO (sigmoid) and IPO,
-with LoRA and full training. TRL's side is tests/scripts/trl_reference.py."""
+with LoRA and full training. TRL's side is tests/scripts/trl_reference.py; ours is the
+preference stage's data (`PreferenceDataset` on LLaVA pair records, `PairCollator`) and its
+objective (`PreferenceObjective`: one policy pass with each image encoded once, the reference a
+frozen copy or the model with its adapters off, reusing the frozen tower's features)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,10 +15,12 @@ import torch
 from PIL import Image
 
 from vlm_adapters import VisionLanguageModel, build_vlm, export
-from vlm_adapters.chat.templates import IGNORE_INDEX, encode_conversation
+from vlm_adapters.chat.templates import IGNORE_INDEX
+from vlm_adapters.data.pairs import PairCollator, PreferenceDataset
 from vlm_adapters.model.lora import LoraSettings, apply_lora
 from vlm_adapters.testing import tiny_model_config
-from vlm_adapters.training.preference import PairLogps, PreferenceSettings, preference_terms
+from vlm_adapters.training.objectives import PreferenceObjective
+from vlm_adapters.training.preference import PreferenceSettings
 
 pytest.importorskip("trl", reason="TRL is a test dependency (pip install -e '.[dev]')")
 pytest.importorskip("datasets", reason="TRL's trainers take a datasets.Dataset")
@@ -53,8 +59,9 @@ def trl_pairs() -> list[dict]:
     ]
 
 
-def tiny_vlm(tokenizer_dir: str, seed: int = 0) -> VisionLanguageModel:
-    torch.manual_seed(seed)
+def tiny_vlm(tokenizer_dir: str) -> VisionLanguageModel:
+    """The tiny CLIP + mlp + llama composition the exports are made of."""
+    torch.manual_seed(0)
     model = build_vlm(tiny_model_config(tokenizer_dir, "hf", "mlp", "llama"))
     for param in model.connector.parameters():
         torch.nn.init.normal_(param, std=0.5)  # images visibly move the log-probabilities
@@ -70,70 +77,56 @@ def perturbed(model: VisionLanguageModel, seed: int) -> VisionLanguageModel:
     return model
 
 
-def encode(model: VisionLanguageModel, question: str, answer: str):
-    turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
-    return encode_conversation(
-        model.tokenizer,
-        TEMPLATE,
-        turns,
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
-    )
-
-
-def answer_batch(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """Every chosen sequence, then every rejected one, right-padded (TRL's layout)."""
-    chosen = [encode(model, question, answer) for question, answer, _ in PAIRS]
-    encoded = chosen + [encode(model, question, answer) for question, _, answer in PAIRS]
-    width = max(len(e.input_ids) for e in encoded)
-    pad = model.tokenizer.pad_token_id
-    rows = [
-        (
-            e.input_ids + [pad] * (width - len(e.input_ids)),
-            e.labels + [IGNORE_INDEX] * (width - len(e.labels)),
-            [1] * len(e.input_ids) + [0] * (width - len(e.input_ids)),
+def pair_records(root: Path) -> list[dict]:
+    """:data:`PAIRS` as LLaVA-style pair records, their images saved (losslessly) in ``root``."""
+    records = []
+    for n, ((question, chosen, rejected), image) in enumerate(zip(PAIRS, images())):
+        image.save(root / f"pair-{n}.png")
+        prompt = [{"from": "human", "value": f"<image>\n{question}"}]
+        records.append(
+            {
+                "image": f"pair-{n}.png",
+                "conversations": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+            }
         )
-        for e in encoded
-    ]
-    ids, labels, mask = (torch.tensor(column) for column in zip(*rows))
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return records
 
 
-def sequence_logps(model: VisionLanguageModel, batch: dict, pixels: torch.Tensor) -> tuple:
-    """Summed answer log-probabilities ``[2P]`` and answer token counts ``[2P]``."""
-    logits = model(batch["input_ids"], batch["attention_mask"], pixels).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    supervised = targets != IGNORE_INDEX
-    logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return (logps * supervised).sum(1), supervised.sum(1)
+def pair_batch(model: VisionLanguageModel, root: Path) -> dict:
+    """:data:`PAIRS` through our preference data: `PreferenceDataset` and `PairCollator`."""
+    dataset = PreferenceDataset.for_model(
+        model, pair_records(root), image_root=root, template=TEMPLATE
+    )
+    kept, skipped = dataset.precheck()
+    assert not skipped
+    return PairCollator(model.tokenizer.pad_token_id)([kept[i] for i in range(len(kept))])
 
 
 def our_step(
-    model: VisionLanguageModel, loss: str, reference: VisionLanguageModel | None
+    model: VisionLanguageModel,
+    loss: str,
+    reference: str,
+    root: Path,
+    after_setup: Callable[[VisionLanguageModel], object] = lambda model: None,
 ) -> dict[str, object]:
-    """One forward and backward of our preference loss on :data:`PAIRS`; ``reference`` None:
-    the model with its LoRA adapters disabled."""
-    batch = answer_batch(model)
-    pixels = model.vision.preprocess(images() * 2)
-    with torch.no_grad():
-        if reference is None:
-            with model.llm.model.disable_adapter():
-                ref, _ = sequence_logps(model, batch, pixels)
-        else:
-            ref, _ = sequence_logps(reference, batch, pixels)
-    logps, counts = sequence_logps(model, batch, pixels)
-    policy = PairLogps(*logps.chunk(2), *counts.chunk(2))
-    terms = preference_terms(PreferenceSettings(loss=loss, beta=BETA), policy, ref.chunk(2))
-    value = terms.losses.mean()
+    """One forward and backward of the preference stage's objective on :data:`PAIRS`;
+    ``after_setup`` changes the policy once the reference is fixed."""
+    batch = pair_batch(model, root)
+    objective = PreferenceObjective(PreferenceSettings(loss=loss, beta=BETA), reference)
+    objective.setup(model, "preference")
+    assert objective.reference_kind == reference
+    after_setup(model)
     model.zero_grad(set_to_none=True)
+    value = objective.loss(model, batch, denominator=batch["pairs"])
     value.backward()
     grads = {
         llava_name(name): param.grad
         for name, param in model.named_parameters()
         if param.requires_grad
     }
-    loss_value = value.detach()
-    return {"batch": batch, "loss": loss_value, "terms": terms, "policy": policy, "grads": grads}
+    return {"batch": batch, "loss": value.detach(), "terms": objective.last, "grads": grads}
 
 
 def assert_matches(ours: dict, theirs: TrlStep, loss: str) -> None:
@@ -142,14 +135,11 @@ def assert_matches(ours: dict, theirs: TrlStep, loss: str) -> None:
     answer = (batch["labels"] != IGNORE_INDEX).long()
     assert torch.equal(answer, theirs.batch["completion_mask"])
     torch.testing.assert_close(ours["loss"], theirs.loss, rtol=0, atol=TOLERANCE)
-    policy, terms = ours["policy"], ours["terms"]
-    torch.testing.assert_close(policy.chosen.detach(), theirs.chosen_logps, rtol=0, atol=TOLERANCE)
-    rejected = policy.rejected.detach()
-    torch.testing.assert_close(rejected, theirs.rejected_logps, rtol=0, atol=TOLERANCE)
+    terms = ours["terms"]
     chosen_rewards, rejected_rewards = terms.chosen_rewards, terms.rejected_rewards
     if loss == "ipo":  # TRL reports beta * (summed log-ratio) for every loss; ours the IPO one
-        chosen_rewards = chosen_rewards * policy.chosen_tokens
-        rejected_rewards = rejected_rewards * policy.rejected_tokens
+        chosen_rewards = chosen_rewards * answer[: len(PAIRS)].sum(1)
+        rejected_rewards = rejected_rewards * answer[len(PAIRS) :].sum(1)
     torch.testing.assert_close(chosen_rewards, theirs.chosen_rewards, rtol=0, atol=TOLERANCE)
     torch.testing.assert_close(rejected_rewards, theirs.rejected_rewards, rtol=0, atol=TOLERANCE)
     assert theirs.chosen_rewards.abs().max() > 1e-3, "policy and reference did not differ"
@@ -170,12 +160,12 @@ def checkpoints(tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_full_training_matches_trl(
-    loss: str, tokenizer_dir: str, checkpoints: dict[str, Path]
+    loss: str, tokenizer_dir: str, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    model = perturbed(tiny_vlm(tokenizer_dir), seed=1)
-    reference = tiny_vlm(tokenizer_dir).eval()
+    model = tiny_vlm(tokenizer_dir)
     model.vision.requires_grad_(False)  # the tower frozen; connector and LLM train
-    ours = our_step(model, loss, reference)
+    move = lambda policy: perturbed(policy, seed=1)  # noqa: E731 (after the reference copy)
+    ours = our_step(model, loss, "copy", tmp_path, after_setup=move)
     theirs = trl_dpo_step(
         checkpoints["policy"],
         trl_pairs(),
@@ -183,14 +173,14 @@ def test_full_training_matches_trl(
         beta=BETA,
         trainable=set(ours["grads"]),
         reference=checkpoints["reference"],
-        out_dir=checkpoints["root"] / f"trl-full-{loss}",
+        out_dir=tmp_path / "trl",
     )
     assert_matches(ours, theirs, loss)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_lora_training_matches_trl(
-    loss: str, tokenizer_dir: str, checkpoints: dict[str, Path]
+    loss: str, tokenizer_dir: str, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     from peft import LoraConfig
 
@@ -202,14 +192,13 @@ def test_lora_training_matches_trl(
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    for param in model.connector.parameters():
-        param.requires_grad_(True)  # the connector trains beside the adapters
+    model.connector.requires_grad_(True)  # the connector trains beside the adapters
     weights = {
         llava_name(name): param.detach().clone()
         for name, param in model.named_parameters()
         if "lora_" in name
     }
-    ours = our_step(model, loss, None)
+    ours = our_step(model, loss, "adapters", tmp_path)
     linears = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     theirs = trl_dpo_step(
         checkpoints["reference"],
@@ -219,6 +208,6 @@ def test_lora_training_matches_trl(
         lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=linears),
         lora_weights=weights,
         trainable={name for name in ours["grads"] if "lora_" not in name},
-        out_dir=checkpoints["root"] / f"trl-lora-{loss}",
+        out_dir=tmp_path / "trl",
     )
     assert_matches(ours, theirs, loss)
