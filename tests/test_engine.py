@@ -21,7 +21,12 @@ from vlm_adapters.training import Trainer, load_train_config, train
 SCRIPTS = Path(__file__).parent / "scripts"
 EXAMPLES = Path(__file__).parent.parent / "examples" / "configs"
 sys.path.insert(0, str(SCRIPTS))
-from tiny_train import max_weight_diff, with_text_only, write_tiny_config  # noqa: E402
+from tiny_train import (  # noqa: E402
+    max_weight_diff,
+    with_text_only,
+    write_pairs,
+    write_tiny_config,
+)
 
 
 def test_a_text_only_batch_trains_in_every_stage(tmp_path):
@@ -156,6 +161,12 @@ def test_every_shipped_recipe_runs_two_steps_on_tiny_local_models(tmp_path, loca
         "stages.finetune.lora.r=4",
         "stages.finetune.lora.alpha=8",
     ]
+    if "preference" in recipe_data["recipe"]:  # 4 toy pairs from the finetune data
+        pairs = write_pairs(tmp_path, Path(data["finetune"]["path"]))
+        overrides += [f"data.preference.path={pairs}"]
+        overrides += [f"data.preference.image_root={data['finetune']['image_root']}"]
+        overrides += ["stages.preference.batch_size=2", "stages.preference.epochs=1"]
+        overrides += ["stages.preference.lora.r=4", "stages.preference.lora.alpha=8"]
     if recipe_data["data"].get("eval"):  # evaluated after each stage
         root = data["align"]["image_root"]
         overrides += [f"data.eval.path={root}/eval.json", f"data.eval.image_root={root}"]

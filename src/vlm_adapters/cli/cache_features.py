@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stage",
-        choices=("align", "finetune"),
+        choices=("align", "finetune", "preference"),
         help="one stage (default: every stage of the recipe that has a feature_cache)",
     )
     parser.add_argument(

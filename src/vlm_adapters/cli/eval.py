@@ -10,6 +10,7 @@ from typing import Any
 from vlm_adapters.cli import COMMANDS
 from vlm_adapters.cli._inference import add_trust_option, load_checkpoint
 from vlm_adapters.cli._rest import positive_int
+from vlm_adapters.errors import ConfigError
 
 
 def add_parser(sub: Any) -> None:
@@ -25,10 +26,16 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     parser.add_argument(
         "--task-type",
-        choices=("exact", "vqa", "yesno", "choice"),
+        choices=("exact", "vqa", "yesno", "choice", "preference"),
         default="exact",
         help="Metric: exact match + loss (default), VQAv2 soft accuracy, yes/no (POPE), "
-        "multiple choice by log-likelihood (circular); see docs/evaluation.md.",
+        "multiple choice by log-likelihood (circular), reward accuracy on preference pairs; "
+        "see docs/evaluation.md and docs/preference.md.",
+    )
+    parser.add_argument(
+        "--reference",
+        help="preference: the reference checkpoint (default: the checkpoint with its LoRA "
+        "adapters off, or none: which answer is the more likely).",
     )
     parser.add_argument(
         "--out", help="Write predictions.jsonl (one row per sample) and summary.json here."
@@ -41,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_output_dir(args.out, protect=[args.checkpoint])
+    if args.task_type == "preference":
+        return _preferences(args)
+    if args.reference is not None:
+        raise ConfigError("--reference: only --task-type preference uses a reference model")
     if args.task_type != "exact" or args.out is not None:
         return _score(args)
     from vlm_adapters.data import load_records
@@ -100,4 +111,32 @@ def _score(args: argparse.Namespace) -> int:
         print(json.dumps(row))
     if args.out is not None:
         print(f"predictions: {args.out}/predictions.jsonl")
+    return 0
+
+
+def _preferences(args: argparse.Namespace) -> int:
+    """Reward accuracy on a file of preference pairs (docs/preference.md)."""
+    from vlm_adapters._io import atomic_dir
+    from vlm_adapters.data import load_records
+    from vlm_adapters.inference.preference import evaluate_preferences
+
+    model = load_checkpoint(args.checkpoint, args.trust_remote_code)
+    reference = None
+    if args.reference is not None:
+        reference = load_checkpoint(args.reference, args.trust_remote_code)
+    records = load_records(args.data)
+    summary = evaluate_preferences(
+        model, records, args.images, args.template, args.batch_size, reference, source=args.data
+    )
+    if args.out is not None:
+        with atomic_dir(args.out, protect=[args.checkpoint]) as tmp:
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(
+        f"reward_accuracy {summary['reward_accuracy']:.4f}  reward_margin "
+        f"{summary['reward_margin']:.4f}  n {summary['n']}  skipped {summary['skipped']}  "
+        f"reference {summary['reference']}"
+    )
     return 0

@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", default="all", choices=("all", "align", "finetune"))
+    parser.add_argument(
+        "--stage", default="all", choices=("all", "align", "finetune", "preference")
+    )
     parser.add_argument("--out", default="runs/vlm", help="run directory (default: runs/vlm)")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint) or a checkpoint")
     parser.add_argument(

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 CARD_NAME = "README.md"
 UNKNOWN = "unknown (not recorded)"
-_STAGES = ("align", "finetune")
+_STAGES = ("align", "finetune", "preference")
+_DEFAULT_RECIPE = ("align", "finetune")
 _RUN_CONFIG = "config.yaml"
 _SUMMARY = "summary.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -105,7 +106,7 @@ def read_run(
         ) from None
     if not isinstance(config, dict):
         raise ExportError(f"{path}: not a run config (a mapping); the run folder is damaged")
-    recipe = config.get("recipe") or list(_STAGES)
+    recipe = config.get("recipe") or list(_DEFAULT_RECIPE)
     stages = [s for name in recipe if (s := _read_stage(directory, config, str(name)))]
     names = [s.name for s in stages]
     if stage is None and stages:

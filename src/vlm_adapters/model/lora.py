@@ -19,8 +19,10 @@ bitsandbytes side is :mod:`vlm_adapters.model.lora_bnb`).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -141,6 +143,16 @@ def lora_parts(model: VisionLanguageModel) -> list[Part]:
 
 def has_lora(model: VisionLanguageModel) -> bool:
     return bool(lora_parts(model))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: VisionLanguageModel) -> Iterator[None]:
+    """Inside, every LoRA adapter of ``model`` is switched off (peft's ``disable_adapter``):
+    the model computes as its base weights."""
+    with contextlib.ExitStack() as stack:
+        for part in lora_parts(model):
+            stack.enter_context(getattr(*slot(model, part)).disable_adapter())
+        yield
 
 
 def is_quantized(model: VisionLanguageModel) -> bool:

@@ -17,7 +17,7 @@ class TrainerState:
     """Where the run is when a callback is called."""
 
     stage: str
-    """The stage that runs ("align", "finetune")."""
+    """The stage that runs ("align", "finetune", "preference")."""
     out: Path
     """The run directory."""
     step: int = 0

@@ -238,6 +238,11 @@ class PreferenceStage(FinetuneStage):
         0.0, ge=0, lt=0.5, description="dpo, simpo: the share of preferences taken as flipped."
     )
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin.")
+    train_connector: bool = Field(
+        True,
+        description="Whether the connector trains (false: only the LLM / tower settings "
+        "train, e.g. LoRA adapters alone, as TRL's DPO with peft).",
+    )
     reference: Literal["auto", "adapters", "copy", "precomputed"] = Field(
         "auto",
         description="The reference model (dpo, ipo): adapters (LoRA: the model with its "
@@ -345,7 +350,7 @@ def train_config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig
 def check_preference(config: TrainConfig) -> None:
     """A preference stage reads whole pairs: neither streamed nor packed; its reference
     fits its training (adapters need LoRA; a reference-free loss takes none)."""
-    if "preference" not in config.recipe:
+    if "preference" not in config.recipe and config.data.preference is None:
         return
     prefix = f"{config.where}: " if config.where else ""
     stage, data = config.stages.preference, config.data.preference

@@ -43,10 +43,11 @@ Collator = DataCollator | PackingCollator | PairCollator
 
 DataSources = Any
 """Data given in Python (``train(data=...)``): one source for every stage that runs, or a
-mapping of stage names (``align``, ``finetune``, ``eval``) to sources; a source is a data
-path (any of ``data.<stage>.path``), a list of LLaVA records (``image`` may hold PIL images)
-or a `datasets.Dataset` (LLaVA's ``conversations`` + ``image`` or TRL's ``messages`` +
-``images``)."""
+mapping of stage names (``align``, ``finetune``, ``preference``, ``eval``) to sources; a
+source is a data path (any of ``data.<stage>.path``), a list of LLaVA records (``image`` may
+hold PIL images), a list of TRL preference rows (``prompt`` / ``chosen`` / ``rejected`` +
+``images``) or a `datasets.Dataset` (LLaVA's ``conversations`` + ``image``, TRL's
+``messages`` + ``images`` or TRL's preference columns)."""
 
 
 def with_given_data(

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from vlm_adapters.chat.templates import IGNORE_INDEX
-from vlm_adapters.errors import TrainingError
+from vlm_adapters.errors import ConfigError, TrainingError
+from vlm_adapters.inference.preference import pair_forward
 from vlm_adapters.model.lora import is_quantized, lora_parts, merge_lora
 from vlm_adapters.training.preference import (
     METRICS,
@@ -29,7 +30,6 @@ from vlm_adapters.training.reference import (
     LiveReference,
     Precompute,
     check_reference,
-    pair_forward,
     precomputed_reference,
     resolve_reference,
 )
@@ -111,6 +111,7 @@ class PreferenceObjective(Objective):
         self.reference_kind = reference
         self.reference: LiveReference | None = None
         self._sums: torch.Tensor | None = None
+        self._kept_adapter = False  # a 4-/8-bit LLM's adapter from an earlier stage
         self.last: PreferenceTerms | None = None
         """The terms of the last `loss` call (per-pair losses and rewards)."""
 
@@ -129,7 +130,8 @@ class PreferenceObjective(Objective):
         """An LLM adapted by an earlier stage (LoRA finetune) is folded into its weights, so
         the stage's reference (adapters off) is that stage's model and a fresh adapter
         learns the preference; a 4-/8-bit LLM keeps its adapter (reference: precomputed)."""
-        if "llm" in lora_parts(model) and not is_quantized(model):
+        self._kept_adapter = "llm" in lora_parts(model) and is_quantized(model)
+        if "llm" in lora_parts(model) and not self._kept_adapter:
             merge_lora(model)
             logger.info("preference: the earlier stage's LoRA adapter folded into the weights")
 
@@ -138,8 +140,13 @@ class PreferenceObjective(Objective):
             self.reference_kind = "none"
             return
         kind = resolve_reference(self.reference_kind, model)
-        if kind == "adapters" and "llm" in lora_parts(model) and is_quantized(model):
-            kind = "precomputed" if self.reference_kind == "auto" else kind
+        if self._kept_adapter and kind == "adapters":  # off, it would be the pre-finetune model
+            if self.reference_kind != "auto":
+                raise ConfigError(
+                    f"stages.{stage}.reference: adapters would switch off the finetune stage's "
+                    "adapter, which a 4-/8-bit LLM keeps; use precomputed (or auto)"
+                )
+            kind = "precomputed"
         check_reference(kind, model, stage)
         self.reference_kind = kind
         self.reference = None if kind == "precomputed" else LiveReference(kind, model)

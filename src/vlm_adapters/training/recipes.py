@@ -33,9 +33,10 @@ PARTS = KINDS
 def configure_stage(
     model: VisionLanguageModel, stage: str, settings: AlignStage | FinetuneStage
 ) -> None:
-    """Set `requires_grad` for `stage`: align trains the connector; finetune adds LLM/vision."""
+    """Set `requires_grad` for `stage`: align trains the connector; finetune adds LLM/vision;
+    a preference stage trains like finetune, its connector only with ``train_connector``."""
     model.requires_grad_(False)
-    model.connector.requires_grad_(True)
+    model.connector.requires_grad_(getattr(settings, "train_connector", True))
     if stage == "align":
         return
     if settings.train_llm == "full":

@@ -33,29 +33,15 @@ from torch import nn
 from vlm_adapters._io import atomic_write_bytes
 from vlm_adapters.data.pairs import PairCollator, PreferenceDataset
 from vlm_adapters.data.records import describe_memory
-from vlm_adapters.model.core import VisionLanguageModel, VLMOutput
-from vlm_adapters.model.lora import has_lora, is_quantized, lora_parts, slot
+from vlm_adapters.errors import ConfigError
+from vlm_adapters.inference.preference import evaluating, pair_forward
+from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.model.lora import adapters_disabled, has_lora, is_quantized
 
 logger = logging.getLogger("vlm_adapters.training")
 
 REFERENCE_NAME = "reference_logps.safetensors"
 Batch = dict[str, Any]
-
-
-def pair_forward(model: nn.Module, batch: Batch, **extra: Any) -> VLMOutput:
-    """Each row's summed answer log-probability (``sequence_logps`` ``[2P]``: chosen rows,
-    then rejected rows) of a pair batch, the images computed once for both rows."""
-    features = extra.pop("image_features", batch.get("image_features"))
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        pixel_values=None if features is not None else batch["pixel_values"],
-        labels=batch["labels"],
-        image_features=features,
-        shared_images=2,
-        per_sequence=True,
-        **extra,
-    )
 
 
 def resolve_reference(kind: str, model: VisionLanguageModel) -> str:
@@ -92,7 +78,7 @@ class LiveReference:
         extra = {} if features is None else {"image_features": features}
         if self.copy is not None:
             return pair_forward(self.copy, batch, **extra).sequence_logps
-        with evaluating(self.model), self._swapped(), _adapters_off(self.model):
+        with evaluating(self.model), self._swapped(), adapters_disabled(self.model):
             return pair_forward(self.model, batch, **extra).sequence_logps
 
     @contextlib.contextmanager
@@ -113,53 +99,27 @@ def _frozen(module: nn.Module) -> Any:
     return module.requires_grad_(False).eval()
 
 
-@contextlib.contextmanager
-def _adapters_off(model: VisionLanguageModel) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for part in lora_parts(model):
-            stack.enter_context(getattr(*slot(model, part)).disable_adapter())
-        yield
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside, each module's own mode restored after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
 def check_reference(kind: str, model: VisionLanguageModel, stage: str) -> None:
     """What each reference needs: adapters need LoRA and a frozen tower outside it; a copy
     cannot hold 4-/8-bit layers."""
     if kind == "adapters":
         if not has_lora(model):
-            raise _config_error(f"stages.{stage}.reference: adapters needs LoRA; use copy")
+            raise ConfigError(f"stages.{stage}.reference: adapters needs LoRA; use copy")
         plain = [
             name
             for name, p in model.named_parameters()
             if p.requires_grad and ".lora_" not in name and not name.startswith("connector.")
         ]
         if plain:
-            raise _config_error(
+            raise ConfigError(
                 f"stages.{stage}.reference: adapters cannot switch off {plain[0]}, which trains "
                 "outside LoRA; use copy or precomputed"
             )
     if kind == "copy" and is_quantized(model):
-        raise _config_error(
+        raise ConfigError(
             f"stages.{stage}.reference: copy cannot copy a 4-/8-bit LLM; use adapters or "
             "precomputed"
         )
-
-
-def _config_error(message: str) -> Exception:
-    from vlm_adapters.errors import ConfigError
-
-    return ConfigError(message)
 
 
 @dataclass

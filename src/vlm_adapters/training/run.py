@@ -74,7 +74,8 @@ class TrainResult:
     """Per stage that ran: steps, final_loss, seconds, skipped, final_dir, stopped_at (the
     checkpoint of a stage a callback stopped), its throughput over the steps it took (tokens,
     supervised_tokens, step_seconds, tokens_per_s, supervised_tokens_per_s, data_wait and,
-    on a GPU whose peak is known, mfu) and, with ``data.eval``, eval_loss."""
+    on a GPU whose peak is known, mfu), a preference stage's last step's rewards/* and
+    logps/* (docs/preference.md) and, with ``data.eval``, eval_loss."""
     out: Path
     """The run directory."""
     stopped: bool = False

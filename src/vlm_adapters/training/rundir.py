@@ -30,7 +30,7 @@ from vlm_adapters.training.config import train_config_from_dict
 logger = logging.getLogger("vlm_adapters.training")
 LOCK_NAME = "run.lock"
 CONFIG_NAME = "config.yaml"
-RUN_ENTRIES = (CONFIG_NAME, LOCK_NAME, "align", "finetune")
+RUN_ENTRIES = (CONFIG_NAME, LOCK_NAME, "align", "finetune", "preference")
 """What a training run writes at the top of its directory."""
 RUNTIME_KEYS = frozenset(
     {
