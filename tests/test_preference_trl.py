@@ -20,7 +20,7 @@ from vlm_adapters.data.pairs import PairCollator, PreferenceDataset
 from vlm_adapters.model.lora import LoraSettings, apply_lora
 from vlm_adapters.testing import tiny_model_config
 from vlm_adapters.training.objectives import PreferenceObjective
-from vlm_adapters.training.preference import PreferenceSettings
+from vlm_adapters.training.preference import METRICS, PreferenceSettings
 
 pytest.importorskip("trl", reason="TRL is a test dependency (pip install -e '.[dev]')")
 pytest.importorskip("datasets", reason="TRL's trainers take a datasets.Dataset")
@@ -126,7 +126,15 @@ def our_step(
         for name, param in model.named_parameters()
         if param.requires_grad
     }
-    return {"batch": batch, "loss": value.detach(), "terms": objective.last, "grads": grads}
+    sums = dict(zip(METRICS, objective.metric_sums().tolist()))
+    logps = (sums["logps/chosen"], sums["logps/rejected"])  # summed over the pairs
+    return {
+        "batch": batch,
+        "loss": value.detach(),
+        "terms": objective.last,
+        "logps": logps,
+        "grads": grads,
+    }
 
 
 def assert_matches(ours: dict, theirs: TrlStep, loss: str) -> None:
@@ -135,6 +143,9 @@ def assert_matches(ours: dict, theirs: TrlStep, loss: str) -> None:
     answer = (batch["labels"] != IGNORE_INDEX).long()
     assert torch.equal(answer, theirs.batch["completion_mask"])
     torch.testing.assert_close(ours["loss"], theirs.loss, rtol=0, atol=TOLERANCE)
+    chosen_logps, rejected_logps = ours["logps"]
+    assert chosen_logps == pytest.approx(float(theirs.chosen_logps.sum()), abs=TOLERANCE)
+    assert rejected_logps == pytest.approx(float(theirs.rejected_logps.sum()), abs=TOLERANCE)
     terms = ours["terms"]
     chosen_rewards, rejected_rewards = terms.chosen_rewards, terms.rejected_rewards
     if loss == "ipo":  # TRL reports beta * (summed log-ratio) for every loss; ours the IPO one

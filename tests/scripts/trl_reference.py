@@ -87,9 +87,9 @@ def trl_dpo_step(
 
     Full training: ``trainable`` names the LLaVA parameters that train (the rest are frozen),
     and the reference is ``reference`` (a checkpoint; default: a second copy of ``checkpoint``).
-    LoRA: ``lora`` is a peft config,
-    ``lora_weights`` the adapter values to start from (by plain LLaVA name), and ``trainable``
-    any base parameters that train beside the adapters.
+    LoRA: ``lora`` is a peft config, ``lora_weights`` the value of every adapter parameter to
+    start from (by plain LLaVA name), and ``trainable`` any base parameters that train beside
+    the adapters; the reference is the model with its adapters off.
     """
     from datasets import Dataset
     from transformers import AutoProcessor, LlavaForConditionalGeneration
