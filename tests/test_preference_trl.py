@@ -124,7 +124,7 @@ def our_step(
     grads = {
         llava_name(name): param.grad
         for name, param in model.named_parameters()
-        if param.requires_grad
+        if param.requires_grad and param.grad is not None
     }
     sums = dict(zip(METRICS, objective.metric_sums().tolist()))
     logps = (sums["logps/chosen"], sums["logps/rejected"])  # summed over the pairs
@@ -169,14 +169,19 @@ def checkpoints(tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
     return {"reference": root / "reference", "policy": root / "policy", "root": root}
 
 
+@pytest.mark.parametrize("tower", ["frozen", "trained"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_full_training_matches_trl(
-    loss: str, tokenizer_dir: str, checkpoints: dict[str, Path], tmp_path: Path
+    loss: str, tower: str, tokenizer_dir: str, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Connector and LLM train; a trained tower runs once per pair here (its gradient the sum
+    over both rows) and once per row in TRL."""
     model = tiny_vlm(tokenizer_dir)
-    model.vision.requires_grad_(False)  # the tower frozen; connector and LLM train
+    model.vision.requires_grad_(tower == "trained")
     move = lambda policy: perturbed(policy, seed=1)  # noqa: E731 (after the reference copy)
     ours = our_step(model, loss, "copy", tmp_path, after_setup=move)
+    towers = [name for name in ours["grads"] if name.startswith("model.vision_tower.")]
+    assert bool(towers) == (tower == "trained")
     theirs = trl_dpo_step(
         checkpoints["policy"],
         trl_pairs(),

@@ -150,7 +150,8 @@ def _set_lora(model: Any, weights: dict[str, torch.Tensor], trainable: set[str])
 
 def _forward_backward(trainer: Any, batch: dict[str, torch.Tensor]) -> TrlStep:
     """``trainer.compute_loss`` once, its per-pair rewards and log-probs (read from the
-    tensors it gathers for its metrics), and the gradients."""
+    tensors it gathers for its metrics), and the gradient of every trainable parameter the
+    loss reaches."""
     gathered: list[torch.Tensor] = []
     gather = trainer.accelerator.gather
 
@@ -168,9 +169,10 @@ def _forward_backward(trainer: Any, batch: dict[str, torch.Tensor]) -> TrlStep:
     # margin, chosen and rejected log-probabilities (the earlier ones are token counts)
     chosen, rejected, _, margin, chosen_logps, rejected_logps = gathered[-6:]
     assert torch.equal(margin, chosen - rejected), "TRL's metric gathering order has changed"
+    # the trainable parameters the loss reaches (not a tower's layers past its feature layer)
     grads = {
         plain_name(name): param.grad.detach().clone()
         for name, param in model.named_parameters()
-        if param.requires_grad
+        if param.requires_grad and param.grad is not None
     }
     return TrlStep(batch, loss.detach(), chosen_logps, rejected_logps, chosen, rejected, grads)
