@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +179,9 @@ def test_a_half_written_shard_of_a_killed_run_is_cleared_first(
     import subprocess
 
     path, root = source
-    pid = subprocess.Popen(["true"]).pid  # a process that has ended
-    os.waitpid(pid, 0)
+    ended = subprocess.Popen(["true"])  # a process that has ended
+    ended.wait()  # (not os.waitpid: a library's reaper thread may have collected it already)
+    pid = ended.pid
     out = tmp_path / "out"
     out.mkdir()
     stale = out / f".shard-00000.tar.tmp-{socket.gethostname()}-{pid}-0000abcd"
