@@ -534,3 +534,18 @@ def test_the_feature_cache_holds_each_video_per_sampling(tokenizer_dir, clips, t
     entry.path(entry.key(entries[0][0])).write_bytes(b"broken")
     cached.on_bad_sample = "skip"
     assert cached[0].reason == "feature cache entry unusable"
+
+
+def test_a_video_checkpoint_round_trips(tokenizer_dir, clips, tmp_path):
+    from vlm_adapters import load
+
+    model = _model(tokenizer_dir, num_frames=2, max_visual_tokens=64)
+    torch.nn.init.normal_(model.connector.image_newline, std=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt").eval()
+    assert again.video == model.video and again.video_spec.token_id == model.video_spec.token_id
+    frames = sample_video(clips["vp9"], "vp9", model.video.sampling()).frames
+    turns = [{"from": "human", "value": "<video> what moves ?"}]
+    batch = model.processor.prompt_batch([turns], None, [frames])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)

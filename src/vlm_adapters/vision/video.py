@@ -117,7 +117,7 @@ def pool_frames(tokens: torch.Tensor, side: int, pool: int) -> torch.Tensor:
     if pool == 1:
         return tokens
     frames, _, width = tokens.shape
-    grid = tokens.view(frames, side, side, width).permute(0, 3, 1, 2)  # [F, H, s, s]
+    grid = tokens.reshape(frames, side, side, width).permute(0, 3, 1, 2)  # [F, H, s, s]
     out = math.ceil(side / pool)
     pooled = F.interpolate(grid, size=[out, out], mode="bilinear")  # [F, H, m, m]
     return pooled.permute(0, 2, 3, 1).reshape(frames, out * out, width)
