@@ -534,3 +534,49 @@ def test_the_feature_cache_holds_each_video_per_sampling(tokenizer_dir, clips, t
     entry.path(entry.key(entries[0][0])).write_bytes(b"broken")
     cached.on_bad_sample = "skip"
     assert cached[0].reason == "feature cache entry unusable"
+
+
+def test_a_video_checkpoint_round_trips(tokenizer_dir, clips, tmp_path):
+    from vlm_adapters import load
+
+    model = _model(tokenizer_dir, num_frames=2, max_visual_tokens=64)
+    torch.nn.init.normal_(model.connector.image_newline, std=0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt").eval()
+    assert again.video == model.video and again.video_spec.token_id == model.video_spec.token_id
+    frames = sample_video(clips["vp9"], "vp9", model.video.sampling()).frames
+    turns = [{"from": "human", "value": "<video> what moves ?"}]
+    batch = model.processor.prompt_batch([turns], None, [frames])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_lora_trains_on_videos_and_merges_to_the_same_logits(tokenizer_dir, clips):
+    from vlm_adapters.model.lora import LoraSettings, apply_lora, merge_lora
+
+    model, items = _mixed(tokenizer_dir, clips)
+    apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0))
+    model.vision.requires_grad_(False)
+    batch = DataCollator(model.tokenizer.pad_token_id)(items)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values",
+                                    "video_values")}  # fmt: skip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.92 * losses[0], losses  # a rank-16 update of a 32-wide LLM: slowly
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # every adapter learned
+    assert not any("lora" in n for n, _ in model.vision.named_parameters())
+    model.eval()
+    del inputs["labels"]
+    with torch.no_grad():
+        before = model(**inputs).logits
+        merge_lora(model)
+        torch.testing.assert_close(model(**inputs).logits, before, rtol=1e-4, atol=1e-4)

@@ -142,7 +142,6 @@ def _stream(container: Any, name: str) -> Any:
     stream = streams[0]
     if stream.codec_context is None or stream.codec_context.codec is None:
         raise VideoProblem("video codec unsupported", f"{name}: no decoder for its video codec")
-    stream.thread_type = "AUTO"
     return stream
 
 

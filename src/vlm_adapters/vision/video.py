@@ -7,8 +7,10 @@ video (the connector's ``image_newline``, as OneVision). The arithmetic is in
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +90,9 @@ class FrameTransform:
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         processor = getattr(self.transform, "processor", None)
         if processor is not None:
-            out = processor(images=list(frames), return_tensors="pt")["pixel_values"]
-            return out.float()
+            options = {"disable_grouping": False} if _groups(processor) else {}
+            out = processor(images=list(frames), return_tensors="pt", **options)
+            return out["pixel_values"].float()
         images = [Image.fromarray(frame) for frame in frames]
         return torch.stack([self.transform(image) for image in images]).float()
 
@@ -100,13 +103,21 @@ class FrameTransform:
         return ImageBatch(torch.cat(values), sizes, tuple(len(v) for v in values))
 
 
+def _groups(processor: Any) -> bool:
+    """Whether a transformers image processor can process same-size images as one batch
+    (its torchvision backend; on the CPU it does one at a time unless told otherwise): a
+    video's frames then take one batched pass, with the same pixels."""
+    preprocess = getattr(processor, "_preprocess", None)
+    return preprocess is not None and "disable_grouping" in inspect.signature(preprocess).parameters
+
+
 def pool_frames(tokens: torch.Tensor, side: int, pool: int) -> torch.Tensor:
     """Frames' tokens ``[F, side*side, H]`` on their square grid -> ``[F, m*m, H]`` with
     ``m = ceil(side / pool)``, bilinear (transformers' OneVision ``apply_pooling`` for 2)."""
     if pool == 1:
         return tokens
     frames, _, width = tokens.shape
-    grid = tokens.view(frames, side, side, width).permute(0, 3, 1, 2)  # [F, H, s, s]
+    grid = tokens.reshape(frames, side, side, width).permute(0, 3, 1, 2)  # [F, H, s, s]
     out = math.ceil(side / pool)
     pooled = F.interpolate(grid, size=[out, out], mode="bilinear")  # [F, H, m, m]
     return pooled.permute(0, 2, 3, 1).reshape(frames, out * out, width)
