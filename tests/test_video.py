@@ -24,7 +24,7 @@ from vlm_adapters.testing.tiny import tiny_tiled_config
 
 av = pytest.importorskip("av")
 pytest.importorskip("skimage")
-from clips import CLIPS, PHOTOS, write_clip  # noqa: E402  (tests/scripts)
+from clips import CLIPS, PHOTOS, with_videos, write_clip  # noqa: E402  (tests/scripts)
 
 
 @pytest.fixture(scope="module")
@@ -367,28 +367,11 @@ def test_a_killed_video_run_resumes_to_bitwise_the_same_weights(tmp_path):
     import sys
     import time
 
-    import yaml
-
     scripts = Path(__file__).parent / "scripts"
     sys.path.insert(0, str(scripts))
     from tiny_train import max_weight_diff, write_tiny_config
 
-    config = write_tiny_config(tmp_path, num_train=8)
-    data = yaml.safe_load(config.read_text())
-    root = Path(data["data"]["finetune"]["image_root"])
-    write_clip(root / "pan.mp4", "h264")
-    write_clip(root / "zoom.webm", "vp9", "coffee")
-    images = json.loads(Path(data["data"]["finetune"]["path"]).read_text())
-    videos = [
-        _record(f"v{n}", "<video> what moves ?", answer, video=name)
-        for n, (name, answer) in enumerate([("pan.mp4", "the camera"), ("zoom.webm", "a cup")] * 3)
-    ]
-    mixed = root / "mixed.json"
-    mixed.write_text(json.dumps([r for pair in zip(images, videos) for r in pair]))
-    data["data"]["finetune"]["path"] = str(mixed)
-    data["data"]["finetune"]["video_root"] = str(root)  # where the images are, here
-    data["vision"]["video"] = {"num_frames": 2, "pool": 2}
-    config.write_text(yaml.safe_dump(data))
+    config = with_videos(write_tiny_config(tmp_path, num_train=8), "iv" * 6)
     script = [sys.executable, str(scripts / "tiny_train.py"), str(config)]
     args = ["--stage", "finetune", "--fresh-connector"]  # 3 steps, killed after the 2nd
     killed, reference = tmp_path / "killed", tmp_path / "reference"

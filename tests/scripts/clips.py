@@ -60,3 +60,36 @@ def write_clip(path: Path, name: str, photo: str = "astronaut") -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def with_videos(config: Path, pattern: str, stage: str = "finetune") -> Path:
+    """Rewrite ``stage``'s data file of a ``tiny_train`` config as ``pattern`` ("i" an image
+    sample of the file, "v" a video sample, "t" text only, in file order), write the clips
+    beside the images and give the model a ``vision.video`` section (2 frames, pool 2)."""
+    import json
+
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    root = Path(data["data"][stage]["image_root"])
+    write_clip(root / "pan.mp4", "h264")
+    write_clip(root / "zoom.webm", "vp9", "coffee")
+    images = iter(json.loads(Path(data["data"][stage]["path"]).read_text()))
+    videos = iter([("pan.mp4", "the camera"), ("zoom.webm", "a cup")] * len(pattern))
+    records = []
+    for n, kind in enumerate(pattern):
+        if kind == "i":
+            records.append(next(images))
+            continue
+        question, answer, media = "what colour is the circle ?", "red", {}
+        if kind == "v":
+            name, answer = next(videos)
+            question, media = "<video> what moves ?", {"video": name}
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        records.append({"id": f"{kind}{n}", **media, "conversations": turns})
+    path = root / f"{stage}-{pattern}.json"
+    path.write_text(json.dumps(records))
+    data["data"][stage] |= {"path": str(path), "video_root": str(root)}
+    data["vision"]["video"] = {"num_frames": 2, "pool": 2}
+    config.write_text(yaml.safe_dump(data))
+    return config

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -211,9 +212,11 @@ class VisionLanguageModel(nn.Module):
         if videos is None or len(videos) == 0:
             if slots:
                 raise ValueError(f"input has {slots} video placeholder tokens but no videos")
-            newline = self.connector.end_of_row()
-            if self.training and torch.is_grad_enabled() and newline is not None:
-                embeds = embeds + 0.0 * newline.sum()  # in the graph on every process
+            if self.training and torch.is_grad_enabled():
+                embeds = embeds + 0.0 * self.video_tokens(self._blank_video()).sum()
+                newline = self.connector.end_of_row()
+                if newline is not None:
+                    embeds = embeds + 0.0 * newline.sum()  # in the graph on every process
             return embeds
         visual = self.video_tokens(videos, from_cache)  # [K, H]
         if slots != visual.shape[0]:
@@ -271,6 +274,13 @@ class VisionLanguageModel(nn.Module):
 
         pixels = self.vision.preprocess([Image.new("RGB", (8, 8))])
         return pixels.to(next(self.vision.parameters()).device)
+
+    def _blank_video(self) -> ImageBatch:
+        """One black frame as a video: a training batch without videos still runs the tower
+        on frames (zero-weighted), so every process makes the same tower calls (FSDP2's
+        all-gathers stay in step when only some processes have videos)."""
+        frames = self.video_spec.transform.batch([np.zeros((1, 8, 8, 3), dtype=np.uint8)])
+        return frames.to(next(self.vision.parameters()).device)
 
     def forward(
         self,
