@@ -264,7 +264,8 @@ def test_images_are_encoded_once_per_question(tokenizer_dir: str, task_dir: Path
     ("context", "visual", "message"),
     [
         ("<image> <image> what shape?", "one", "2 <image> marker(s) but 1 image(s)"),
-        ("what shape?", "video.mp4", "takes images (PIL) as visuals, got str"),
+        ("what shape?", "video.mp4", "video.mp4 is a video but this model takes none"),
+        ("what shape?", b"bytes", "takes images (PIL) and video files (paths) as visuals"),
     ],
 )
 def test_bad_doc_is_one_error_naming_it(
@@ -309,3 +310,99 @@ def test_training_scores_lmms_eval_tasks_on_the_live_model(task_dir: Path, tmp_p
     expected = run(saved, task_dir, ["vlmad_gen", "vlmad_mc"])["results"]
     assert summary["eval_lmms/vlmad_mc/acc"] == expected["vlmad_mc"]["acc,none"]
     assert summary["eval_lmms/vlmad_gen/exact_match"] == expected["vlmad_gen"]["exact_match,none"]
+
+
+VIDEO_QUESTIONS = [("what moves?", ["h264"]), ("what is shown?", ["vp9"]), ("what moves?", [])]
+VIDEO_UTILS = """def doc_to_visual(doc):
+    return doc["videos"]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+"""
+
+
+@pytest.fixture(scope="module")
+def video_task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generation and multiple-choice tasks over docs whose visuals are video files
+    (clips encoded here; one doc text only), as lmms-eval's video tasks hand them."""
+    pytest.importorskip("av")
+    pytest.importorskip("skimage")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+    from clips import CLIPS, write_clip
+
+    root = tmp_path_factory.mktemp("lmms-video")
+    paths = {
+        name: str(write_clip(root / f"{name}.{CLIPS[name][1]}", name, photo))
+        for name, photo in [("h264", "astronaut"), ("vp9", "coffee")]
+    }
+    columns: dict[str, list] = {"question": [], "answer": [], "label": [], "videos": []}
+    for index, (question, videos) in enumerate(VIDEO_QUESTIONS):
+        columns["question"].append(question)
+        columns["answer"].append(CHOICES[index])
+        columns["label"].append(index)
+        columns["videos"].append([paths[name] for name in videos])
+    data = datasets.DatasetDict({"test": datasets.Dataset.from_dict(columns)})
+    data.save_to_disk(str(root / "data"))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(VIDEO_UTILS)
+    common = COMMON.format(data=root / "data")
+    (tasks / "gen.yaml").write_text(GEN.replace("vlmad_gen", "vlmvid_gen") + common)
+    (tasks / "mc.yaml").write_text(MC.replace("vlmad_mc", "vlmvid_mc") + common)
+    return tasks
+
+
+def test_video_docs_score_what_generate_and_the_loss_give(
+    tokenizer_dir: str, video_task_dir: Path
+) -> None:
+    """Video files as a doc's visuals, for a model with ``vision.video`` (its frame times in
+    the prompt): generate_until answers what ``model.generate`` answers on the same sampled
+    frames and prompt (simple and chat forms), and each option's log-likelihood is minus the
+    model's summed loss on that continuation (1e-5)."""
+    from vlm_adapters.data.processor import with_video_times
+    from vlm_adapters.data.video import sample_video
+
+    config = tiny_model_config(tokenizer_dir, "hf", "mlp")
+    config["vision"]["video"] = {"num_frames": 3, "pool": 2, "timestamps": True}
+    model = tiny(config)
+    out = run(VLMAdaptersLMM(model=model, batch_size=2), video_task_dir,
+              ["vlmvid_gen", "vlmvid_mc"])  # fmt: skip
+    docs = datasets.load_from_disk(str(video_task_dir.parent / "data"))["test"]
+    processor = model.processor_for("vicuna_v1")
+    scores = []
+    for index, doc in enumerate(docs):
+        clips = [sample_video(Path(p), p, model.video.sampling()) for p in doc["videos"]]
+        turns = [{"from": "human", "value": doc["question"]}]
+        turns = with_video_times(turns, clips) if clips else turns
+        frames = [clip.frames for clip in clips]
+        answer = model.generate([turns], videos=[frames], max_new_tokens=MAX_NEW)[0]
+        assert out["responses"]["vlmvid_gen"][index] == [answer.split("?")[0]]
+        prompt = processor.prompt(turns, [], [len(f) for f in frames])
+        for option, (score, _) in zip(CHOICES, out["responses"]["vlmvid_mc"][index]):
+            cont = model.tokenizer(option, add_special_tokens=False).input_ids
+            ids = torch.tensor([prompt + cont])
+            labels = torch.tensor([[-100] * len(prompt) + cont])
+            with torch.no_grad():
+                loss = model(ids, torch.ones_like(ids), labels=labels,
+                             video_values=processor.videos(frames)).loss  # fmt: skip
+            assert score == pytest.approx(-loss.item() * len(cont), abs=1e-5), (index, option)
+            scores.append(score)
+    assert len({round(s, 4) for s in scores[:: len(CHOICES)]}) == len(docs)  # videos matter
+    chat = run(VLMAdaptersChatLMM(model=model, batch_size=2), video_task_dir, ["vlmvid_gen"])
+    assert chat["responses"]["vlmvid_gen"] == out["responses"]["vlmvid_gen"]
+
+
+def test_a_video_doc_for_a_model_without_video_is_one_line(
+    tokenizer_dir: str, video_task_dir: Path
+) -> None:
+    lm = VLMAdaptersLMM(model=tiny(tiny_model_config(tokenizer_dir)))
+    with pytest.raises(DataError) as error:
+        run(lm, video_task_dir, ["vlmvid_mc"])
+    message = str(error.value)
+    assert message.startswith("task 'vlmvid_mc', doc 0: ") and "\n" not in message
+    assert (
+        "h264.mp4 is a video but this model takes none (its config has no vision.video)" in message
+    )

@@ -4,15 +4,17 @@ Registered through lmms-eval's ``lmms_eval.models`` entry-point group as ``vlm_a
 ``python -m lmms_eval --model vlm_adapters --model_args pretrained=DIR --tasks ...``. Prompts
 are rendered by the model's one processor with the checkpoint's chat template and answered by
 :func:`vlm_adapters.model.generation.generate`, so lmms-eval scores exactly what
-``model.generate`` answers. Needs the ``eval`` extra (``pip install vlm-adapters[eval]``);
+``model.generate`` answers. A doc's visuals are PIL images and, for a model with
+``vision.video``, video files (paths, as lmms-eval's video tasks give them), sampled as the
+model's settings say. Needs the ``eval`` extra (``pip install vlm-adapters[eval]``);
 nothing else in the package imports this module.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,13 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.protocol import ChatMessages
 from PIL import Image
 
-from vlm_adapters.chat.templates import IMAGE_MARKER
-from vlm_adapters.data.processor import join_images, pad_batch
+from vlm_adapters.chat.templates import IMAGE_MARKER, VIDEO_MARKER
+from vlm_adapters.data.processor import join_images, pad_batch, with_video_times
+from vlm_adapters.data.video import Clip, sample_video
 from vlm_adapters.errors import DataError
 from vlm_adapters.model.core import VisionLanguageModel
 from vlm_adapters.model.generation import generate, resolve_template
+from vlm_adapters.vision.base import ImageBatch
 
 MODEL_ID = "vlm_adapters"
 _MODULE = __name__
@@ -39,8 +43,9 @@ MANIFEST = ModelManifest(
 """What the entry point gives lmms-eval: the chat form by default, the simple form with
 ``--force_simple``."""
 
-Request = tuple[list[dict[str, str]], list[Image.Image]]
-"""One prompt: conversation turns (ending with a human turn) and the images they mark."""
+Request = tuple[list[dict[str, str]], list[Image.Image], list[Clip]]
+"""One prompt: conversation turns (ending with a human turn), the images and the videos'
+sampled frames they mark."""
 
 
 class VLMAdaptersLMM(lmms):
@@ -87,8 +92,31 @@ class VLMAdaptersLMM(lmms):
     def _request(self, args: tuple) -> tuple[Request, dict[str, Any]]:
         """A generation request's prompt and generation kwargs (simple form)."""
         context, gen_kwargs, doc_to_visual, doc_id, task, split = args
-        images = _visuals(doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual else [])
-        return _simple_prompt(context, images), dict(gen_kwargs or {})
+        images, videos = _visuals(
+            doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual else []
+        )
+        prompt = _simple_prompt(context, images, self._clips(videos))
+        return prompt, dict(gen_kwargs or {})
+
+    def _clips(self, paths: list[str]) -> list[Clip]:
+        """The videos at ``paths``, sampled as the model's ``vision.video`` says."""
+        if not paths:
+            return []
+        settings = self.model.video
+        if settings is None:
+            raise DataError(
+                f"{paths[0]} is a video but this model takes none (its config has no "
+                "vision.video); evaluate a video model or an image task"
+            )
+        return [sample_video(Path(path), path, settings.sampling()) for path in paths]
+
+    def _timed(self, prompt: Request) -> Request:
+        """``prompt`` with its videos' times after their markers when the model was trained
+        so (``vision.video.timestamps``), as training and ``model.generate`` callers do."""
+        turns, images, clips = prompt
+        if clips and self.model.video.timestamps:
+            turns = with_video_times(turns, clips)
+        return turns, images, clips
 
     # lmms-eval API
 
@@ -101,7 +129,8 @@ class VLMAdaptersLMM(lmms):
         prompts = []
         for request in requests:
             with _about(request):
-                prompts.append(self._request(request.args))
+                prompt, kwargs = self._request(request.args)
+                prompts.append((self._timed(prompt), kwargs))
         answers: list[str] = [""] * len(prompts)
         for indices in _groups(prompts, self.batch_size):
             kwargs = prompts[indices[0]][1]
@@ -111,6 +140,7 @@ class VLMAdaptersLMM(lmms):
                     [prompts[i][0][0] for i in indices],
                     [prompts[i][0][1] for i in indices],
                     template=self.template,
+                    videos=[[clip.frames for clip in prompts[i][0][2]] for i in indices],
                     max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
                     temperature=float(kwargs.get("temperature", 0.0) or 0.0),
                     top_p=float(kwargs.get("top_p", 1.0) or 1.0),
@@ -138,8 +168,9 @@ class VLMAdaptersLMM(lmms):
                 question = questions.get((task, split, doc_id, context))
                 if question is None:
                     doc = self._doc(task, split, doc_id)
-                    images = _visuals(doc_to_visual(doc) if doc_to_visual else [])
-                    question = _Question(request, context, images, doc)
+                    images, videos = _visuals(doc_to_visual(doc) if doc_to_visual else [])
+                    prompt = self._timed(_simple_prompt(context, images, self._clips(videos)))
+                    question = _Question(request, prompt, doc)
                     questions[(task, split, doc_id, context)] = question
                 continuation = target if isinstance(target, str) else target(question.doc)
                 ids = self.model.tokenizer(continuation, add_special_tokens=False).input_ids
@@ -162,17 +193,21 @@ class VLMAdaptersLMM(lmms):
         """Score every option of the questions in ``chunk`` in one forward pass; the LM head
         runs only where a continuation token is predicted."""
         processor = self.model.processor_for(self.template)
-        rows, spans, pixels = [], [], []
+        rows, spans, pixels, frames = [], [], [], []
         for question in chunk:
+            turns, images, clips = question.prompt
             with _about(question.request):
-                prompt = processor.prompt(*_simple_prompt(question.context, question.images))
+                prompt = processor.prompt(turns, images, [len(clip) for clip in clips])
             for index, ids in question.options:
                 spans.append((index, len(prompt), ids))
                 rows.append(prompt + ids)
-            pixels.append((processor.images(question.images), len(question.options)))
+            options = len(question.options)
+            pixels.append((processor.images(images), options))
+            frames.append((processor.videos([clip.frames for clip in clips]), options))
         batch = pad_batch(rows, self.model.tokenizer.pad_token_id, side="right")
         device = self.model.llm.device
-        embeds = self.model.embed(batch["input_ids"].to(device), **self._visual_inputs(pixels))
+        visual = {**self._visual_inputs(pixels), **self._video_inputs(frames)}
+        embeds = self.model.embed(batch["input_ids"].to(device), **visual)
         hidden = self.model.llm.body(embeds, batch["attention_mask"].to(device))  # [B, T, H]
         rows_at = torch.cat([torch.full((len(ids),), row) for row, (_, _, ids) in enumerate(spans)])
         cols_at = torch.cat(
@@ -206,13 +241,27 @@ class VLMAdaptersLMM(lmms):
             start += len(p)
         return {"pixel_values": None, "image_features": torch.cat(parts)}
 
+    def _video_inputs(self, frames: list[tuple[ImageBatch | None, int]]) -> dict[str, Any]:
+        """Each question's video frames through the vision tower once, repeated for its
+        options (``video_features``)."""
+        present = [(batch, n) for batch, n in frames if batch is not None]
+        if not present:
+            return {}
+        device, dtype = self.model.llm.device, next(self.model.vision.parameters()).dtype
+        tower = self.model.vision.untiled()
+        parts = []
+        for batch, n in present:
+            features = replace(batch, values=tower(batch.values.to(device, dtype)))
+            parts += [features] * n
+        return {"video_features": ImageBatch.cat(parts)}
+
     def _blame(self, chunk: list[tuple[Instance, Request]]) -> None:
         """Raise the error of the first prompt in ``chunk`` that cannot be built, naming its
         doc (a batch's own error counts prompts within the batch)."""
         processor = self.model.processor_for(self.template)
-        for request, (turns, images) in chunk:
+        for request, (turns, images, clips) in chunk:
             with _about(request):
-                processor.prompt(turns, images)
+                processor.prompt(turns, images, [len(clip) for clip in clips])
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("vlm_adapters answers single-round requests only")
@@ -256,31 +305,41 @@ class VLMAdaptersChatLMM(VLMAdaptersLMM):
     def _request(self, args: tuple) -> tuple[Request, dict[str, Any]]:
         _, doc_to_messages, gen_kwargs, doc_id, task, split = args
         messages = ChatMessages(messages=doc_to_messages(self._doc(task, split, doc_id)))
-        return _chat_prompt(messages), dict(gen_kwargs or {})
+        return _chat_prompt(messages, self._clips), dict(gen_kwargs or {})
 
 
-def _simple_prompt(context: str, images: list[Image.Image]) -> Request:
-    """One human turn: ``context`` with an ``<image>`` line per image unless it marks them."""
+def _simple_prompt(context: str, images: list[Image.Image], clips: list[Clip]) -> Request:
+    """One human turn: ``context`` with an ``<image>`` line per image and a ``<video>`` line
+    per video (videos first) unless it marks them."""
     if images and IMAGE_MARKER not in context:
         context = f"{IMAGE_MARKER}\n" * len(images) + context
-    return [{"from": "human", "value": context}], images
+    if clips and VIDEO_MARKER not in context:
+        context = f"{VIDEO_MARKER}\n" * len(clips) + context
+    return [{"from": "human", "value": context}], images, clips
 
 
-def _chat_prompt(messages: ChatMessages) -> Request:
-    """Turns from chat messages: each image becomes an ``<image>`` line where it stands."""
-    turns, images = [], []
+def _chat_prompt(messages: ChatMessages, sample: Callable[[list[str]], list[Clip]]) -> Request:
+    """Turns from chat messages: each image becomes an ``<image>`` line and each video (a
+    file, sampled by ``sample``) a ``<video>`` line where it stands."""
+    turns, images, videos = [], [], []
     for message in messages.messages:
         parts = []
         for content in message.content:
             if content.type == "text":
                 parts.append(content.text)
             elif content.type == "image":
-                images += _visuals([content.url])
+                if not isinstance(content.url, Image.Image):
+                    kind = type(content.url).__name__
+                    raise DataError(f"vlm_adapters takes images as PIL images, got {kind}")
+                images.append(content.url)
                 parts.append(f"{IMAGE_MARKER}\n")
+            elif content.type == "video" or _webm(content.type, content.url):
+                videos += _video_path(content.url)
+                parts.append(f"{VIDEO_MARKER}\n")
             else:
-                raise DataError(f"vlm_adapters takes text and images, not {content.type}")
+                raise DataError(f"vlm_adapters takes text, images and videos, not {content.type}")
         turns.append({"from": message.role, "value": "".join(parts)})
-    return turns, images
+    return turns, images, sample(videos)
 
 
 @dataclass
@@ -288,8 +347,7 @@ class _Question:
     """A log-likelihood context with its images, and the options scored after it."""
 
     request: Instance
-    context: str
-    images: list[Image.Image]
+    prompt: Request
     doc: Any
     options: list[tuple[int, list[int]]] = field(default_factory=list)
     """(request index, continuation ids) per option."""
@@ -315,18 +373,40 @@ def _about(request: Instance) -> Iterator[None]:
         raise DataError(f"task {request.task_name!r}, doc {request.doc_id}: {error}") from None
 
 
-def _visuals(visuals: Any) -> list[Image.Image]:
-    """A doc's visuals (None, an image, or a nested list of images) as a flat list."""
+def _visuals(visuals: Any) -> tuple[list[Image.Image], list[str]]:
+    """A doc's visuals (None, an image, a video file's path, or a nested list of them) as
+    flat lists of images and of video paths."""
     if visuals is None:
-        return []
+        return [], []
     if isinstance(visuals, Image.Image):
-        return [visuals]
-    if isinstance(visuals, (str, bytes, Mapping)) or not isinstance(visuals, Sequence):
+        return [visuals], []
+    if isinstance(visuals, (str, Path)):
+        return [], _video_path(visuals)
+    if isinstance(visuals, (bytes, Mapping)) or not isinstance(visuals, Sequence):
         raise DataError(
-            f"vlm_adapters takes images (PIL) as visuals, got {type(visuals).__name__}; "
-            "videos and audio are not supported"
+            "vlm_adapters takes images (PIL) and video files (paths) as visuals, got "
+            f"{type(visuals).__name__}; audio is not supported"
         )
-    return [image for item in visuals for image in _visuals(item)]
+    images, videos = [], []
+    for item in visuals:
+        more_images, more_videos = _visuals(item)
+        images += more_images
+        videos += more_videos
+    return images, videos
+
+
+def _webm(kind: str, url: Any) -> bool:
+    """Whether ``url`` is a WebM file that lmms-eval 0.7.3 calls audio by its extension alone
+    (WebM holds video as often): it is read as a video (one without a video stream is
+    refused as such)."""
+    return kind == "audio" and isinstance(url, (str, Path)) and str(url).lower().endswith(".webm")
+
+
+def _video_path(url: Any) -> list[str]:
+    """A video given as a file path (lmms-eval's video tasks), as a one-item list."""
+    if not isinstance(url, (str, Path)):
+        raise DataError(f"vlm_adapters takes videos as file paths, got {type(url).__name__}")
+    return [str(url)]
 
 
 def _groups(prompts: list[tuple[Request, dict[str, Any]]], size: int) -> Iterator[list[int]]:
