@@ -74,15 +74,37 @@ def test_seeking_gives_the_frames_a_full_decode_gives(clips, monkeypatch):
         assert np.array_equal(frame, _on_screen(every, time))
 
 
-def test_a_variable_frame_rate_is_sampled_by_timestamps(clips):
-    clip = sample_video(clips["vfr"], "vfr", Sampling(4))
-    every = _every_frame(clips["vfr"])
+@pytest.mark.parametrize("name", ["vfr", "vfr-mp4"])
+def test_a_variable_frame_rate_is_sampled_by_timestamps(clips, name):
+    clip = sample_video(clips[name], name, Sampling(4))
+    every = _every_frame(clips[name])
     assert [t for t, _ in every] == [0.0, 0.04, 0.2, 0.26, 0.7, 0.76]
     indices = [
         next(i for i, (_, f) in enumerate(every) if np.array_equal(f, c)) for c in clip.frames
     ]
     shown = [max(i for i, (t, _) in enumerate(every) if t <= when) for when in clip.times]
     assert indices == shown and len(set(indices)) > 2  # not frame indices: the long gap shows
+
+
+def test_the_span_comes_from_the_last_packets_not_a_short_header(clips):
+    """The VFR MP4's header claims less time than its frames span (0.5 s here); the span is
+    read from its last packets (demuxed from the last keyframe, not decoded): the frame at
+    0.76 s lasts the 0.06 s gap before it. So the late frames, past the header's end, are
+    sampled, each the frame a full decode shows at its time."""
+    path = clips["vfr-mp4"]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        claimed = float(stream.duration * stream.time_base)
+    assert claimed < 0.7  # the header alone would never reach the frames at 0.70 and 0.76 s
+    assert read_header(path, "vfr-mp4").duration == pytest.approx(0.82)
+    assert read_header(clips["vfr"], "vfr").duration == pytest.approx(0.8)  # stored durations
+    every = _every_frame(path)
+    for sampling in (Sampling(4), Sampling(6)):
+        clip = sample_video(path, "vfr-mp4", sampling)
+        assert clip.duration == pytest.approx(0.82) and clip.times[-1] > 0.7
+        for time, frame in zip(clip.times, clip.frames):
+            assert np.array_equal(frame, _on_screen(every, time))
+        assert np.array_equal(clip.frames[-1], every[4][1])  # the frame shown from 0.70 s
 
 
 def test_frame_sampling_arithmetic():

@@ -10,14 +10,16 @@ import numpy as np
 from PIL import Image
 from skimage import data as skimage_data
 
+VFR_PTS = [0, 40, 200, 260, 700, 760]
 # name -> (codec, container, pixel format, (width, height), frame rate, frames, pts in ms)
 CLIPS = {
     "h264": ("libx264", "mp4", "yuv444p", (131, 97), Fraction(7), 6, None),
     "mpeg4": ("mpeg4", "mp4", "yuv420p", (97, 61), Fraction(13, 2), 5, None),
     "vp9": ("libvpx-vp9", "webm", "yuv420p", (75, 53), Fraction(11), 7, None),
-    "vfr": ("libx264", "mkv", "yuv444p", (64, 45), Fraction(25), 6, [0, 40, 200, 260, 700, 760]),
+    "vfr": ("libx264", "mkv", "yuv444p", (64, 45), Fraction(25), 6, VFR_PTS),
     "long": ("libx264", "mp4", "yuv444p", (40, 30), Fraction(10), 60, None),
-}
+    "vfr-mp4": ("libx264", "mp4", "yuv444p", (64, 45), Fraction(25), 6, VFR_PTS),
+}  # vfr-mp4 stores no frame durations, and its header claims less time than its frames span
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
 

@@ -1,9 +1,12 @@
 """Opening videos safely and sampling their frames (PyAV).
 
 A video's header is read first: it must hold a video stream with a decoder, a frame size
-within ``max_pixels`` and a duration. The frames to sample follow from the header alone (so
-a sample's visual tokens are known before anything is decoded): ``num_frames`` (or ``fps``
-frames per second, at most ``max_frames``) at the centres of equal spans of the duration.
+within ``max_pixels`` and a duration. The duration is the span of the stream's packets (its
+last packets demuxed from the last keyframe, none decoded; a variable-frame-rate file's
+header can be short of its last frames), else the header's. The frames to sample follow from
+these alone (so a sample's visual tokens are known before anything is decoded):
+``num_frames`` (or ``fps`` frames per second, at most ``max_frames``) at the centres of
+equal spans of the duration.
 Each chosen frame is the one on screen at its time (the last whose timestamp is not later),
 found by seeking to the nearest keyframe before it rather than decoding the whole file, so a
 variable frame rate is handled by the timestamps, not by frame indices.
@@ -11,6 +14,7 @@ variable frame rate is handled by the timestamps, not by frame indices.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -164,6 +168,18 @@ def _header(container: Any, stream: Any, name: str, max_pixels: int) -> VideoHea
 
 
 def _duration(container: Any, stream: Any) -> float:
+    """The stream's span, from its start to the end of its last frame as its packets give it
+    (:func:`_end`), else as the header gives it (headers of variable-frame-rate files can
+    be short of the last frames)."""
+    claimed = _header_duration(container, stream)
+    start = stream.start_time or 0
+    end = _end(container, stream, start + int(claimed / stream.time_base))
+    if end is not None and end > start:
+        return float((end - start) * stream.time_base)
+    return claimed
+
+
+def _header_duration(container: Any, stream: Any) -> float:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
@@ -171,10 +187,39 @@ def _duration(container: Any, stream: Any) -> float:
     return 0.0
 
 
+def _start(stream: Any) -> float:
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def _end(container: Any, stream: Any, claimed: int) -> int | None:
+    """When the stream's last frame ends (in its time base; None: no packet says): its
+    packets are demuxed, not decoded, from the keyframe before the ``claimed`` end to the
+    end of the file; the last frame lasts its packet's duration, or when the container
+    stores none, the gap between the last two frames. The container is left at its start."""
+    av = _av()
+    with contextlib.suppress(av.FFmpegError):  # not seekable: demux from the start
+        container.seek(max(claimed, 0), stream=stream, backward=True)
+    last, before, lasts = None, None, 0
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            if last is None or packet.pts > last:
+                last, before, lasts = packet.pts, last, packet.duration or 0
+            elif before is None or packet.pts > before:
+                before = packet.pts
+        container.seek(stream.start_time or 0, stream=stream, backward=True)
+    except av.FFmpegError:
+        return None  # a damaged tail: the header's duration; decoding reports the damage
+    if last is None:
+        return None
+    return last + (lasts or (last - before if before is not None else 0))
+
+
 def _frames_at(container: Any, stream: Any, times: list[float], name: str) -> Iterator[np.ndarray]:
     """The frame on screen at each of ``times`` (ascending), seeking across long gaps."""
     av = _av()
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    start = _start(stream)
     decoded = _decoded(container, stream, name)
     current, upcoming = None, next(decoded, None)
     if upcoming is None:
