@@ -77,9 +77,7 @@ def test_transformers_computes_what_we_compute(exported) -> None:
     text = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True
     )
-    inputs = processor(
-        text=text, images=photo, videos=[list(clip.frames)], return_tensors="pt"
-    )
+    inputs = processor(text=text, images=photo, videos=[list(clip.frames)], return_tensors="pt")
     ours = _ours(model, clip, photo)
     assert torch.equal(inputs["input_ids"], ours["input_ids"])
     assert torch.equal(inputs["pixel_values_videos"][0], ours["video_values"].values)

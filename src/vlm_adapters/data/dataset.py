@@ -521,4 +521,3 @@ class ConversationDataset(Dataset):
             return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as error:
             raise BadSample("image unreadable", f"an in-memory image: {error}") from None
-
