@@ -163,12 +163,15 @@ def _assert_sharded(first: dict, second: dict) -> None:
         assert param["local"] < param["numel"] and other["local"] < param["numel"]
 
 
-def test_text_only_on_one_sharded_process_and_images_on_the_other(tmp_path):
+@pytest.mark.parametrize("cached", [False, True], ids=["pixels", "feature-cache"])
+def test_text_only_on_one_sharded_process_and_images_on_the_other(tmp_path, cached):
     """Rank 0 gets only text-only samples, rank 1 only image samples: both finish (the tower
-    and connector take part on both, so the collectives stay in step) and equal one process
-    on the same global batch."""
+    and connector take part on both, so the collectives stay in step; with a feature cache
+    neither runs the tower) and equal one process on the same global batch."""
     config = with_text_only(tmp_path, write_tiny_config(tmp_path, num_train=8), "ttiittii")
     args = ["--stage", "finetune", "--fresh-connector", "--in-order"]
+    if cached:
+        args.append(f"stages.finetune.feature_cache={tmp_path / 'cache'}")
     _sharded(config, tmp_path / "two", *args, "stages.finetune.batch_size=2")
     one = [sys.executable, str(SCRIPTS / "tiny_train.py"), str(config), str(tmp_path / "one")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -171,7 +171,9 @@ def test_the_frozen_tower_feature_cache_serves_the_preference_stage(tmp_path: Pa
     monkeypatch.setattr(VisionBackbone, "forward", counted)
     cache = {"reference": "copy", "feature_cache": str(tmp_path / "cache")}
     cached = _metrics(_train(tmp_path / "cached", cache))
-    assert sum(rows) == 8  # filling the cache: 8 images once; the steps read it
+    # one black image (the connector's input for image-free batches), then the 8 images
+    # filling the cache once; the steps read it
+    assert rows == [1, 4, 4]
     for a, b in zip(plain, cached, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 

@@ -88,6 +88,8 @@ class VisionLanguageModel(nn.Module):
         )
         self.video = video
         self.video_spec = self._video_spec(video) if video is not None else None
+        self.cached_blank: Images | None = None
+        """Set by training while a stage reads a feature cache (`use_cached_blank`)."""
 
     @classmethod
     def from_config(cls, config: ModelConfig | dict[str, Any]) -> VisionLanguageModel:
@@ -213,7 +215,7 @@ class VisionLanguageModel(nn.Module):
             if slots:
                 raise ValueError(f"input has {slots} video placeholder tokens but no videos")
             if self.training and torch.is_grad_enabled():
-                embeds = embeds + 0.0 * self.video_tokens(self._blank_video()).sum()
+                embeds = embeds + 0.0 * self._blank_tokens(video=True).sum()
                 newline = self.connector.end_of_row()
                 if newline is not None:
                     embeds = embeds + 0.0 * newline.sum()  # in the graph on every process
@@ -254,7 +256,7 @@ class VisionLanguageModel(nn.Module):
             if slots:
                 raise ValueError(f"input has {slots} image placeholder tokens but no pixel_values")
             if self.training and torch.is_grad_enabled():
-                embeds = embeds + 0.0 * self.visual_tokens(self._blank_image()).sum()
+                embeds = embeds + 0.0 * self._blank_tokens().sum()
             return embeds
         visual = self.visual_tokens(pixel_values, image_features)  # [K, H]
         if shared_images > 1:
@@ -265,6 +267,27 @@ class VisionLanguageModel(nn.Module):
                 f"{len(images)} images giving {visual.shape[0]} visual tokens"
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+
+    def use_cached_blank(self, cached: bool) -> None:
+        """While a stage reads its images' tower features from a feature cache (``cached``),
+        batches without images or videos feed the connector the tower's features of one
+        black image, computed here once, instead of running the tower: no process then runs
+        the tower, so FSDP2's collectives stay in step across processes. Every process must
+        call this (the tower runs once here)."""
+        if not cached:
+            self.cached_blank = None
+            return
+        with torch.no_grad():
+            self.cached_blank = self._features(self._blank_image())
+
+    def _blank_tokens(self, video: bool = False) -> torch.Tensor:
+        """Zero-weight visual tokens that keep the connector (and, without a feature cache,
+        the tower) in a batch's graph on every process."""
+        if self.cached_blank is not None:
+            return self.visual_tokens(None, self.cached_blank)
+        if video:
+            return self.video_tokens(self._blank_video())
+        return self.visual_tokens(self._blank_image())
 
     def _blank_image(self) -> Images:
         """One black image ``[1, 3, H, W]``: a text-only training batch still runs the vision

@@ -198,6 +198,7 @@ class Trainer:
         collator, self.attention = make_collator(config, stage, model)
         self.collator = collator
         self.sampler: Sampler | None = None
+        model.use_cached_blank(bool(config.stage(stage).feature_cache))
         if config.dataset(stage).streaming:
             return stream_loader(config, stage, model, collator, self.skips, self.accelerator)
         dataset = stage_dataset(config, stage, model, self.records, self.skips, self.accelerator)
