@@ -215,6 +215,12 @@ def test_a_lora_stage_after_a_lora_finetune_starts_from_the_finetuned_model(
     assert adapters["reward_accuracy"] == finetuned["reward_accuracy"] == 1.0
     assert adapters["reward_margin"] == pytest.approx(finetuned["reward_margin"], abs=1e-4)
     assert adapters["n"] == 8 and adapters["skipped"] == 0
+    reference = final.parent.parent / "finetune" / "final"
+    weights = {f.name: f.read_bytes() for f in reference.iterdir() if f.is_file()}
+    out = ["--reference", str(reference), "--out", str(reference)]  # --out is the reference
+    assert main(["eval", str(final), *args, *out]) == 2
+    assert "overlaps the source" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in reference.iterdir() if f.is_file()} == weights
 
 
 def _eval(capsys: pytest.CaptureFixture[str], args: list[str]) -> dict[str, Any]:

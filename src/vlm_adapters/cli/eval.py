@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from vlm_adapters._io import check_output_dir
 
     if args.out is not None:
-        check_output_dir(args.out, protect=[args.checkpoint])
+        check_output_dir(args.out, protect=_ours(args))
     if args.task_type == "preference":
         return _preferences(args)
     if args.reference is not None:
@@ -98,7 +98,7 @@ def _score(args: argparse.Namespace) -> int:
         source=args.data,
     )
     if args.out is not None:
-        with atomic_dir(args.out, protect=[args.checkpoint]) as tmp:
+        with atomic_dir(args.out, protect=_ours(args)) as tmp:
             rows = "".join(json.dumps(row) + "\n" for row in scored.samples)
             (tmp / "predictions.jsonl").write_text(rows)
             (tmp / "summary.json").write_text(json.dumps(scored.summary, indent=2) + "\n")
@@ -129,7 +129,7 @@ def _preferences(args: argparse.Namespace) -> int:
         model, records, args.images, args.template, args.batch_size, reference, source=args.data
     )
     if args.out is not None:
-        with atomic_dir(args.out, protect=[args.checkpoint]) as tmp:
+        with atomic_dir(args.out, protect=_ours(args)) as tmp:
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -140,3 +140,8 @@ def _preferences(args: argparse.Namespace) -> int:
         f"reference {summary['reference']}"
     )
     return 0
+
+
+def _ours(args: argparse.Namespace) -> list[str]:
+    """The checkpoints ``--out`` must not overlap: the one scored and any ``--reference``."""
+    return [args.checkpoint, *([args.reference] if args.reference is not None else [])]
