@@ -267,6 +267,10 @@ def test_video_paths_stay_inside_the_video_root(tokenizer_dir, clips, tmp_path):
         ("two", "video marker mismatch"),
     ]
     assert "video_root" in skipped[0].detail
+    # an image named like a video resolves under image_root, the video under video_root
+    (tmp_path / "h264.mp4").write_bytes(b"an image file named like the clip")
+    assert dataset._image_file("h264.mp4") == (tmp_path / "h264.mp4").resolve()
+    assert dataset._video_file("h264.mp4") == clips["h264"].resolve()
 
 
 def test_a_config_that_cannot_lay_frames_out_fails_when_built(tokenizer_dir):

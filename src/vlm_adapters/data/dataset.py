@@ -114,7 +114,7 @@ class ConversationDataset(Dataset):
         self.source = str(source)
         self.feature_cache = feature_cache
         self._keys: dict[Path, str] = {}
-        self._files: dict[str, Path] = {}  # image path in a record -> checked file
+        self._files: dict[tuple[str, str], Path] = {}  # (kind, path in a record) -> file
         self._sizes: dict[Path, Size] = {}  # checked file -> (height, width), for variable vision
         self._lengths: array | None = None
         self.positions = list(positions) if positions is not None else list(range(len(records)))
@@ -236,16 +236,7 @@ class ConversationDataset(Dataset):
 
     def _video_file(self, relative: str) -> Path:
         """The checked file of ``relative`` (inside video_root, present), remembered."""
-        if relative not in self._files:
-            try:
-                path = confined_path(self.video_root, relative)
-            except ImageProblem as problem:
-                detail = problem.detail.replace("image_root", "video_root")
-                raise BadSample("video outside video_root", detail) from None
-            if not path.is_file():
-                raise BadSample("video missing", str(path))
-            self._files[relative] = path
-        return self._files[relative]
+        return self._confined_file("video", relative)
 
     def _header(self, video: VideoSource) -> VideoHeader:
         """A video's header (no frame decoded), remembered for files."""
@@ -284,15 +275,22 @@ class ConversationDataset(Dataset):
     def _image_file(self, relative: str) -> Path:
         """The checked file of ``relative`` (inside image_root, present), remembered: an
         instruction mix reuses a few hundred thousand images over many samples."""
-        if relative not in self._files:
+        return self._confined_file("image", relative)
+
+    def _confined_file(self, kind: str, relative: str) -> Path:
+        """The checked ``kind`` file of ``relative`` (inside its root, present), remembered
+        per kind: an image and a video named alike resolve under their own roots."""
+        key = (kind, relative)
+        if key not in self._files:
+            root = self.image_root if kind == "image" else self.video_root
             try:
-                path = confined_path(self.image_root, relative)
+                path = confined_path(root, relative, kind)
             except ImageProblem as problem:
                 raise BadSample(problem.reason, problem.detail) from None
             if not path.is_file():
-                raise BadSample("image missing", str(path))
-            self._files[relative] = path
-        return self._files[relative]
+                raise BadSample(f"{kind} missing", str(path))
+            self._files[key] = path
+        return self._files[key]
 
     def image_files(self) -> list[Path]:
         """The distinct image files of the samples (checked ones after `precheck`), in order

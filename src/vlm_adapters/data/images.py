@@ -24,14 +24,15 @@ class ImageProblem(DataError):
         self.reason, self.detail = reason, detail
 
 
-def confined_path(root: str | Path, relative: str) -> Path:
-    """``root / relative`` with symlinks and ``..`` resolved; ImageProblem if it leaves root."""
+def confined_path(root: str | Path, relative: str, kind: str = "image") -> Path:
+    """``root / relative`` with symlinks and ``..`` resolved; ImageProblem if it leaves root
+    (``kind``: what the file is, naming its root, ``image_root`` or ``video_root``)."""
     base = Path(root).resolve()
     path = (base / relative).resolve()
     if path != base and base not in path.parents:
         raise ImageProblem(
-            "image outside image_root",
-            f"{relative!r} resolves to {path}, outside {base}; keep images under image_root",
+            f"{kind} outside {kind}_root",
+            f"{relative!r} resolves to {path}, outside {base}; keep {kind}s under {kind}_root",
         )
     return path
 
