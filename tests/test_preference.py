@@ -116,6 +116,7 @@ def test_bad_pairs_are_counted_skips_with_their_reasons(model, tmp_path: Path):
         {**good, "id": "same", "rejected": "blue"},
         {**good, "id": "empty", "rejected": "  "},
         {**good, "id": "missing", "rejected": "red", "image": "nowhere.png"},
+        {**good, "id": "video", "rejected": "red", "video": "clip.mp4"},
         {**good, "id": "long", "rejected": " ".join(["red"] * 80)},
         {**good, "id": "ends-with-answer", "rejected": "red",
          "conversations": [*good["conversations"], {"from": "gpt", "value": "x"}]},
@@ -128,6 +129,7 @@ def test_bad_pairs_are_counted_skips_with_their_reasons(model, tmp_path: Path):
         "same": "identical answers",
         "empty": "empty answer",
         "missing": "image missing",
+        "video": "video in a pair",
         "ends-with-answer": "bad pair",
     }
     items = [kept[i] for i in range(len(kept))]

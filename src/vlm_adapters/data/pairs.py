@@ -123,6 +123,8 @@ class PreferenceDataset(ConversationDataset):
         return item
 
     def _check(self, record: Mapping[str, Any], name: str) -> int:
+        if record.get("video") is not None:
+            raise BadSample("video in a pair", "preference pairs take images only, not videos")
         paths = self._image_files(record)
         prompt = with_image_markers(checked_pair(record)[0], len(paths))
         markers = sum(str(turn.get("value", "")).count(IMAGE_MARKER) for turn in prompt)
