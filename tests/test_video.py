@@ -165,6 +165,34 @@ def test_bad_videos_are_refused_with_the_file_named(clips, tmp_path):
         assert path.name in str(problem.value)
 
 
+def test_a_playlist_cannot_make_ffmpeg_read_files_it_names(tmp_path):
+    """An HLS playlist (a text file FFmpeg would open as a video) naming a segment elsewhere
+    on disk is refused: only media containers are demuxed, so nothing outside the file is
+    read."""
+    elsewhere = tmp_path / "elsewhere" / "segment.ts"
+    elsewhere.parent.mkdir()
+    with av.open(str(elsewhere), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for shade in range(0, 200, 20):
+            image = np.full((32, 32, 3), shade, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    playlist = tmp_path / "root" / "clip.m3u8"
+    playlist.parent.mkdir()
+    playlist.write_text(
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.0,\n{elsewhere}\n#EXT-X-ENDLIST\n"
+    )
+    assert len(sample_video(elsewhere, "segment", Sampling(2)).frames) == 2  # a real segment
+    with pytest.raises(VideoProblem) as problem:
+        sample_video(playlist, str(playlist), Sampling(2))
+    assert problem.value.reason == "video unreadable"
+    with pytest.raises(VideoProblem, match="video unreadable"):
+        read_header(playlist.read_bytes(), "embedded playlist")
+
+
 def test_a_huge_frame_size_is_refused_from_the_header_before_decoding(clips, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded")

@@ -27,6 +27,13 @@ from vlm_adapters.data.images import MAX_IMAGE_PIXELS, ImageProblem
 from vlm_adapters.errors import InstallError
 from vlm_adapters.geometry import Sampling
 
+CONTAINERS = (
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,ivf,m4v,h264,hevc,gif,"
+    "wav,mp3,aac,flac"
+)
+"""The FFmpeg demuxers a video may use: media containers only. Playlists and lists of files
+(HLS, concat, image sequences) would make FFmpeg open other files or URLs they name, outside
+``video_root``."""
 SEEK_GAP = 2.0
 """Seconds ahead of the decoder beyond which the next frame is reached by seeking."""
 
@@ -129,7 +136,9 @@ class _opened:
         if isinstance(self.source, Path) and not self.source.is_file():
             raise VideoProblem("video missing", f"{self.source} not found")
         try:
-            self.container = av.open(target, metadata_errors="ignore")
+            self.container = av.open(
+                target, metadata_errors="ignore", container_options={"format_whitelist": CONTAINERS}
+            )
         except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as error:
             raise VideoProblem("video unreadable", f"{self.name}: {error}") from None
         return self.container
