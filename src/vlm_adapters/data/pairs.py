@@ -153,7 +153,11 @@ class PreferenceDataset(ConversationDataset):
         prompt, chosen, rejected = checked_pair(record)
         self._token_counts(paths)  # the per-sample budget, as its own reason
         images = self._sample_images(paths)
-        rows = {answer: self._row(prompt, text, images, len(paths)) for answer, text in
+        try:
+            prefix = self.processor.prompt(prompt, images)  # the same for both answers
+        except DataError as error:
+            raise BadSample("bad conversation", str(error)) from None
+        rows = {answer: self._row(prompt, prefix, text, images, len(paths)) for answer, text in
                 zip(ANSWERS, (chosen, rejected))}  # fmt: skip
         longest = max(len(ids) for ids, _ in rows.values())
         if self.max_length is not None and longest > self.max_length:
@@ -168,13 +172,17 @@ class PreferenceDataset(ConversationDataset):
         return item | self._images(paths)
 
     def _row(
-        self, prompt: list[dict[str, Any]], answer: str, images: SampleImages, count: int
+        self,
+        prompt: list[dict[str, Any]],
+        prefix: list[int],
+        answer: str,
+        images: SampleImages,
+        count: int,
     ) -> tuple[list[int], list[int]]:
-        """Ids and labels of the prompt followed by ``answer``: only the answer (and its end of
-        turn) labelled."""
+        """Ids and labels of the prompt (``prefix``: its ids) followed by ``answer``: only the
+        answer (and its end of turn) labelled."""
         try:
             encoded = self.processor.encode([*prompt, {"from": "gpt", "value": answer}], images)
-            prefix = self.processor.prompt(prompt, images)
         except DataError as error:
             raise BadSample("bad conversation", str(error)) from None
         if encoded.num_images != count:

@@ -218,9 +218,10 @@ def _key(job: Precompute) -> str:
     digest = hashlib.sha256(describe_memory(job.dataset.records).encode())
     digest.update(job.facts.encode())
     digest.update(",".join(map(str, job.dataset.positions)).encode())
-    digest.update(_weights_digest(job.model).encode())
+    local = _weights_digest(job.model)  # this process's shard: one pass over the weights
+    digest.update(local.encode())
     if job.accelerator.num_processes > 1:
-        digest.update("".join(gather_object([_weights_digest(job.model)])).encode())
+        digest.update("".join(gather_object([local])).encode())
     return digest.hexdigest()
 
 

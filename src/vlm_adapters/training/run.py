@@ -21,8 +21,8 @@ from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import CheckpointError, ComponentError, ConfigError, OutputError
 from vlm_adapters.model.build import build_vlm
 from vlm_adapters.model.core import VisionLanguageModel
-from vlm_adapters.model.files import CONFIG_NAME as MODEL_CONFIG
 from vlm_adapters.model.files import WEIGHTS_NAME
+from vlm_adapters.model.io import read_checkpoint_config
 from vlm_adapters.model.lora import (
     CONFIG_KEYS,
     has_lora,
@@ -378,7 +378,7 @@ def _load_final(model: VisionLanguageModel, final: Path, needed: bool) -> None:
     logger.info("%s already finished; using its final model", final.parent.name)
     if not needed:
         return
-    saved = json.loads((final / MODEL_CONFIG).read_text())
+    saved = read_checkpoint_config(final)  # checked, as loading a checkpoint reads it
     if any(key in saved for key in CONFIG_KEYS.values()) and not has_lora(model):
         load_lora(model, final, saved)
     else:
