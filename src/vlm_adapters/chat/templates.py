@@ -467,13 +467,16 @@ def _cached_piece_ids(
     return tuple(encoded["input_ids"])
 
 
-def with_image_markers(turns: Sequence[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:
-    """Turns with ``<image>\\n`` opening the first human turn when one image has no marker."""
+def with_image_markers(
+    turns: Sequence[Mapping[str, Any]], num_images: int, marker: str = IMAGE_MARKER
+) -> list[dict[str, Any]]:
+    """Turns with ``<image>\\n`` (``marker``: another placeholder, such as ``<video>``) opening
+    the first human turn when one image has no marker."""
     turns = [dict(turn) for turn in turns]
-    if num_images != 1 or any(IMAGE_MARKER in str(turn["value"]) for turn in turns):
+    if num_images != 1 or any(marker in str(turn["value"]) for turn in turns):
         return turns
     for turn in turns:
         if str(turn["from"]).lower() in ("human", "user"):
-            turn["value"] = f"{IMAGE_MARKER}\n{turn['value']}"
+            turn["value"] = f"{marker}\n{turn['value']}"
             break
     return turns

@@ -107,13 +107,12 @@ class ConversationDataset(Dataset):
         self.image_root = Path(image_root)
         self.video_root = Path(video_root) if video_root is not None else self.image_root
         self._headers: dict[Path, VideoHeader] = {}  # checked video file -> its header
-        self._video_keys: dict[tuple[str, Path], str] = {}  # (cache namespace, file) -> key
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = max_image_pixels
         self.source = str(source)
         self.feature_cache = feature_cache
-        self._keys: dict[Path, str] = {}
+        self._keys: dict[tuple[str, Path], str] = {}  # (cache namespace, file) -> key
         self._files: dict[tuple[str, str], Path] = {}  # (kind, path in a record) -> file
         self._sizes: dict[Path, Size] = {}  # checked file -> (height, width), for variable vision
         self._lengths: array | None = None
@@ -418,7 +417,7 @@ class ConversationDataset(Dataset):
         entries = []
         for video, count in zip(videos, frames):
             cache = self.feature_cache.for_videos(self._sampling(count).key())
-            key = self._video_key(cache, video)
+            key = self._cache_key(cache, video)
             entry = cache.read(key)
             if entry is None:
                 name = "an embedded video" if isinstance(video, bytes) else video
@@ -476,22 +475,15 @@ class ConversationDataset(Dataset):
         batch = ImageBatch(torch.cat(features), sizes, rows)
         return {"pixel_values": None, "image_features": batch}
 
-    def _video_key(self, cache: FeatureCache, video: VideoSource) -> str:
-        """The key of a video file (remembered per sampling) or of embedded bytes."""
-        if isinstance(video, bytes):
-            return cache.key(video)
-        memo = (cache.namespace, video)
-        if memo not in self._video_keys:
-            self._video_keys[memo] = cache.key(video)
-        return self._video_keys[memo]
-
-    def _cache_key(self, cache: FeatureCache, image: ImageSource) -> str:
-        """The feature cache key of a file (remembered) or of embedded bytes."""
-        if isinstance(image, bytes):
-            return cache.key(image)
-        if image not in self._keys:
-            self._keys[image] = cache.key(image)
-        return self._keys[image]
+    def _cache_key(self, cache: FeatureCache, source: ImageSource | VideoSource) -> str:
+        """The feature cache key of an image or video file (remembered per cache namespace:
+        a video's includes its sampling) or of embedded bytes."""
+        if isinstance(source, bytes):
+            return cache.key(source)
+        memo = (cache.namespace, source)
+        if memo not in self._keys:
+            self._keys[memo] = cache.key(source)
+        return self._keys[memo]
 
     def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
         if self.max_length is not None and len(input_ids) > self.max_length:

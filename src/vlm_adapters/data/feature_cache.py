@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from vlm_adapters._io import remove_stale_temps, safetensors_problem, temp_name
+from vlm_adapters._io import atomic_write_bytes, remove_stale_temps, safetensors_problem
 from vlm_adapters.data.images import ImageProblem, decode_image, open_image
 from vlm_adapters.vision.base import ImageBatch, VariableTransform
 
@@ -142,12 +141,7 @@ class FeatureCache:
         data = save({"features": features}, metadata=metadata)
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(temp_name(path.name, "tmp"))
-        try:
-            tmp.write_bytes(data)  # not save_file: its own 0600 temp file would outlive a kill
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(path, data)  # not save_file: its own 0600 temp file would outlive a kill
 
     def fill(
         self,

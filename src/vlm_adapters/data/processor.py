@@ -259,16 +259,7 @@ class VLMProcessor:
         placeholder were encoded when the counts differ)."""
         if len(set(counts)) <= 1 or encoded.num_images != len(counts):
             return encoded  # one length for every run already (or a mismatch the caller sees)
-        if encoded.input_ids.count(self.image_token_id) != len(counts):
-            raise DataError("the text holds the image placeholder token itself; remove it")
-        ids: list[int] = []
-        labels: list[int] = []
-        runs = iter(counts)
-        for token, label in zip(encoded.input_ids, encoded.labels):
-            repeat = next(runs) if token == self.image_token_id else 1
-            ids += [token] * repeat
-            labels += [label] * repeat
-        return Encoded(input_ids=ids, labels=labels, num_images=encoded.num_images)
+        return self._expanded_runs(encoded, [(self.image_token_id, count) for count in counts])
 
     # batches
 
@@ -364,14 +355,7 @@ def videos_per_sample(count: int, videos: Sequence[VideoInput] | None) -> list[l
 
 def with_video_markers(turns: Sequence[Mapping[str, Any]], num_videos: int) -> list[dict[str, Any]]:
     """Turns with ``<video>\\n`` opening the first human turn when one video has no marker."""
-    turns = [dict(turn) for turn in turns]
-    if num_videos != 1 or _has_video_marker(turns):
-        return turns
-    for turn in turns:
-        if str(turn["from"]).lower() in ("human", "user"):
-            turn["value"] = f"{VIDEO_MARKER}\n{turn['value']}"
-            break
-    return turns
+    return with_image_markers(turns, num_videos, marker=VIDEO_MARKER)
 
 
 def with_video_times(turns: Sequence[Mapping[str, Any]], clips: Sequence[Any]) -> list[dict]:
