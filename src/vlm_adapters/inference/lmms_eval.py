@@ -29,7 +29,7 @@ from vlm_adapters.chat.templates import IMAGE_MARKER, VIDEO_MARKER
 from vlm_adapters.data.processor import join_images, pad_batch, with_video_times
 from vlm_adapters.data.video import Clip, sample_video
 from vlm_adapters.errors import DataError
-from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.model.core import VisionLanguageModel, evaluating
 from vlm_adapters.model.generation import generate, resolve_template
 from vlm_adapters.vision.base import ImageBatch
 
@@ -122,7 +122,7 @@ class VLMAdaptersLMM(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers to each request, cut at the first of its ``until`` strings."""
-        with _eval_mode(self.model):
+        with evaluating(self.model):
             return self._generate(requests)
 
     def _generate(self, requests: list[Instance]) -> list[str]:
@@ -179,7 +179,7 @@ class VLMAdaptersLMM(lmms):
             question.options.append((index, ids))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         chunk: list[_Question] = []
-        with _eval_mode(self.model):
+        with evaluating(self.model):
             for question in questions.values():
                 chunk.append(question)
                 if sum(len(q.options) for q in chunk) >= self.batch_size:
@@ -351,17 +351,6 @@ class _Question:
     doc: Any
     options: list[tuple[int, list[int]]] = field(default_factory=list)
     """(request index, continuation ids) per option."""
-
-
-@contextlib.contextmanager
-def _eval_mode(model: VisionLanguageModel) -> Iterator[None]:
-    """``model`` in eval mode inside, back in its own mode after (a live training model)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager

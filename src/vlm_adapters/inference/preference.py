@@ -4,8 +4,7 @@ the sample's images computed once for both answers) and the reward accuracy of a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +14,7 @@ from torch import nn
 from vlm_adapters.data.pairs import PairCollator, PreferenceDataset
 from vlm_adapters.data.records import Skipped
 from vlm_adapters.errors import DataError
+from vlm_adapters.model.core import evaluating
 from vlm_adapters.model.generation import resolve_template
 from vlm_adapters.model.lora import adapters_disabled, has_lora
 
@@ -41,18 +41,6 @@ def pair_forward(model: nn.Module, batch: Batch, **extra: Any) -> VLMOutput:
         per_sequence=True,
         **extra,
     )
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside, each module's own mode restored after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
 
 
 def evaluate_preferences(

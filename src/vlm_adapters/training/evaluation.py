@@ -17,7 +17,7 @@ from vlm_adapters.data.records import RecordSource
 from vlm_adapters.errors import VLMError
 from vlm_adapters.inference.evaluation import answer_loss
 from vlm_adapters.inference.tasks import score
-from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.model.core import VisionLanguageModel, evaluating
 from vlm_adapters.training.config import LmmsTasks, TrainConfig
 from vlm_adapters.training.data import read_stage_records
 
@@ -72,10 +72,8 @@ class Evaluator:
         task's ``eval_<metric>``); {} when there is nothing to evaluate or it failed."""
         if self.records is None and self.lmms is None:
             return {}
-        modes = {module: module.training for module in model.modules()}
-        model.eval()
         try:
-            with torch.no_grad():
+            with evaluating(model), torch.no_grad():
                 metrics = self._metrics(model, stage)
         except Exception as error:  # an evaluation never ends the training run
             if self.is_main:
@@ -86,9 +84,6 @@ class Evaluator:
                     _line(error),
                 )
             return {}
-        finally:
-            for module, training in modes.items():
-                module.training = training
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "eval_samples")
             logger.info("%s: eval at step %s: %s", stage, step, shown)

@@ -34,8 +34,8 @@ from vlm_adapters._io import atomic_write_bytes
 from vlm_adapters.data.pairs import PairCollator, PreferenceDataset
 from vlm_adapters.data.records import describe_memory
 from vlm_adapters.errors import ConfigError
-from vlm_adapters.inference.preference import evaluating, pair_forward
-from vlm_adapters.model.core import VisionLanguageModel
+from vlm_adapters.inference.preference import pair_forward
+from vlm_adapters.model.core import VisionLanguageModel, evaluating
 from vlm_adapters.model.lora import adapters_disabled, has_lora, is_quantized
 
 logger = logging.getLogger("vlm_adapters.training")
